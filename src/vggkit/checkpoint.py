@@ -1,0 +1,126 @@
+"""Files we can trust: atomic writes, weights as safetensors, training state without pickled code.
+
+A checkpoint is a directory holding `model.safetensors` (weights, plus the model config and
+preprocessing as JSON metadata) and, for training checkpoints, `state.pt` (optimizer, schedule,
+RNG, epoch, step; loads with torch.load(weights_only=True)). A directory is written beside its
+final name and swapped in with renames, so a kill at any moment leaves a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import VggkitError
+from .model import VGG
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename onto path: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict | None = None) -> None:
+    """Write model weights (+ meta) and optional training state as one unit at `directory`."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        save_weights(tmp / WEIGHTS, model, meta)
+        if state is not None:
+            torch.save(state, tmp / STATE)
+            with open(tmp / STATE, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        previous = directory.with_name(directory.name + ".prev")
+        if directory.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(directory, previous)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory for a run dir, a checkpoint dir, or a .safetensors file's dir.
+
+    A run killed between the two renames of save_checkpoint leaves only `<name>.prev`: use it.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path.parent
+    for candidate in (path / "checkpoints" / "best", path / "checkpoints" / "last", path):
+        for c in (candidate, candidate.with_name(candidate.name + ".prev")):
+            if (c / WEIGHTS).is_file():
+                return c
+    raise VggkitError(f"no weights found at {path}: give a run directory, a checkpoint directory or a {WEIGHTS} file")
+
+
+def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    header = {"vggkit": json.dumps({"model": model.config(), **meta})}
+    save_file(tensors, str(path), metadata=header)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The JSON metadata stored with the weights (model config, classes, preprocessing, ...)."""
+    path = Path(path)
+    weights = path if path.is_file() else resolve_checkpoint(path) / WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise VggkitError(f"{weights} is not a readable safetensors file ({e}); point to a vggkit checkpoint") from None
+    if "vggkit" not in header:
+        raise VggkitError(f"{weights} has no vggkit metadata; it was not written by vggkit (see vggkit.convert)")
+    return json.loads(header["vggkit"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, dict]:
+    """Rebuild the network stored at `path` (run dir, checkpoint dir or weights file); returns (model, meta)."""
+    path = Path(path)
+    weights = path if path.is_file() else resolve_checkpoint(path) / WEIGHTS
+    meta = read_meta(weights)
+    model = VGG(**meta["model"])
+    try:
+        state = load_file(str(weights))
+        model.load_state_dict(state)
+    except (SafetensorsError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise VggkitError(f"cannot load weights from {weights}: {first}") from None
+    return model.to(device).eval(), meta

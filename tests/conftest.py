@@ -1,0 +1,15 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION_MNIST = Path(os.environ.get("VGGKIT_TEST_DATA", ROOT.parent / "shared" / "data" / "fashion-mnist"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    """The full Fashion-MNIST gz files (../shared/data/fashion-mnist in this repository's CI)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}; set VGGKIT_TEST_DATA")
+    return FASHION_MNIST
