@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from vggkit import VGG, VggkitError, parse_arch, vgg_block
+
+# Parameter counts of the standard implementations (torchvision vgg11 ... vgg19_bn), 3x224x224, 1000 classes.
+STANDARD_PARAMS = {
+    ("vgg11", False): 132_863_336, ("vgg11", True): 132_868_840,
+    ("vgg13", False): 133_047_848, ("vgg13", True): 133_053_736,
+    ("vgg16", False): 138_357_544, ("vgg16", True): 138_365_992,
+    ("vgg19", False): 143_667_240, ("vgg19", True): 143_678_248,
+}
+
+
+def meta_vgg(*args, **kwargs):
+    with torch.device("meta"):
+        return VGG(*args, **kwargs)
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch,batch_norm", list(STANDARD_PARAMS))
+def test_presets_match_standard_parameter_counts(arch, batch_norm):
+    model = meta_vgg(arch, in_channels=3, num_classes=1000, batch_norm=batch_norm)
+    assert count(model) == STANDARD_PARAMS[arch, batch_norm]
+
+
+def test_textbook_block_shapes():
+    model = VGG("d2l-vgg11")
+    x = torch.randn(1, 1, 224, 224)
+    shapes = []
+    for block in model.features:
+        x = block(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(64, 112, 112), (128, 56, 56), (256, 28, 28), (512, 14, 14), (512, 7, 7)]
+    dense = [m.out_features for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    assert model.classifier[1].in_features == 25088 and dense == [4096, 4096, 10]
+    assert model.forward_features(torch.randn(2, 1, 224, 224)).shape == (2, 512, 7, 7)
+
+
+def test_vgg_block_keeps_size_in_convs_and_halves_in_pool():
+    block = vgg_block(3, 4, 8, batch_norm=True)
+    kinds = [type(m).__name__ for m in block]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * 3 + ["MaxPool2d"]
+    assert block(torch.randn(2, 4, 10, 14)).shape == (2, 8, 5, 7)
+
+
+def test_forms_of_architecture_agree():
+    assert parse_arch("vgg11") == parse_arch("1x64,1x128,2x256,2x512,2x512") == parse_arch(
+        ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)))
+    assert parse_arch(" 2X8 , 1x16 ") == ((2, 8), (1, 16))
+
+
+def test_ratio_divides_conv_widths_and_optionally_dense():
+    model = meta_vgg("d2l-vgg11", ratio=4)
+    assert model.arch == ((1, 16), (1, 32), (2, 64), (2, 128), (2, 128))
+    assert model.classifier[1].in_features == 128 * 7 * 7 and model.classifier[1].out_features == 4096
+    scaled = meta_vgg("d2l-vgg11", ratio=4, scale_fc=True)
+    assert scaled.classifier[1].out_features == 1024
+
+
+def test_textbook_small_vgg_parameter_count():
+    model = meta_vgg("d2l-vgg11", ratio=4)
+    convs = [(1, 16), (16, 32), (32, 64), (64, 64), (64, 128), (128, 128), (128, 128), (128, 128)]
+    expected = sum(9 * i * o + o for i, o in convs) + (6272 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 10 + 10)
+    assert count(model) == expected
+
+
+@pytest.mark.parametrize("init", ["xavier", "kaiming"])
+def test_init_zeroes_biases_and_scales_weights(init):
+    torch.manual_seed(0)
+    model = VGG("1x16,1x32", in_channels=1, input_size=28, fc_width=64, init=init)
+    conv = model.features[1][0]
+    assert torch.all(conv.bias == 0)
+    fan_in, fan_out = 16 * 9, 32 * 9
+    expected_std = (2 / (fan_in + fan_out)) ** 0.5 if init == "xavier" else (2 / fan_out) ** 0.5
+    assert conv.weight.std().item() == pytest.approx(expected_std, rel=0.15)
+
+
+def test_non_square_input_and_batch_norm_forward():
+    model = VGG("1x8,1x16", in_channels=3, input_size=(32, 48), fc_width=32, batch_norm=True)
+    assert model.classifier[1].in_features == 16 * 8 * 12
+    assert model(torch.randn(4, 3, 32, 48)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("arch,ratio,message", [
+    ("", 1, "empty"),
+    ("1x64,,2x3", 1, "cannot read block"),
+    ("1x64,abc", 1, "cannot read block"),
+    ("0x64", 1, "must be positive"),
+    ("1x0", 1, "must be positive"),
+    ((), 1, "no blocks"),
+    (((1, 64, 3),), 1, "not a (num_convs, channels) pair"),
+    ("vgg11", 128, "empties block 1"),
+    ("vgg11", 0, "positive integer"),
+])
+def test_bad_architectures_are_rejected(arch, ratio, message):
+    with pytest.raises(VggkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_arch(arch, ratio)
+
+
+def test_input_too_small_names_the_block_and_a_fix():
+    with pytest.raises(VggkitError, match=r"reaches 0 at block 5 of 5; use an input size of at least 32"):
+        meta_vgg("vgg11", input_size=31)
+    meta_vgg("vgg11", input_size=32)
