@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import VggkitError
@@ -104,7 +104,7 @@ def read_meta(path: str | Path) -> dict:
     try:
         with safe_open(str(weights), framework="pt") as f:
             header = f.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise VggkitError(f"{weights} is not a readable safetensors file ({e}); point to a vggkit checkpoint") from None
     if "vggkit" not in header:
         raise VggkitError(f"{weights} has no vggkit metadata; it was not written by vggkit (see vggkit.convert)")
@@ -120,7 +120,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VG
     try:
         state = load_file(str(weights))
         model.load_state_dict(state)
-    except (SafetensorsError, RuntimeError, OSError) as e:
+    except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0]
         raise VggkitError(f"cannot load weights from {weights}: {first}") from None
     return model.to(device).eval(), meta
