@@ -59,6 +59,91 @@ def cmd_summary(args) -> int:
     return 0
 
 
+TRAIN_HELP = {
+    "arch": "blocks: preset name or NUMxCHANNELS,... (e.g. 1x32,2x64,2x128)",
+    "ratio": "divide every conv width by R", "input_size": "images are resized to this size",
+    "data": "fashion-mnist, mnist or a folder with one sub-folder per class",
+    "data_dir": "where the dataset's files are (default: $VGGKIT_DATA/<name>, then ~/.cache/vggkit/<name>)",
+    "val_size": "validation images carved from the training set (0: none)",
+    "crop_padding": "random crop with this padding (0: off)", "erasing": "random erasing probability",
+    "limit": "use at most N training images", "test_limit": "use at most N test images",
+    "skip_bad": "skip unreadable images (listed in the log) instead of stopping",
+    "optimizer": "sgd, adam or adamw", "schedule": "none, cosine or onecycle",
+    "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
+    "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
+    "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
+    "out": "directory holding runs", "name": "run name (default: preset and time)",
+}
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from .config import CHOICES, PRESETS, TrainConfig
+
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="base recipe (default: fast)")
+    p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--nproc", type=positive_int, default=None, help="launch N processes on this machine (torchrun)")
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type.split(" | ")[0]
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=TRAIN_HELP.get(f.name))
+        elif f.name in ("lr",):
+            p.add_argument(flag, type=positive_float, default=None, help="learning rate (peak for onecycle)")
+        else:
+            convert = {"int": int, "float": float, "str": str}[kind]
+            p.add_argument(flag, type=convert, default=None, choices=CHOICES.get(f.name), help=TRAIN_HELP.get(f.name))
+
+
+def cmd_train(args) -> int:
+    from dataclasses import fields
+
+    from .config import TrainConfig, resolve_config
+    from .train import train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
+    if args.nproc and args.nproc > 1:
+        from .distributed import launch
+        return launch(args.nproc, args.argv)
+    if args.resume:
+        config = overrides
+    else:
+        config = resolve_config(args.preset, args.config, overrides)
+    history = train(config, resume=args.resume, overwrite=args.overwrite, progress="none" if args.quiet else "auto",
+                    log=(lambda *a, **k: None) if args.quiet else print)
+    return 130 if history.interrupted else 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_report
+
+    result = evaluate(args.run, data=args.data, data_dir=args.data_dir, device=args.device,
+                      batch_size=args.batch_size, test_limit=args.test_limit, out_dir=args.out)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    results = predict(args.run, args.images, top_k=args.top_k, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_model
 
@@ -82,10 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as one JSON document")
     p.set_defaults(func=cmd_summary)
 
+    p = sub.add_parser("train", help="train a VGG (presets fast, d2l, best; every field overridable)")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy, confusion matrix, misclassified grid")
+    p.add_argument("run", help="run directory (its best checkpoint), checkpoint directory or model.safetensors")
+    p.add_argument("--data", default=None, help="dataset (default: the one the model was trained on)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: <checkpoint>/evaluation)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes for PNG/JPEG files")
+    p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=positive_int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified")
     p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
     p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
-    p.add_argument("--out", default=None, help="output file (default: next to the weights)")
+    p.add_argument("--out", default=None, help="output file or folder (default: model.onnx / model.pt in the run directory)")
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     p.set_defaults(func=cmd_export)
     return parser
@@ -94,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         return args.func(args)
     except VggkitError as e:
         print(f"vggkit: error: {e}", file=sys.stderr)
