@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
+# In this repository's checkout the datasets lie in ../shared/data; elsewhere vggkit downloads them.
+ifneq ($(wildcard ../shared/data/fashion-mnist),)
+export VGGKIT_DATA ?= $(abspath ../shared/data)
+endif
+
 .PHONY: demo test bench clean
 
 demo: $(VENV)/.installed

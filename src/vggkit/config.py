@@ -63,7 +63,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # VGG blocks for native 28x28 input: bf16 + channels-last on CPU, one-cycle SGD, flip/crop.
     "fast": dict(arch="1x32,2x64,2x128", input_size=28, fc_width=256, dropout=0.0, batch_norm=True,
-                 init="kaiming", crop_padding=2, flip=True, epochs=10, batch_size=256, lr=0.1,
+                 init="kaiming", crop_padding=2, flip=True, epochs=8, batch_size=256, lr=0.1,
                  optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
                  label_smoothing=0.1),
     # The textbook recipe exactly (Dive into Deep Learning, VGG section).
