@@ -183,3 +183,18 @@ def test_formats_and_channels():
     assert same(x, originals(gray, y).expand(-1, 3, -1, -1))
     with pytest.raises(VggkitError):
         BatchLoader(data, 8, out_channels=1)
+
+
+def test_bad_augment_settings():
+    with pytest.raises(VggkitError):
+        Augment(erasing=1.5)
+    with pytest.raises(VggkitError):
+        Augment(crop_padding=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_batches_match_cpu():
+    data = dataset(40)
+    kwargs = dict(shuffle=True, seed=1, augment=ALL, input_size=16)
+    for (x, y), (xc, yc) in zip(BatchLoader(data, 16, **kwargs), BatchLoader(data, 16, device="cuda", **kwargs)):
+        assert xc.is_cuda and torch.equal(y, yc.cpu()) and torch.allclose(x, xc.cpu(), atol=1e-5)

@@ -175,7 +175,7 @@ def _load_named(name: str, data_dir, download: bool, mirrors, log) -> tuple[Data
             return (*_read_named(name, found), f"{directory} ({_kind(found)})")
         missing = [f for f in dl.FILES if f not in found]
         searched.append(f"{directory} (missing {'all' if not found else ', '.join(missing)})")
-    where = "; ".join(searched)
+    where = ", ".join(searched)
     cache = cache_dir(name)
     if not download:
         problem = "download disabled"
@@ -405,7 +405,7 @@ def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | Non
         n = sum(len(d) for d in trees.values())
         source = f"{root} (image folder, {n:,} images, {w}x{h}, {'RGB' if c == 3 else 'grayscale'})"
         default_val = len(train) // 10
-        if val_tree is not None and val_size is not None:
+        if val_tree is not None and val_size:  # 0 (e.g. from evaluate) needs no note
             log(f"note: {root}/val exists, so val_size={val_size} is ignored")
     else:
         raise VggkitError(f"unknown dataset {data!r}: use fashion-mnist, mnist, {SAMPLE} or the path of an "

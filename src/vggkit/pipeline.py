@@ -83,11 +83,11 @@ class BatchLoader:
         mean_t, std_t = (self._per_channel(name, v, channels) for name, v in (("mean", mean), ("std", std)))
         if (std_t <= 0).any():
             raise VggkitError(f"std must be positive, got {tuple(std)}")
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device)  # x/255 - mean)/std == x*scale + shift
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device)  # (x/255 - mean)/std == x*scale + shift
         self._shift = (-mean_t / std_t).to(self.device)
 
-        n, self._n = len(dataset), len(dataset)
-        full, last = divmod(n, batch_size)
+        self._n = len(dataset)
+        full, last = divmod(self._n, batch_size)
         self._num_batches = full if drop_last or not last else full + 1
         part = batch_size // world_size
         start, stop = self._part(last, rank)
