@@ -108,15 +108,17 @@ def cmd_train(args) -> int:
     from .train import train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
-    if args.nproc and args.nproc > 1:
-        from .distributed import launch
-        return launch(args.nproc, args.argv)
     if args.resume:
         config = overrides
     else:
         config = resolve_config(args.preset, args.config, overrides)
-    history = train(config, resume=args.resume, overwrite=args.overwrite, progress="none" if args.quiet else "auto",
-                    log=(lambda *a, **k: None) if args.quiet else print)
+    if args.nproc and args.nproc > 1:  # after resolving: a config error is reported once, before launching
+        from .distributed import launch
+        return launch(args.nproc, args.argv, config=None if args.resume else config, resume=args.resume)
+    from .distributed import rank_errors
+    with rank_errors():  # under torchrun: a rank that lost its peers says so in one line (exit code 3)
+        history = train(config, resume=args.resume, overwrite=args.overwrite, progress="none" if args.quiet else "auto",
+                        log=(lambda *a, **k: None) if args.quiet else print)
     return 130 if history.interrupted else 0
 
 
@@ -149,6 +151,17 @@ def cmd_export(args) -> int:
 
     result = export_model(args.run, fmt=args.format, out=args.out, opset=args.opset)
     print(f"wrote {result['out']} ({args.format}); max |logit difference| vs PyTorch: {result['max_abs_diff']:.2e}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, format_bench
+
+    keys = ("arch", "ratio", "input_size", "in_channels", "batch_size", "device", "precision", "channels_last", "compile",
+            "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator")
+    result = bench(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak,
+                   log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
 
@@ -196,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file or folder (default: model.onnx / model.pt in the run directory)")
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="training/inference images/s, FLOP/s vs measured peak; --compare: vs the textbook loop")
+    p.add_argument("--preset", choices=["fast", "d2l", "best"], default="d2l", help="model and optimizer (default: d2l)")
+    for flag in ("--arch", "--device", "--data", "--data-dir"):
+        p.add_argument(flag, default="auto" if flag == "--device" else None)
+    for flag in ("--ratio", "--input-size", "--batch-size", "--steps", "--warmup", "--threads"):
+        p.add_argument(flag, type=positive_int, default=None, help="default: the preset's / auto" if flag != "--threads" else None)
+    p.add_argument("--in-channels", type=positive_int, default=1, help="channels of the random images (no --data)")
+    p.add_argument("--runs", type=positive_int, default=3, help="timed runs; figures are medians")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--allocator", choices=["auto", "retain", "default"], default="auto", help="CPU malloc (allocator.py)")
+    p.add_argument("--compare", action="store_true", help="also time the textbook loop (fp32, NCHW, per-sample resize)")
+    p.add_argument("--no-peak", action="store_true", help="skip the convolution/matmul peak probes")
+    p.add_argument("--verbose", action="store_true", help="progress on stderr")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -6,6 +6,12 @@ What autograd keeps, per layer (PyTorch's saved tensors, with in-place ReLU as i
   conv/linear/batch-norm output: one tensor (the next layer saves it as its input);
   ReLU: nothing extra (in place, it saves the output it shares); max-pool: output + int64 indices;
   dropout: output + a 1-byte mask; flatten: a view, nothing.
+Under autocast (dtype bfloat16/float16) two more things live through the step (measured,
+BENCHMARKS.md "Memory estimate vs measured"): the low-precision copies of the conv/linear
+weights (cast once per forward, kept for backward), and the float32 input batch next to its
+low-precision copy that the first convolution saves. Not counted: the runtime's one-time
+memory (oneDNN/OpenMP, ~50-80 MB on CPU), transient gradient buffers in backward, and memory
+an allocator keeps cached.
 """
 from __future__ import annotations
 
@@ -50,14 +56,19 @@ class Report:
         """Bytes one training step needs at this batch size (float32 weights, AMP-style activations)."""
         weights = 4 * self.params
         act_bytes = DTYPE_BYTES[self.dtype]
-        input_bytes = act_bytes * _numel(self.input_shape)
+        autocast = act_bytes != 4
+        # the float32 input batch, plus (autocast) its low-precision copy saved by the first conv
+        input_bytes = (4 + act_bytes if autocast else 4) * _numel(self.input_shape)
         activations = self.batch_size * (input_bytes + sum(r.activation_bytes for r in self.layers))
+        # autocast's low-precision copies of the conv/linear weights, saved for backward
+        cast_weights = act_bytes * sum(r.params for r in self.layers if r.kind in ("Conv2d", "Linear")) if autocast else 0
         return {
             "weights": weights,
             "gradients": weights,
             "optimizer_state": OPTIMIZER_STATES[self.optimizer] * weights,
             "activations": activations,
-            "total": (2 + OPTIMIZER_STATES[self.optimizer]) * weights + activations,
+            "autocast_weights": cast_weights,
+            "total": (2 + OPTIMIZER_STATES[self.optimizer]) * weights + activations + cast_weights,
         }
 
     def to_dict(self, per_layer: bool = False) -> dict:
@@ -87,6 +98,7 @@ class Report:
             f"training step, batch {self.batch_size} ({self.optimizer}, {self.dtype} activations): "
             f"~{_bytes(mem['total'])} = weights {_bytes(mem['weights'])} + gradients {_bytes(mem['gradients'])}"
             f" + optimizer {_bytes(mem['optimizer_state'])} + activations {_bytes(mem['activations'])}"
+            + (f" + {self.dtype} weight copies {_bytes(mem['autocast_weights'])}" if mem["autocast_weights"] else "")
         )
         return "\n".join(lines)
 

@@ -211,6 +211,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     `resume` is a run directory to continue; `on_step(step)` is called after every step.
     """
     started = time.perf_counter()
+    dist.init_from_env()  # under torchrun: join the process group (a plain process: no-op)
     rank, world_size = dist.world()
     main = rank == 0
     if not main:
@@ -227,9 +228,10 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     else:
         if not isinstance(config, TrainConfig):
             config = resolve_config(overrides=dict(config or {}))
-        run_dir = prepare_run_dir(config, overwrite) if main else Path(config.out) / (config.name or "run")
+        dist.check_batch_size(config.batch_size, world_size)
+        run_dir = dist.agree_run_dir(lambda: prepare_run_dir(config, overwrite))  # rank 0 names it for all ranks
 
-    device = pick_device(config.device)
+    device = dist.local_device(pick_device(config.device))
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True  # autotune conv algorithms for the fixed input shape
@@ -249,7 +251,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)
     train_loader = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed,
                                drop_last=config.drop_last, augment=augment, **common)
-    eval_batch = max(config.batch_size, 256)
+    eval_batch = max(config.batch_size, 256 // world_size * world_size)
     val_loader = BatchLoader(splits.val, eval_batch, **common) if len(splits.val) else None
     test_loader = BatchLoader(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
@@ -260,7 +262,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1 and config.batch_norm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = dist.convert_sync_batchnorm(model, device)
     optimizer = make_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
@@ -290,6 +292,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
 
     ddp_model = model
     if world_size > 1:
+        torch.manual_seed(dist.rank_seed(config.seed, step))  # dropout: a different stream on each rank
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(ddp_model) if speed.compile else ddp_model
 
@@ -324,7 +327,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                     group["lr"] = lr
                 with _autocast(device, speed):
                     logits = step_model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                    loss, loss_sum = dist.batch_loss(logits, y, min(config.batch_size, len(splits.train) - batch_index
+                                                                    * config.batch_size), config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler:
                     scaler.scale(loss).backward()
@@ -335,7 +339,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                     optimizer.step()
                 step += 1
                 with torch.no_grad():
-                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                    sums += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
                                          torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
                 images_this_run += len(y)
                 if step % 20 == 0 or batch_index + 1 == len(train_loader):
@@ -352,7 +356,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 bar.update(1)
                 if on_step:
                     on_step(step)
-                if stop.signal is not None and batch_index + 1 < len(train_loader):
+                if dist.agree_stop(stop) is not None and batch_index + 1 < len(train_loader):  # all ranks agree
                     bar.close()
                     dist.all_reduce_sum(sums)
                     _save(run_dir, "last", model, optimizer, meta, epoch, batch_index + 1, step, sums, best_val,
@@ -375,7 +379,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             if test_loader and config.eval_every_epoch_on_test:
                 row["test_loss"], row["test_acc"] = evaluate_loader(model, test_loader, speed, device)
             row.update(lr=lr_at(config, step, total_steps), seconds=round(epoch_seconds, 3),
-                       images_per_s=round(images_this_run * world_size / epoch_seconds, 1))
+                       images_per_s=round(images_this_run * world_size / epoch_seconds, 1),
+                       elapsed=round(time.perf_counter() - started + (state or {}).get("seconds", 0.0), 2))
             history.epochs.append(row)
             score = row.get("val_acc", row["train_acc"])
             is_best = score > best_val
@@ -388,7 +393,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 _write_metrics(run_dir, history.epochs)
                 _log_event(run_dir, {"event": "epoch", **row})
             log(_epoch_line(row, config.epochs))
-            if stop.signal is not None and epoch < config.epochs:
+            if dist.agree_stop(stop) is not None and epoch < config.epochs:
                 name = signal.Signals(stop.signal).name
                 log(f"{name}: saved a checkpoint after epoch {epoch}; resume with: vggkit train --resume {run_dir}")
                 history.interrupted = True
@@ -482,7 +487,7 @@ def _resumed_config(run_dir: Path, overrides) -> TrainConfig:
 
 def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
     keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
-            "images_per_s"]
+            "images_per_s", "elapsed"]
     lines = [",".join(keys)] + [",".join("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r[k], float)
                                          else str(r[k]) for k in keys) for r in rows]
     atomic_write_text(run_dir / "metrics.csv", "\n".join(lines) + "\n")

@@ -1,0 +1,81 @@
+"""Accuracy under lower precision: the same training run in bf16 autocast and in float32.
+
+    .venv/bin/python benchmarks/bench_precision.py [--data-dir DIR] [--steps 150] [--presets d2l,fast]
+
+d2l: the textbook recipe (VGG-11/4 at 224, SGD lr 0.05, batch 128, Xavier, dropout 0.5) for
+     --steps steps (150 x 128 = 19,200 class-balanced training images, one pass), then test
+     accuracy on 2,000 class-balanced test images. Same seed, same data order, same init;
+     only --precision differs (channels-last in both).
+fast: the fast preset for one epoch (55,000 images, 214 steps), full 10,000-image test set.
+Each run is a real `vggkit.train()` in a fresh process, with allocator.retain_freed_memory()
+(bit-for-bit neutral: tests/test_fastpaths.py) to keep the wall time down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = Path(os.environ.get("VGGKIT_TEST_DATA", ROOT.parent / "shared" / "data" / "fashion-mnist"))
+
+
+def recipe(preset: str, steps: int) -> dict:
+    if preset == "d2l":
+        return {"preset": "d2l", "epochs": 1, "limit": steps * 128, "test_limit": 2000}
+    return {"preset": preset, "epochs": 1}
+
+
+def worker(spec: dict) -> dict:
+    from vggkit import allocator
+    from vggkit.train import train
+
+    allocator.retain_freed_memory()
+    start = time.perf_counter()
+    history = train(spec, progress="none", log=lambda *a, **k: None, overwrite=True)
+    last = history.epochs[-1]
+    return {"precision": spec["precision"], "test_acc": history.test_acc, "test_loss": history.test_loss,
+            "train_loss": last["train_loss"], "train_acc": last["train_acc"], "images_per_s": history.images_per_s,
+            "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DIR))
+    parser.add_argument("--steps", type=int, default=150, help="d2l: training steps of batch 128")
+    parser.add_argument("--presets", default="d2l,fast")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as out:
+        for preset in args.presets.split(","):
+            for precision in ("bf16", "fp32"):
+                spec = {**recipe(preset, args.steps), "precision": precision, "data_dir": args.data_dir,
+                        "allow_sample": False, "seed": args.seed, "out": out, "name": f"{preset}-{precision}"}
+                proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                      text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if proc.returncode:
+                    print(f"{preset} {precision}: failed\n{proc.stderr[-2000:]}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                r.update(preset=preset, recipe=recipe(preset, args.steps))
+                results.append(r)
+                print(f"{preset:<5} {precision}: test acc {r['test_acc']:.4f} (loss {r['test_loss']:.4f}), "
+                      f"train loss {r['train_loss']:.4f}, train acc {r['train_acc']:.4f}, "
+                      f"{r['images_per_s']:.1f} img/s, {r['seconds']:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
