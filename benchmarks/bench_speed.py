@@ -31,13 +31,14 @@ VARIANTS = {
     "vggkit auto": ({}, {}, "bf16 autocast, channels-last, retained allocator, eager, default threads, in-place ReLU"),
     "channels-last off (NCHW)": ({"channels_last": "off"}, {}, "channels-last vs NCHW"),
     "fp32 (no autocast)": ({"precision": "fp32"}, {}, "bf16 autocast vs fp32"),
+    "fp32 + channels-last off": ({"precision": "fp32", "channels_last": "off"}, {}, "channels-last vs NCHW in fp32"),
     "allocator default": ({"allocator": "default"}, {}, "glibc malloc as a fresh process has it"),
     "allocator default + THP": ({"allocator": "default"}, {"THP_MEM_ALLOC_ENABLE": "1"},
                                 "PyTorch's 2 MiB-page allocations (env var at start-up) instead of retaining"),
     "threads 1": ({"threads": 1}, {}, "torch.get_num_threads() default vs 1"),
     "out-of-place ReLU": ({"relu_inplace": False}, {}, "in-place vs out-of-place ReLU"),
     "torch.compile": ({"compile": "on"}, {}, "torch.compile (inductor) vs eager"),
-    "all off: fp32, NCHW, default allocator": ({"precision": "fp32", "channels_last": "off", "allocator": "default"}, {},
+    "all off (fp32 NCHW default allocator)": ({"precision": "fp32", "channels_last": "off", "allocator": "default"}, {},
                                                "the plain path with vggkit's batch pipeline"),
 }
 
@@ -88,7 +89,8 @@ def run_variant(preset: str, name: str, data_dir: str | None, timeout: int, step
     return r
 
 
-def fastpaths(presets, rounds: int, data_dir, compile_timeout: int, variants, quiet: float = 0, log=print) -> dict:
+def fastpaths(presets, rounds: int, data_dir, compile_timeout: int, variants, quiet: float = 0, partial=None,
+              log=print) -> dict:
     table = {}
     for preset in presets:
         runs = {name: [] for name in variants}
@@ -101,6 +103,9 @@ def fastpaths(presets, rounds: int, data_dir, compile_timeout: int, variants, qu
                     wait_quiet(quiet, log=log)
                 r = run_variant(preset, name, data_dir, timeout, None)
                 runs[name].append(r)
+                if partial:
+                    with open(partial, "a") as f:
+                        f.write(json.dumps({"preset": preset, "round": rnd + 1, **r}) + "\n")
                 figure = (f"{r['train_images_per_s']:.1f} img/s (first step {r['first_step_seconds']:.1f} s, "
                           f"{r['steps']} steps, others' CPU {r['other_processes_cpu']})" if "train_images_per_s" in r
                           else "timed out" if r.get("timed_out") else "failed: " + r.get("failed", "")[-300:])
@@ -125,7 +130,7 @@ def fastpaths(presets, rounds: int, data_dir, compile_timeout: int, variants, qu
     return table
 
 
-def headline(presets, runs: int, data_dir, quiet: float = 0, log=print) -> dict:
+def headline(presets, runs: int, data_dir, quiet: float = 0, run_seconds: float = 8.0, log=print) -> dict:
     from vggkit.bench import bench, format_bench
 
     out = {}
@@ -133,7 +138,7 @@ def headline(presets, runs: int, data_dir, quiet: float = 0, log=print) -> dict:
         if quiet:
             wait_quiet(quiet, log=log)
         r = bench(preset=preset, compare=True, runs=runs, data="fashion-mnist" if data_dir else None, data_dir=data_dir,
-                  log=lambda *a: log(*a, flush=True))
+                  run_seconds=run_seconds, log=lambda *a: log(*a, flush=True))
         log(format_bench(r), flush=True)
         out[preset] = r
     return out
@@ -145,7 +150,8 @@ def main() -> None:
     parser.add_argument("--presets", default="d2l,fast")
     parser.add_argument("--rounds", type=int, default=3, help="fastpaths: rounds of all variants")
     parser.add_argument("--runs", type=int, default=5, help="headline: runs of vggkit + textbook")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--run-seconds", type=float, default=8.0, help="headline: aim for runs this long")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ';'")
     parser.add_argument("--data-dir", default=str(DEFAULT_DIR) if (DEFAULT_DIR / "train-images-idx3-ubyte.gz").is_file()
                         else None, help="Fashion-MNIST (default: random uint8 images when absent)")
     parser.add_argument("--compile-timeout", type=int, default=420)
@@ -160,10 +166,11 @@ def main() -> None:
     presets = args.presets.split(",")
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg()}
     if args.part in ("headline", "all"):
-        results["headline"] = headline(presets, args.runs, args.data_dir, args.wait_quiet)
+        results["headline"] = headline(presets, args.runs, args.data_dir, args.wait_quiet, args.run_seconds)
     if args.part in ("fastpaths", "all"):
         results["fastpaths"] = fastpaths(presets, args.rounds, args.data_dir, args.compile_timeout,
-                                         args.variants.split(","), args.wait_quiet)
+                                         args.variants.split(";"), args.wait_quiet,
+                                         args.json + "l" if args.json else None)
     results["load_after"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -58,14 +58,14 @@ def bench(arch: str | None = None, ratio: int | None = None, input_size: int | N
           compile: str = "auto", steps: int | None = None, warmup: int | None = None, compare: bool = False,
           threads: int | None = None, *, preset: str = "d2l", runs: int = 3, data: str | None = None,
           data_dir: str | None = None, allocator: str = "auto", peak: bool = True, inference: bool = True,
-          relu_inplace: bool = True, seed: int = 0, log=None) -> dict:
+          relu_inplace: bool = True, run_seconds: float = RUN_SECONDS, seed: int = 0, log=None) -> dict:
     """Measure training (and inference) images/s; see the module docstring. Returns a dict.
 
     arch, ratio, input_size, batch_size: None = the preset's (d2l: d2l-vgg11, 4, 224, 128); the
     model, optimizer and label smoothing are the preset's. data: None = random uint8 28x28
     images with `in_channels` channels (resized to input_size like Fashion-MNIST), or a dataset
     name / image folder for load_data (then in_channels comes from the data).
-    steps / warmup: None = auto (warmup 2; steps so that a run lasts about 4 s).
+    steps / warmup: None = auto (warmup 2; steps so that a run lasts about `run_seconds`, 4 s).
     allocator: auto (retain freed memory on CPU, see allocator.py), retain or default.
     relu_inplace=False: vggkit's model with out-of-place ReLUs (to measure what in-place buys).
     """
@@ -90,13 +90,13 @@ def bench(arch: str | None = None, ratio: int | None = None, input_size: int | N
         if threads:
             torch.set_num_threads(threads)
         return _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak,
-                      inference, relu_inplace, seed, log)
+                      inference, relu_inplace, run_seconds, seed, log)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak, inference,
-           relu_inplace, seed, log) -> dict:
+           relu_inplace, run_seconds, seed, log) -> dict:
     speed = speed_settings(config, dev)
     if allocator == "auto":
         allocator = "retain" if dev.type == "cpu" and alloc.available() else "default"
@@ -221,20 +221,20 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
         warm_rest = _timed(vgg_train_step, warmup - 1, dev) / max(warmup - 1, 1) if warmup > 1 else first
         per_step = warm_rest if warmup > 1 else first
         result["first_step_seconds"] = round(first, 3)
-        n_train = steps or _auto_steps(per_step)
+        n_train = steps or _auto_steps(per_step, run_seconds)
         if inference:
             model.eval()
             _timed(vgg_infer_step, max(warmup, 1), dev)
-            n_infer = steps or _auto_steps(_timed(vgg_infer_step, 1, dev))
+            n_infer = steps or _auto_steps(_timed(vgg_infer_step, 1, dev), run_seconds)
             model.train()
         if compare:
             with _allocator(base_alloc):
                 b_first = _timed(base_train_step, 1, dev)
                 b_per_step = _timed(base_train_step, warmup - 1, dev) / (warmup - 1) if warmup > 1 else b_first
-                n_base = steps or _auto_steps(b_per_step)
+                n_base = steps or _auto_steps(b_per_step, run_seconds)
                 if inference:
                     _timed(base_infer_step, max(warmup, 1), dev)
-                    n_base_infer = steps or _auto_steps(_timed(base_infer_step, 1, dev))
+                    n_base_infer = steps or _auto_steps(_timed(base_infer_step, 1, dev), run_seconds)
         log(f"steps per run: vggkit {n_train}" + (f", textbook {n_base}" if compare else "") + f"; {runs} runs")
 
         for r in range(runs):
@@ -393,8 +393,8 @@ def _timed(fn, n: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _auto_steps(seconds_per_step: float) -> int:
-    return max(2, min(100, math.ceil(RUN_SECONDS / max(seconds_per_step, 1e-6))))
+def _auto_steps(seconds_per_step: float, run_seconds: float = RUN_SECONDS) -> int:
+    return max(2, min(100, math.ceil(run_seconds / max(seconds_per_step, 1e-6))))
 
 
 def _precision(speed) -> str:

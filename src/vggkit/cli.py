@@ -115,11 +115,14 @@ def cmd_train(args) -> int:
     if args.nproc and args.nproc > 1:  # after resolving: a config error is reported once, before launching
         from .distributed import launch
         return launch(args.nproc, args.argv, config=None if args.resume else config, resume=args.resume)
-    from .distributed import rank_errors
-    with rank_errors():  # under torchrun: a rank that lost its peers says so in one line (exit code 3)
+
+    def work() -> int:
         history = train(config, resume=args.resume, overwrite=args.overwrite, progress="none" if args.quiet else "auto",
                         log=(lambda *a, **k: None) if args.quiet else print)
-    return 130 if history.interrupted else 0
+        return 130 if history.interrupted else 0
+
+    from .distributed import run_rank
+    return run_rank(work)  # under torchrun: the rank's errors as one line, and a clean exit
 
 
 def cmd_evaluate(args) -> int:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,12 +79,9 @@ def init_from_env(device: torch.device | str | None = None) -> bool:
     if not backend:
         kind = torch.device(device).type if device is not None else None
         cuda = torch.cuda.is_available() and dist.is_nccl_available()
-        if kind == "cuda" and cuda:
-            backend = "cpu:gloo,cuda:nccl"
-        elif kind is None and cuda:
-            backend = "cpu:gloo,cuda:nccl"
-        else:
-            backend = "gloo"
+        backend = "cpu:gloo,cuda:nccl" if cuda and kind in (None, "cuda") else "gloo"
+    if "nccl" in backend and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % max(torch.cuda.device_count(), 1))
     kwargs = {}
     if os.environ.get("VGGKIT_DIST_INIT"):
         kwargs = dict(init_method=os.environ["VGGKIT_DIST_INIT"], rank=int(os.environ["RANK"]),
@@ -97,17 +95,6 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and world()[1] > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
-
-
-def shutdown() -> None:
-    """Leave the process group (at the end of a rank's work: an orderly exit, also after an error)."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if os.environ.get("DBG"): print(f"rank {world()[0]} destroying", file=sys.stderr, flush=True)
-            dist.destroy_process_group()
-            if os.environ.get("DBG"): print(f"rank destroyed", file=sys.stderr, flush=True)
-        except Exception:  # noqa: BLE001  a broken group: nothing left to release cleanly
-            pass
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -135,7 +122,7 @@ class MainRankError(VggkitError):
 
 def from_main(fn):
     """fn() run on rank 0 only, its result given to every rank (broadcast); an error raised there
-    is raised on every rank (on the others as a VggkitError with the same message)."""
+    is raised on every rank (on the others as a MainRankError with the same message)."""
     rank, world_size = world()
     if world_size == 1:
         return fn()
@@ -147,7 +134,7 @@ def from_main(fn):
         except Exception as e:  # noqa: BLE001  tell the others, then raise it here
             error = e
             box[0] = ("error", str(e) if isinstance(e, VggkitError) else f"on rank 0: {type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # gloo, also beside NCCL
     if error is not None:
         raise error
     kind, value = box[0]
@@ -156,7 +143,7 @@ def from_main(fn):
     return value
 
 
-def agree_run_dir(prepare) -> "Path":
+def agree_run_dir(prepare) -> Path:
     """The run directory, chosen once by rank 0 (`prepare()`: a default name holds the time) and given
     to every rank. Under `launch`, rank 0 also tells the launcher where it is ($VGGKIT_RUN_DIR_FILE)."""
     run_dir = from_main(prepare)
@@ -169,37 +156,57 @@ def agree_run_dir(prepare) -> "Path":
     return run_dir
 
 
-class _RankErrors:
-    """Context manager for a rank's work (the CLI's train command). In a distributed run: when a
-    collective fails because another rank died or hung (connection closed, timeout), say so in one
-    line and exit with LOST_PEER_EXIT instead of a traceback, so that the launcher can name the rank
-    that failed first; rank 0's error repeated on the other ranks (MainRankError) exits quietly."""
+def run_rank(work) -> int:
+    """The CLI's train command around `work()` (which returns an exit code). In a single process it
+    only returns work(). In a distributed run (work() joined the process group), the rank ends here:
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
+    - an error is printed as one line as the CLI would (rank 0's error repeated on the other ranks,
+      MainRankError, is left to rank 0); a collective that failed because another rank died or hung
+      (connection closed, timeout) is said as "rank R lost contact with the other ranks" and exits
+      with LOST_PEER_EXIT, so that the launcher names the rank that failed first;
+    - the process leaves with os._exit after flushing its output: letting the interpreter finalize
+      while gloo's worker threads still release tensors aborts the process at random ("terminate
+      called without an active exception", pytorch/pytorch#190489), seen here in ~1 run in 10.
+    """
+    try:
+        code = work()
+    except BaseException as error:  # noqa: BLE001
         if world()[1] == 1:
-            return False
-        rank = world()[0]
-        shutdown()
-        if error is None:
-            return False
-        if isinstance(error, MainRankError):
-            raise SystemExit(2)
-        if not is_collective_failure(error):
-            return False
+            raise
+        code = _rank_error(error)
+    else:
+        if world()[1] == 1:
+            return code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+def _rank_error(error: BaseException) -> int:
+    rank = world()[0]
+    if isinstance(error, MainRankError):
+        return 2
+    if isinstance(error, VggkitError):
+        print(f"vggkit: error: {error}", file=sys.stderr)
+        return 2
+    if isinstance(error, KeyboardInterrupt):
+        print("vggkit: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+    if is_collective_failure(error):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "] " in first:  # drop gloo's source location
             first = first.split("] ", 1)[1]
         first = first.split(". This is typically caused")[0]
-        print(f"vggkit: error: rank {rank} lost contact with the other ranks ({first}); stopping",
-              file=sys.stderr, flush=True)
-        raise SystemExit(LOST_PEER_EXIT)
-
-
-def rank_errors() -> _RankErrors:
-    return _RankErrors()
+        print(f"vggkit: error: rank {rank} lost contact with the other ranks ({first}); stopping", file=sys.stderr)
+        return LOST_PEER_EXIT
+    import traceback
+    traceback.print_exception(error, file=sys.stderr)
+    return 1
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -221,9 +228,12 @@ def agree_stop(stop) -> int | None:
         return stop.signal
     flag = torch.tensor([stop.signal or 0], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and stop.signal is None:
-        stop.signal = int(flag.item())
-    return stop.signal
+    agreed = int(flag.item())
+    if not agreed:
+        return None  # even if a signal arrived here meanwhile: the next call sees it, on every rank
+    if stop.signal is None:
+        stop.signal = agreed
+    return agreed
 
 
 def batch_loss(logits: torch.Tensor, y: torch.Tensor, global_count: int, label_smoothing: float = 0.0):
@@ -250,52 +260,71 @@ def rank_seed(seed: int, step: int) -> int:
 # Batch norm over the global batch
 
 class _SyncBatchNormFn(torch.autograd.Function):
-    """Batch norm whose statistics (and their gradients) are summed over all ranks, in float64."""
+    """Batch norm whose statistics (and their gradients) are summed over all ranks.
+
+    Each rank uses torch's own fused CPU kernels: batch_norm_update_stats for its part's mean and
+    variance (combined across ranks in float64: one all-reduce of count, sum and sum of squares),
+    batch_norm in inference form with the global statistics for the output, and the inference-form
+    backward for dy * weight * invstd and the per-channel sums of dy and dy * xhat; after one
+    all-reduce of those sums, grad_x gets the global-mean terms: + x * B + C per channel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
         c = x.shape[1]
-        dims = [d for d in range(x.dim()) if d != 1]
-        shape = [1, c] + [1] * (x.dim() - 2)
-        xd = x.double()
-        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims),
-                           torch.tensor([x.numel() // max(c, 1)], dtype=torch.float64, device=x.device)])
+        n_local = x.numel() // max(c, 1)
+        if n_local:
+            mean_r, var_r = torch.batch_norm_update_stats(x if x.dtype == torch.float32 else x.float(), None, None, 0.0)
+            mean_r, var_r = mean_r.double(), var_r.double()  # var_r: biased, over this rank's part
+        else:
+            mean_r = var_r = torch.zeros(c, dtype=torch.float64, device=x.device)
+        stats = torch.cat([mean_r * n_local, (var_r + mean_r * mean_r) * n_local,
+                           torch.tensor([float(n_local)], dtype=torch.float64, device=x.device)])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        n = stats[-1]
-        if n.item() < 2:
-            raise ValueError(f"batch norm needs more than 1 value per channel over all ranks, got {int(n.item())}")
+        n = stats[-1].item()
+        if n < 2:
+            raise ValueError(f"batch norm needs more than 1 value per channel over all ranks, got {int(n)}")
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_(min=0)
-        invstd = torch.rsqrt(var + eps)
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_((var * n / (n - 1)).to(running_var.dtype), alpha=momentum)
-        w = weight.double() if weight is not None else torch.ones(c, dtype=torch.float64, device=x.device)
-        b = bias.double() if bias is not None else torch.zeros(c, dtype=torch.float64, device=x.device)
-        y = (xd - mean.view(shape)) * (invstd * w).view(shape) + b.view(shape)
-        ctx.save_for_backward(x, w, mean, invstd)
-        ctx.n = n
+        mean32, var32 = mean.float(), var.float()
+        y = F.batch_norm(x, mean32, var32, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean32, var32)
+        ctx.n, ctx.eps = n, eps
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, mean, invstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         c = x.shape[1]
-        dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, c] + [1] * (x.dim() - 2)
-        xhat = (x.double() - mean.view(shape)) * invstd.view(shape)
-        dy = grad_out.double()
-        sum_dy = dy.sum(dims)
-        sum_dy_xhat = (dy * xhat).sum(dims)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last) \
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else grad_out.contiguous()
+        # inference-form backward with the global statistics: dy * w * invstd, sum(dy * xhat), sum(dy)
+        grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, mean, var, None, None, False, ctx.eps, [True, True, True])
+        if sum_dy_xhat is None or sum_dy is None:  # no affine parameters: the sums by hand
+            invstd = torch.rsqrt(var + ctx.eps).view(shape)
+            dims = [d for d in range(x.dim()) if d != 1]
+            sum_dy = grad_out.float().sum(dims)
+            sum_dy_xhat = (grad_out.float() * (x.float() - mean.view(shape)) * invstd).sum(dims)
         # the affine parameters' gradients are this rank's (DDP averages them across ranks)
-        grad_weight = sum_dy_xhat.float() if ctx.has_weight else None
-        grad_bias = sum_dy.float() if ctx.has_bias else None
-        total = torch.cat([sum_dy, sum_dy_xhat])
+        grad_weight = sum_dy_xhat.clone() if ctx.has_weight else None
+        grad_bias = sum_dy.clone() if ctx.has_bias else None
+        total = torch.cat([sum_dy.double(), sum_dy_xhat.double()])
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        mean_dy, mean_dy_xhat = (total[:c] / ctx.n).view(shape), (total[c:] / ctx.n).view(shape)
-        grad_x = (dy - mean_dy - xhat * mean_dy_xhat) * (w * invstd).view(shape)
-        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None
+        mean_dy, mean_dy_xhat = total[:c] / ctx.n, total[c:] / ctx.n
+        # grad_x = a * (dy - mean_dy - xhat * mean_dy_xhat), a = w * invstd, xhat = (x - mean) * invstd
+        invstd = torch.rsqrt(var.double() + ctx.eps)
+        a = (weight.double() if weight is not None else torch.ones_like(invstd)) * invstd
+        b = -a * invstd * mean_dy_xhat
+        const = -a * mean_dy - b * mean.double()
+        if grad_x is None:
+            grad_x = grad_out * a.to(grad_out.dtype).view(shape)
+        grad_x = grad_x.addcmul_(x, b.to(x.dtype).view(shape)).add_(const.to(x.dtype).view(shape))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 class CpuSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -340,7 +369,7 @@ _AGENT = ("import sys; from vggkit.distributed import _agent_main; sys.exit(_age
 def strip_nproc(argv: list[str]) -> list[str]:
     """argv without --nproc N / --nproc=N (or an abbreviation argparse accepts, like --np 2)."""
     out, skip = [], False
-    for i, token in enumerate(argv):
+    for token in argv:
         if skip:
             skip = False
             continue
@@ -384,7 +413,6 @@ def launch(nproc: int, argv: list[str], config=None, resume: str | None = None) 
     if batch_size is None and resume:
         try:
             from .config import load_config
-            from pathlib import Path
             batch_size = load_config(Path(resume) / "config.toml").batch_size
         except (VggkitError, OSError):
             batch_size = None  # the ranks will say what is wrong with the run
@@ -493,11 +521,12 @@ def describe_failure(root: dict, nproc: int, run_dir: str | None = None) -> str:
             how = f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             how = f"was killed by signal {-code}"
+    elif code == LOST_PEER_EXIT:
+        how = "lost contact with the other ranks (a collective timed out: see VGGKIT_DIST_TIMEOUT)"
     else:
         how = f"exited with code {code}"
     others = f"the other {nproc - 1} ranks were" if nproc > 2 else "the other rank was"
     text = f"rank {root['rank']} (pid {root['pid']}) {how}; {others} stopped. "
-    from pathlib import Path
     if run_dir and any((Path(run_dir) / "checkpoints" / d / "state.pt").is_file() for d in ("last", "last.prev")):
         return text + f"The last checkpoint is intact: continue with vggkit train --resume {run_dir} (any --nproc)"
     if run_dir:
@@ -519,11 +548,12 @@ def pick_root_failure(failures: dict[int, dict]) -> tuple[int, dict]:
 
 def _agent_main(argv: list[str]) -> int:
     """torchrun's agent (torch.distributed.run.run) with its failures written as JSON for `launch`."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    import logging
     logging.getLogger("torch.distributed.elastic").setLevel(os.environ.get("LOGLEVEL", "CRITICAL"))
     out = os.environ.get("VGGKIT_FAILURE_FILE")
     result: dict = {}
