@@ -7,6 +7,8 @@ d2l: the textbook recipe (VGG-11/4 at 224, SGD lr 0.05, batch 128, Xavier, dropo
      accuracy on 2,000 class-balanced test images. Same seed, same data order, same init;
      only --precision differs (channels-last in both).
 fast: the fast preset for one epoch (55,000 images, 214 steps), full 10,000-image test set.
+The final weights are then evaluated again on the same test images in fp32 and in bf16, to tell
+training precision from evaluation precision.
 Each run is a real `vggkit.train()` in a fresh process, with allocator.retain_freed_memory()
 (bit-for-bit neutral: tests/test_fastpaths.py) to keep the wall time down.
 """
@@ -41,7 +43,30 @@ def worker(spec: dict) -> dict:
     last = history.epochs[-1]
     return {"precision": spec["precision"], "test_acc": history.test_acc, "test_loss": history.test_loss,
             "train_loss": last["train_loss"], "train_acc": last["train_acc"], "images_per_s": history.images_per_s,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "cross_eval": cross_eval(spec, history.run_dir)}
+
+
+def cross_eval(spec: dict, run_dir) -> dict:
+    """Test accuracy of the final weights evaluated in fp32 and in bf16 (the same test images),
+    to tell the precision of training from the precision of evaluation."""
+    import torch
+
+    from vggkit.checkpoint import load_model
+    from vggkit.config import resolve_config
+    from vggkit.data import load_data
+    from vggkit.pipeline import BatchLoader
+    from vggkit.train import Speed, evaluate_loader
+
+    config = resolve_config(overrides={k: v for k, v in spec.items() if k != "precision"})
+    splits = load_data(config.data, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
+                       test_limit=config.test_limit, log=lambda *a, **k: None)
+    model, meta = load_model(Path(run_dir) / "checkpoints" / "last")
+    model = model.to(memory_format=torch.channels_last)
+    loader = BatchLoader(splits.test, 256, input_size=config.input_size, mean=meta["mean"], std=meta["std"],
+                         channels_last=True)
+    device = torch.device("cpu")
+    return {name: evaluate_loader(model, loader, Speed(dtype, True, False), device)[1]
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
 
 
 def main() -> None:
@@ -72,7 +97,8 @@ def main() -> None:
                 results.append(r)
                 print(f"{preset:<5} {precision}: test acc {r['test_acc']:.4f} (loss {r['test_loss']:.4f}), "
                       f"train loss {r['train_loss']:.4f}, train acc {r['train_acc']:.4f}, "
-                      f"{r['images_per_s']:.1f} img/s, {r['seconds']:.0f} s", flush=True)
+                      f"{r['images_per_s']:.1f} img/s, {r['seconds']:.0f} s; final weights evaluated in fp32 "
+                      f"{r['cross_eval']['fp32']:.4f}, in bf16 {r['cross_eval']['bf16']:.4f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -74,13 +74,14 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path)
         from vggkit.checkpoint import save_checkpoint
         model = VGG("1x64,1x128", in_channels=1, input_size=28, fc_width=2048)
         state = {{"optimizer": {{"big": torch.randn(2_000_000)}}, "step": 0}}
-        print("ready", flush=True)
         i = 0
         while True:
             i += 1
             with torch.no_grad():
                 model.classifier[1].bias.fill_(i)
             save_checkpoint(r"{tmp_path}/ckpt/last", model, {{"i": i}}, state)
+            if i == 1:
+                print("ready", flush=True)  # a first checkpoint exists: every later kill must leave one
     """)
     for delay in (0.3, 0.7, 1.1):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)

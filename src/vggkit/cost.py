@@ -4,7 +4,9 @@ plus an estimate of the memory one training step needs.
 Training memory = weights + gradients + optimizer state + activations kept for backward + input.
 What autograd keeps, per layer (PyTorch's saved tensors, with in-place ReLU as in vggkit):
   conv/linear/batch-norm output: one tensor (the next layer saves it as its input);
-  ReLU: nothing extra (in place, it saves the output it shares); max-pool: output + int64 indices;
+  ReLU: nothing extra (it saves its output; in place, that is the tensor it shares; out of place,
+  the input is then freed, as nothing else saves it: the same bytes, measured); max-pool: output
+  + int64 indices;
   dropout: output + a 1-byte mask; flatten: a view, nothing.
 Under autocast (dtype bfloat16/float16) two more things live through the step (measured,
 BENCHMARKS.md "Memory estimate vs measured"): the low-precision copies of the conv/linear
@@ -162,8 +164,6 @@ def _saved_bytes(module, out_shape, act_bytes) -> int:
         return n * (act_bytes + 8)
     if isinstance(module, nn.Dropout):
         return n * (act_bytes + 1) if module.p > 0 else 0
-    if isinstance(module, nn.ReLU) and not module.inplace:
-        return n * act_bytes
     return 0
 
 

@@ -12,6 +12,8 @@ How a distributed run works (train.py calls these helpers; a single process neve
   SyncBatchNorm on GPUs, `CpuSyncBatchNorm` below on CPUs, where torch's refuses to run).
 - `from_main` runs a step on rank 0 only (choosing the run directory) and gives every rank its
   result; `agree_stop` makes all ranks stop at the same step when any of them got SIGINT/SIGTERM.
+- `run_rank` ends a rank of the CLI: errors as one line (a rank that lost its peers says so,
+  exit code 3), then os._exit (see there why).
 - `launch(nproc, argv)` (`vggkit train --nproc N`) runs torchrun's agent for one machine in a
   subprocess, forwards SIGINT/SIGTERM to it and, when a rank fails, prints one line naming it.
 """

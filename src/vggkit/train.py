@@ -237,6 +237,9 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         torch.backends.cudnn.benchmark = True  # autotune conv algorithms for the fixed input shape
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        # denormal floats in early updates slow CPU steps up to 30x (BENCHMARKS.md); results unchanged
+        torch.set_flush_denormal(True)
     speed = speed_settings(config, device)
     torch.manual_seed(config.seed)
 
