@@ -7,7 +7,7 @@
 vggkit's path is the real training step of train.py: speed_settings (autocast precision,
 channels-last, compile), the BatchLoader (uint8 images on the device, whole-batch resize, the
 preset's flip/crop/erasing), make_optimizer, cross-entropy with the preset's label smoothing,
-plus the CPU allocator setting of allocator.py. The textbook loop is the d2l book's: per-sample PIL bilinear resize and
+denormals flushed to zero on CPU, plus the CPU allocator setting of allocator.py. The textbook loop is the d2l book's: per-sample PIL bilinear resize and
 ToTensor (as transforms.Resize + ToTensor in a DataLoader, here in the main process), batches
 stacked, then a float32, NCHW, eager step (SGD lr 0.05, cross-entropy) on the same network,
 with the glibc allocator left as a fresh Python process has it.
@@ -214,6 +214,9 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
     probe_info: dict[str, str] = {}
 
     switching = compare and alloc.available() and vgg_alloc != base_alloc
+    # train.py flushes denormals to zero on CPU; the textbook loop does not
+    flush = torch.set_flush_denormal if dev.type == "cpu" else (lambda on: None)
+    flush(True)
     with _allocator(vgg_alloc):
         # warm-up (and compilation): time it, and pick the number of steps
         model.train()
@@ -229,12 +232,14 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
             model.train()
         if compare:
             with _allocator(base_alloc):
+                flush(False)
                 b_first = _timed(base_train_step, 1, dev)
                 b_per_step = _timed(base_train_step, warmup - 1, dev) / (warmup - 1) if warmup > 1 else b_first
                 n_base = steps or _auto_steps(b_per_step, run_seconds)
                 if inference:
                     _timed(base_infer_step, max(warmup, 1), dev)
                     n_base_infer = steps or _auto_steps(_timed(base_infer_step, 1, dev), run_seconds)
+                flush(True)
         log(f"steps per run: vggkit {n_train}" + (f", textbook {n_base}" if compare else "") + f"; {runs} runs")
 
         for r in range(runs):
@@ -252,12 +257,15 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
                 _probe(report, config, dev, probes, probe_info)
             if compare:
                 with _allocator(base_alloc):
+                    flush(False)
                     timings["base_train"].append(n_base * config.batch_size / _timed(base_train_step, n_base, dev))
                     if inference:
                         timings["base_infer"].append(
                             n_base_infer * config.batch_size / _timed(base_infer_step, n_base_infer, dev))
+                    flush(True)
             log(f"run {r + 1}/{runs}: vggkit {timings['train'][-1]:.1f} img/s"
                 + (f", textbook {timings['base_train'][-1]:.1f} img/s" if compare else ""))
+    flush(False)  # a fresh process's setting
     loss_sum, _, count = sums.tolist()
     if not math.isfinite(loss_sum):
         result["warning"] = "the loss became NaN/inf during the benchmark (speed figures still stand)"
