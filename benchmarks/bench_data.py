@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,13 +25,10 @@ DEFAULT_DIR = Path(os.environ.get("VGGKIT_TEST_DATA", ROOT.parent / "shared" / "
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    import torch
+
+    from vggkit.bench import device_name
+    return device_name(torch.device("cpu"))
 
 
 def median_time(fn, runs: int) -> float:

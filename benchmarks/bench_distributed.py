@@ -31,13 +31,10 @@ CONFIGS = [("1 process x 2 threads", 1, 2), ("1 process x 1 thread", 1, 1),
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    import torch
+
+    from vggkit.bench import device_name
+    return device_name(torch.device("cpu"))
 
 
 def train_command(nproc: int, threads: int, args, out: str, name: str) -> list[str]:
