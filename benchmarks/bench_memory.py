@@ -53,7 +53,7 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     from vggkit.data import Dataset
     from vggkit.model import VGG
     from vggkit.pipeline import BatchLoader
-    from vggkit.train import make_optimizer, pick_device, speed_settings, _autocast
+    from vggkit.train import make_optimizer, pick_device, speed_settings, autocast
 
     preset, overrides = CONFIGS[name]
     config = resolve_config(overrides={"preset": preset, **overrides})
@@ -85,7 +85,7 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     tiny = VGG("1x8", in_channels=1, input_size=28, fc_width=8, batch_norm=config.batch_norm)
     if speed.channels_last:
         tiny = tiny.to(memory_format=torch.channels_last)
-    with _autocast(device, speed):
+    with autocast(device, speed):
         F.cross_entropy(tiny(torch.rand(2, 1, 28, 28)), torch.zeros(2, dtype=torch.long)).backward()
     del tiny
     warm_base, _ = rss()
@@ -98,7 +98,7 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     for i in range(steps):
         loader.set_epoch(i)
         x, y = next(iter(loader))
-        with _autocast(device, speed):
+        with autocast(device, speed):
             loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

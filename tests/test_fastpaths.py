@@ -111,6 +111,26 @@ def test_retained_memory_allocator_is_bit_for_bit_and_undoable():
         assert (a == b) if isinstance(a, float) else torch.equal(a, b)
 
 
+@pytest.mark.skipif(not allocator.available(), reason="allocator tuning needs Linux with glibc")
+def test_training_with_the_retained_allocator_is_bit_for_bit_and_leaves_the_process_as_it_was(tmp_path, fmnist_dir):
+    from safetensors.torch import load_file
+
+    from vggkit.train import train
+
+    config = dict(arch="1x8,1x16", input_size=28, fc_width=32, epochs=1, batch_size=100, limit=500, test_limit=200,
+                  val_size=100, precision="fp32", allow_sample=False, data_dir=str(fmnist_dir), out=str(tmp_path),
+                  threads=1)
+    threads = torch.get_num_threads()
+    runs, lines = {}, []
+    for mode in ("retain", "default", "auto"):
+        history = train({**config, "allocator": mode, "name": mode}, progress="none", log=lines.append)
+        runs[mode] = load_file(str(history.run_dir / "checkpoints/last/model.safetensors"))
+        assert allocator.mode() == "default" and torch.get_num_threads() == threads
+    assert any("1 threads, retain allocator" in line for line in lines)  # auto on CPU
+    for name, tensor in runs["retain"].items():
+        assert torch.equal(tensor, runs["default"][name]) and torch.equal(tensor, runs["auto"][name])
+
+
 def test_allocator_rejects_unknown_mode():
     with pytest.raises(ValueError):
         with allocator.allocator("huge"):

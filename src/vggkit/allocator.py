@@ -48,6 +48,16 @@ def available() -> bool:
     return _glibc() is not None
 
 
+def resolve(which: str, device) -> str:
+    """'auto' means retain on a CPU whose allocator can be tuned; otherwise the mode asked for
+    ('retain' falls back to 'default' where it can't be had: other platforms, CUDA tensors)."""
+    if which not in ("auto", "retain", "default"):
+        raise ValueError(f"allocator must be auto, retain or default, got {which!r}")
+    if getattr(device, "type", device) != "cpu" or not available():
+        return "default"
+    return "retain" if which == "auto" else which
+
+
 def mode() -> str:
     """'retain' after retain_freed_memory(), else 'default'."""
     return _mode

@@ -46,7 +46,8 @@ from .errors import VggkitError
 from .model import VGG
 from .pipeline import Augment, BatchLoader
 from .specs import format_arch
-from .train import make_optimizer, pick_device, speed_settings
+from .distributed import batch_loss
+from .train import autocast, make_optimizer, pick_device, speed_settings, train_step
 
 TEXTBOOK_LR = 0.05
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
@@ -98,10 +99,7 @@ def bench(arch: str | None = None, ratio: int | None = None, input_size: int | N
 def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak, inference,
            relu_inplace, run_seconds, seed, log) -> dict:
     speed = speed_settings(config, dev)
-    if allocator == "auto":
-        allocator = "retain" if dev.type == "cpu" and alloc.available() else "default"
-    if allocator == "retain" and not alloc.available():
-        allocator = "default"
+    allocator = alloc.resolve(allocator, dev)  # the same choice train() makes
 
     dataset, data_note = _dataset(data, data_dir, in_channels, config, seed)
     channels = dataset.channels
@@ -149,20 +147,8 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
 
     def vgg_train_step():
         x, y = next(batches)
-        with _autocast(dev, speed.amp_dtype):
-            logits = step_model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            sums.add_(torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(float(len(y)), device=dev, dtype=torch.float64)]))
+        train_step(step_model, optimizer, scaler, speed, x, y, sums,
+                   lambda logits, y: batch_loss(logits, y, len(y), config.label_smoothing))
         return len(y)
 
     eval_loader = BatchLoader(dataset, config.batch_size, device=dev, input_size=config.input_size,
@@ -173,7 +159,7 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
     @torch.no_grad()
     def vgg_infer_step():
         x, y = next(eval_batches)
-        with _autocast(dev, speed.amp_dtype):
+        with autocast(dev, speed):
             logits = step_model(x)
         (logits.argmax(1) == y).sum()
         return len(y)
@@ -379,10 +365,6 @@ def _cycle(loader: BatchLoader):
         loader.set_epoch(epoch)
         yield from loader
         epoch += 1
-
-
-def _autocast(device: torch.device, dtype):
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -72,6 +72,7 @@ TRAIN_HELP = {
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
+    "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
 }
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import VggkitError
@@ -49,6 +49,7 @@ class TrainConfig:
     precision: str = "auto"  # auto|fp32|bf16|fp16
     channels_last: str = "auto"  # auto|on|off
     compile: str = "auto"  # auto|on|off
+    allocator: str = "auto"  # auto|retain|default: CPU malloc, see allocator.py
     threads: int | None = None
     # run
     seed: int = 0
@@ -84,6 +85,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "channels_last": ("auto", "on", "off"),
     "compile": ("auto", "on", "off"),
+    "allocator": ("auto", "retain", "default"),
     "init": ("xavier", "kaiming"),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -19,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import allocator as alloc
 from . import distributed as dist
-from .checkpoint import STATE, atomic_write_text, resolve_checkpoint, save_checkpoint
+from .checkpoint import STATE, atomic_write_text, save_checkpoint
 from .config import TrainConfig, load_config, resolve_config, save_config
 from .data import load_data
 from .errors import VggkitError
@@ -95,7 +95,7 @@ def speed_settings(config: TrainConfig, device: torch.device) -> Speed:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and config.precision == "bf16":
         print("warning: this CPU has no native bf16; bf16 will be slow", file=sys.stderr)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # channels-last: oneDNN/cuDNN convolutions run ~3x faster in NHWC than NCHW
+    # channels-last: 1.35x for the fast preset on this CPU, 1.0x for d2l (BENCHMARKS.md); cuDNN prefers NHWC too
     channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type in ("cpu", "cuda"))
     # torch.compile measured slower for this network on CPU; on CUDA only when asked
     use_compile = config.compile == "on"
@@ -182,7 +182,7 @@ def evaluate_loader(model, loader, speed: Speed, device: torch.device, want_pred
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     predictions = []
     for x, y in loader:
-        with _autocast(device, speed):
+        with autocast(device, speed):
             logits = model(x)
         sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
                              (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
@@ -194,10 +194,29 @@ def evaluate_loader(model, loader, speed: Speed, device: torch.device, want_pred
     return (*result, torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)) if want_predictions else result
 
 
-def _autocast(device: torch.device, speed: Speed):
+def autocast(device: torch.device, speed: Speed):
     if speed.amp_dtype is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=speed.amp_dtype)
+
+
+def train_step(model, optimizer, scaler, speed: Speed, x, y, sums: torch.Tensor, loss_fn) -> None:
+    """One optimisation step. `loss_fn(logits, y)` -> (loss to back-propagate, sum of the per-image
+    losses); adds (that sum, correct predictions, images) to `sums` without a device sync."""
+    with autocast(x.device, speed):
+        logits = model(x)
+        loss, loss_sum = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        sums += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), device=sums.device, dtype=torch.float64)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +228,39 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
 
     `config` is a TrainConfig or a dict of its fields (a "preset" key picks the base preset).
     `resume` is a run directory to continue; `on_step(step)` is called after every step.
+    The process-wide settings it changes (threads, denormals, the CPU allocator) are put back on return.
     """
+    with ProcessSettings() as settings:
+        return _train(config, resume, overwrite, progress, log, on_step, settings)
+
+
+class ProcessSettings:
+    """Process-wide speed settings for one training run, restored afterwards (a notebook keeps its own)."""
+
+    def __enter__(self):
+        self._threads, self._allocator = torch.get_num_threads(), alloc.mode()
+        return self
+
+    def apply(self, config: TrainConfig, device: torch.device) -> str:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if device.type == "cpu":
+            # denormal floats in early updates slow CPU steps up to 30x (BENCHMARKS.md); results unchanged
+            torch.set_flush_denormal(True)
+        # retained CPU memory: 1.85x for the d2l preset (no page faults on every step), more RSS
+        mode = alloc.resolve(config.allocator, device)
+        if mode != alloc.mode():
+            alloc.retain_freed_memory() if mode == "retain" else alloc.default_freed_memory()
+        return mode
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
+        torch.set_flush_denormal(False)  # torch's default; it has no getter
+        if alloc.mode() != self._allocator:
+            alloc.retain_freed_memory() if self._allocator == "retain" else alloc.default_freed_memory()
+
+
+def _train(config, resume, overwrite, progress, log, on_step, settings: ProcessSettings) -> History:
     started = time.perf_counter()
     dist.init_from_env()  # under torchrun: join the process group (a plain process: no-op)
     rank, world_size = dist.world()
@@ -235,11 +286,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True  # autotune conv algorithms for the fixed input shape
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if device.type == "cpu":
-        # denormal floats in early updates slow CPU steps up to 30x (BENCHMARKS.md); results unchanged
-        torch.set_flush_denormal(True)
+    allocator = settings.apply(config, device)
     speed = speed_settings(config, device)
     torch.manual_seed(config.seed)
 
@@ -304,7 +351,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         save_config(config, run_dir / "config.toml")
         _log_event(run_dir, {"event": "resume" if state else "start", "time": datetime.now().isoformat(timespec="seconds")})
     log(f"vggkit: {splits.name} ({splits.source}){' [bundled sample: accuracy not comparable to published figures]' if splits.is_sample else ''}")
-    log(f"device: {device} ({speed.describe()}{f', {torch.get_num_threads()} threads' if device.type == 'cpu' else ''})"
+    log(f"device: {device} ({speed.describe()}"
+        f"{f', {torch.get_num_threads()} threads, {allocator} allocator' if device.type == 'cpu' else ''})"
         f"{f', {world_size} processes' if world_size > 1 else ''}; train {len(splits.train)}, "
         f"val {len(splits.val)}, test {len(splits.test) if splits.test is not None else 0} images; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; run dir {run_dir}")
@@ -328,22 +376,10 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 lr = lr_at(config, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with _autocast(device, speed):
-                    logits = step_model(x)
-                    loss, loss_sum = dist.batch_loss(logits, y, min(config.batch_size, len(splits.train) - batch_index
-                                                                    * config.batch_size), config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                global_count = min(config.batch_size, len(splits.train) - batch_index * config.batch_size)
+                train_step(step_model, optimizer, scaler, speed, x, y, sums,
+                           lambda logits, y: dist.batch_loss(logits, y, global_count, config.label_smoothing))
                 step += 1
-                with torch.no_grad():
-                    sums += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
-                                         torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
                 images_this_run += len(y)
                 if step % 20 == 0 or batch_index + 1 == len(train_loader):
                     loss_sum, correct, count = sums.tolist()  # one device sync per 20 steps
