@@ -18,8 +18,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
+# The speed benchmarks of BENCHMARKS.md, one after another (run alone: they time 2 busy cores).
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_speed.py --part headline --presets d2l,fast --runs 5
+	$(PY) benchmarks/bench_fast.py --runs 3
+	$(PY) benchmarks/bench_memory.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

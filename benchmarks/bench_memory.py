@@ -10,7 +10,7 @@ the same settings loads the runtime (OpenMP threads, oneDNN): its RSS growth is 
 "runtime" and "warm" = measured - runtime is the model's own need. Estimate: summary(model, batch_size, optimizer, dtype) with the
 optimizer of the preset and dtype bfloat16 under bf16 autocast, float32 otherwise.
 The glibc allocator is measured both ways: "default" (a fresh process's malloc) and "retain"
-(allocator.retain_freed_memory(), what `vggkit bench` uses on CPU); and "exact": every
+(allocator.retain_freed_memory(), what `vggkit train` and `vggkit bench` use on CPU by default); and "exact": every
 block of 64 KiB or more gets its own mmap and is unmapped when freed, so the RSS follows the live
 tensors (slow, but it shows what the step itself needs, without allocator caching).
 """
@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from fresh import WorkerFailed, run_worker
+
 
 # name: (preset, overrides)
 CONFIGS = {
     "d2l-128": ("d2l", {}),
     "d2l-128-fp32": ("d2l", {"precision": "fp32"}),
+    "d2l-64": ("d2l", {"batch_size": 64}),
     "d2l-32": ("d2l", {"batch_size": 32}),
+    "vgg16/8-32": ("d2l", {"arch": "vgg16", "ratio": 8, "batch_size": 32}),
     "vgg11/8-64-nchw-fp32": ("d2l", {"ratio": 8, "batch_size": 64, "precision": "fp32", "channels_last": "off"}),
     "fast-256": ("fast", {}),
     "best-128": ("best", {}),
@@ -131,12 +131,11 @@ def main() -> None:
           f"{'runtime':>10}{'warm':>10}{'error':>8}")
     for name in args.configs.split(","):
         for mode in args.allocators.split(","):
-            out = subprocess.run([sys.executable, __file__, "--worker", name, mode, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if out.returncode:
-                print(f"{name} {mode}: failed\n{out.stderr[-2000:]}")
+            try:
+                r = run_worker(__file__, name, mode, "--steps", str(args.steps))
+            except WorkerFailed as e:
+                print(f"{name} {mode}: failed\n{e}")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(r)
             print(f"{name:<24}{mode:<10}{r['settings']:<24}{r['estimate']['total'] / 2**20:>8.0f}Mi"
                   f"{r['measured'] / 2**20:>8.0f}Mi{100 * r['error']:>+7.0f}%{r['runtime_init'] / 2**20:>8.0f}Mi"

@@ -9,8 +9,8 @@ d2l: the textbook recipe (VGG-11/4 at 224, SGD lr 0.05, batch 128, Xavier, dropo
 fast: the fast preset for one epoch (55,000 images, 214 steps), full 10,000-image test set.
 The final weights are then evaluated again on the same test images in fp32 and in bf16, to tell
 training precision from evaluation precision.
-Each run is a real `vggkit.train()` in a fresh process, with allocator.retain_freed_memory()
-(bit-for-bit neutral: tests/test_fastpaths.py) to keep the wall time down.
+Each run is a real `vggkit.train()` in a fresh process (with train's automatic retained allocator,
+bit-for-bit neutral: tests/test_fastpaths.py).
 """
 from __future__ import annotations
 
@@ -27,17 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path(os.environ.get("VGGKIT_TEST_DATA", ROOT.parent / "shared" / "data" / "fashion-mnist"))
 
 
-def recipe(preset: str, steps: int) -> dict:
+def recipe(preset: str, steps: int, test_limit: int = 2000) -> dict:
     if preset == "d2l":
-        return {"preset": "d2l", "epochs": 1, "limit": steps * 128, "test_limit": 2000}
+        return {"preset": "d2l", "epochs": 1, "limit": steps * 128, "test_limit": test_limit}
     return {"preset": preset, "epochs": 1}
 
 
 def worker(spec: dict) -> dict:
-    from vggkit import allocator
     from vggkit.train import train
 
-    allocator.retain_freed_memory()
     start = time.perf_counter()
     history = train(spec, progress="none", log=lambda *a, **k: None, overwrite=True)
     last = history.epochs[-1]
@@ -73,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(DEFAULT_DIR))
     parser.add_argument("--steps", type=int, default=150, help="d2l: training steps of batch 128")
+    parser.add_argument("--test-limit", type=int, default=2000, help="d2l: class-balanced test images")
     parser.add_argument("--presets", default="d2l,fast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -85,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for preset in args.presets.split(","):
             for precision in ("bf16", "fp32"):
-                spec = {**recipe(preset, args.steps), "precision": precision, "data_dir": args.data_dir,
+                spec = {**recipe(preset, args.steps, args.test_limit), "precision": precision, "data_dir": args.data_dir,
                         "allow_sample": False, "seed": args.seed, "out": out, "name": f"{preset}-{precision}"}
                 proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                       text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -93,7 +92,7 @@ def main() -> None:
                     print(f"{preset} {precision}: failed\n{proc.stderr[-2000:]}")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                r.update(preset=preset, recipe=recipe(preset, args.steps))
+                r.update(preset=preset, recipe=recipe(preset, args.steps, args.test_limit))
                 results.append(r)
                 print(f"{preset:<5} {precision}: test acc {r['test_acc']:.4f} (loss {r['test_loss']:.4f}), "
                       f"train loss {r['train_loss']:.4f}, train acc {r['train_acc']:.4f}, "

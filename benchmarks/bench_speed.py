@@ -21,9 +21,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from fresh import WorkerFailed, run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path(os.environ.get("VGGKIT_TEST_DATA", ROOT.parent / "shared" / "data" / "fashion-mnist"))
@@ -82,13 +83,11 @@ def run_variant(preset: str, name: str, data_dir: str | None, timeout: int, step
                        **({"data": "fashion-mnist", "data_dir": data_dir} if data_dir else {}), **kwargs}}
     start = time.perf_counter()
     try:
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                             timeout=timeout, cwd=ROOT, env={**os.environ, **env, "PYTHONWARNINGS": "ignore"})
+        r = run_worker(__file__, json.dumps(spec), timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"variant": name, "timed_out": True, "seconds": round(time.perf_counter() - start, 1)}
-    if out.returncode:
-        return {"variant": name, "failed": out.stderr[-1500:]}
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    except WorkerFailed as e:
+        return {"variant": name, "failed": str(e)[-1500:]}
     r["variant"], r["seconds"] = name, round(time.perf_counter() - start, 1)
     return r
 
