@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fresh import WorkerFailed, run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path(os.environ.get("VGGKIT_TEST_DATA", ROOT.parent / "shared" / "data" / "fashion-mnist"))
@@ -86,12 +86,11 @@ def main() -> None:
             for precision in ("bf16", "fp32"):
                 spec = {**recipe(preset, args.steps, args.test_limit), "precision": precision, "data_dir": args.data_dir,
                         "allow_sample": False, "seed": args.seed, "out": out, "name": f"{preset}-{precision}"}
-                proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                      text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if proc.returncode:
-                    print(f"{preset} {precision}: failed\n{proc.stderr[-2000:]}")
+                try:
+                    r = run_worker(__file__, json.dumps(spec))
+                except WorkerFailed as e:
+                    print(f"{preset} {precision}: failed\n{e}")
                     continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
                 r.update(preset=preset, recipe=recipe(preset, args.steps, args.test_limit))
                 results.append(r)
                 print(f"{preset:<5} {precision}: test acc {r['test_acc']:.4f} (loss {r['test_loss']:.4f}), "
