@@ -1,6 +1,7 @@
-"""The fast paths compute what the plain path computes: channels-last (to ~1e-5), bf16 autocast
-(within bf16 tolerance), in-place ReLU and the retained-memory allocator (bit for bit), and the
-textbook per-sample resize vs the whole-batch resize (within uint8 rounding)."""
+"""The fast paths compute what the plain path computes: channels-last and torch.compile (to float32
+rounding), bf16 autocast (within bf16 tolerance), in-place ReLU, denormal flushing and the
+retained-memory allocator (bit for bit), and the textbook per-sample resize vs the whole-batch
+resize (within uint8 rounding)."""
 import copy
 
 import numpy as np
@@ -27,15 +28,16 @@ def batch(n=32):
     return torch.rand(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def step(model, x, y, channels_last=False, amp=None):
+def step(model, x, y, channels_last=False, amp=None, compile=False):
     """One training step's logits, loss and weight gradients (flattened), and the updated weights."""
     model = copy.deepcopy(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    forward = torch.compile(model) if compile else model
     with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-        logits = model(x)
+        logits = forward(x)
         loss = F.cross_entropy(logits, y)
     optimizer.zero_grad()
     loss.backward()
@@ -85,6 +87,36 @@ def test_bf16_forward_alone_matches_in_eval_mode():
     assert (fast.argmax(1) == plain.argmax(1)).float().mean() >= 0.9
 
 
+def test_compiled_model_matches_eager():
+    """--compile on: torch.compile (inductor) computes the same step to float32 rounding."""
+    model, (x, y) = small_model(True), batch()
+    try:
+        compiled = step(model, x, y, channels_last=True, compile=True)
+    except Exception as e:  # inductor needs a C++ compiler on CPU
+        if "compiler" in str(e).lower() or "cpp" in str(e).lower():
+            pytest.skip(f"torch.compile cannot build here: {str(e).splitlines()[0]}")
+        raise
+    eager = step(model, x, y, channels_last=True)
+    assert torch.allclose(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-5)
+    assert rel(compiled[2], eager[2]) < 1e-4
+    assert torch.allclose(compiled[3], eager[3], rtol=1e-5, atol=1e-6)
+
+
+def test_flushing_denormals_leaves_a_training_step_unchanged():
+    """train() flushes denormal floats to zero on CPU; a step from initialisation has none to flush."""
+    model, (x, y) = small_model(True), batch()
+    plain = step(model, x, y, amp=torch.bfloat16)
+    torch.set_flush_denormal(True)
+    try:
+        assert torch.tensor([1e-40]).mul(1.0).item() == 0.0  # flushing is on
+        flushed = step(model, x, y, amp=torch.bfloat16)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(plain[0], flushed[0]) and plain[1] == flushed[1]
+    assert torch.equal(plain[2], flushed[2]) and torch.equal(plain[3], flushed[3])
+
+
 def test_inplace_relu_is_bit_for_bit():
     model, (x, y) = small_model(False), batch()
     outplace = copy.deepcopy(model)
@@ -126,6 +158,7 @@ def test_training_with_the_retained_allocator_is_bit_for_bit_and_leaves_the_proc
         history = train({**config, "allocator": mode, "name": mode}, progress="none", log=lines.append)
         runs[mode] = load_file(str(history.run_dir / "checkpoints/last/model.safetensors"))
         assert allocator.mode() == "default" and torch.get_num_threads() == threads
+        assert torch.tensor([1e-40]).mul(1.0).item() != 0.0  # denormal flushing was switched off again
     assert any("1 threads, retain allocator" in line for line in lines)  # auto on CPU
     for name, tensor in runs["retain"].items():
         assert torch.equal(tensor, runs["default"][name]) and torch.equal(tensor, runs["auto"][name])
