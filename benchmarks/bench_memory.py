@@ -4,7 +4,7 @@
 
 Each configuration runs in a fresh process (VmHWM, the peak RSS, cannot be reset): import,
 random uint8 images in a BatchLoader, then baseline = VmRSS; then the model, the optimizer and
-`--steps` real training steps (train.py's speed settings, BatchLoader, make_optimizer, autocast);
+`--steps` real training steps (train.py's speed settings, BatchLoader, make_optimizer, train_step);
 measured = VmHWM - baseline. Before the model, one step of a throwaway 1-conv network with
 the same settings loads the runtime (OpenMP threads, oneDNN): its RSS growth is reported as
 "runtime" and "warm" = measured - runtime is the model's own need. Estimate: summary(model, batch_size, optimizer, dtype) with the
@@ -53,7 +53,8 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     from vggkit.data import Dataset
     from vggkit.model import VGG
     from vggkit.pipeline import BatchLoader
-    from vggkit.train import make_optimizer, pick_device, speed_settings, autocast
+    from vggkit.distributed import batch_loss
+    from vggkit.train import autocast, make_optimizer, pick_device, speed_settings, train_step
 
     preset, overrides = CONFIGS[name]
     config = resolve_config(overrides={"preset": preset, **overrides})
@@ -93,17 +94,15 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
+    sums = torch.zeros(3, dtype=torch.float64)
     after_model, _ = rss()
     peaks = []
     for i in range(steps):
         loader.set_epoch(i)
         x, y = next(iter(loader))
-        with autocast(device, speed):
-            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        del x, y, loss
+        train_step(model, optimizer, None, speed, x, y, sums,
+                   lambda logits, y: batch_loss(logits, y, len(y), config.label_smoothing))
+        del x, y
         peaks.append(rss()[1] - base)
     return {"config": name, "preset": preset, "overrides": overrides, "allocator": allocator_mode,
             "settings": speed.describe(), "batch_size": config.batch_size, "arch": config.arch, "ratio": config.ratio,

@@ -94,15 +94,20 @@ def default_freed_memory() -> bool:
     return True
 
 
+def set_mode(which: str) -> None:
+    """Switch to 'retain' or 'default' (nothing to do when already there)."""
+    if which not in ("retain", "default"):
+        raise ValueError(f"allocator must be retain or default, got {which!r}")
+    if which != _mode:
+        (retain_freed_memory if which == "retain" else default_freed_memory)()
+
+
 @contextmanager
 def allocator(which: str):
     """`with allocator("retain"):` or `allocator("default")`; restores the previous mode on exit."""
-    if which not in ("retain", "default"):
-        raise ValueError(f"allocator must be retain or default, got {which!r}")
     previous = _mode
-    (retain_freed_memory if which == "retain" else default_freed_memory)()
+    set_mode(which)
     try:
         yield
     finally:
-        if _mode != previous:
-            (retain_freed_memory if previous == "retain" else default_freed_memory)()
+        set_mode(previous)

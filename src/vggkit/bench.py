@@ -31,7 +31,7 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from .model import VGG
 from .pipeline import Augment, BatchLoader
 from .specs import format_arch
 from .distributed import batch_loss
-from .train import autocast, make_optimizer, pick_device, speed_settings, train_step
+from .train import ProcessSettings, autocast, make_optimizer, pick_device, speed_settings, train_step
 
 TEXTBOOK_LR = 0.05
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
@@ -77,29 +77,22 @@ def bench(arch: str | None = None, ratio: int | None = None, input_size: int | N
             raise VggkitError(f"{name} must be a positive integer, got {value!r}")
     if warmup is None:
         warmup = 2
-    if allocator not in ("auto", "retain", "default"):
-        raise VggkitError(f"allocator must be auto, retain or default, got {allocator!r}")
     if preset not in PRESETS:
         raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     overrides = {"preset": preset, "arch": arch, "ratio": ratio, "input_size": input_size, "batch_size": batch_size,
                  "device": device, "precision": precision, "channels_last": channels_last, "compile": compile,
-                 "threads": threads, "seed": seed}
-    config = resolve_config(overrides=overrides)
+                 "allocator": allocator, "threads": threads, "seed": seed}
+    config = resolve_config(overrides=overrides)  # checks every choice
     dev = pick_device(config.device)
-    previous_threads = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
+    with ProcessSettings() as settings:  # threads, denormals and allocator as train() sets them; restored after
+        allocator = settings.apply(config, dev)
         return _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak,
                       inference, relu_inplace, run_seconds, seed, log)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak, inference,
            relu_inplace, run_seconds, seed, log) -> dict:
     speed = speed_settings(config, dev)
-    allocator = alloc.resolve(allocator, dev)  # the same choice train() makes
 
     dataset, data_note = _dataset(data, data_dir, in_channels, config, seed)
     channels = dataset.channels
@@ -193,65 +186,54 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
             float((base_model(x).argmax(1) == y).sum())
             return len(y)
 
-    vgg_alloc = allocator
-    base_alloc = "default"
     timings = {"train": [], "infer": [], "base_train": [], "base_infer": []}
     probes: dict[str, float] = {}
     probe_info: dict[str, str] = {}
 
-    switching = compare and alloc.available() and vgg_alloc != base_alloc
-    # train.py flushes denormals to zero on CPU; the textbook loop does not
-    flush = torch.set_flush_denormal if dev.type == "cpu" else (lambda on: None)
-    flush(True)
-    with _allocator(vgg_alloc):
-        # warm-up (and compilation): time it, and pick the number of steps
+    switching = compare and alloc.available() and allocator != "default"
+    # warm-up (and compilation): time it, and pick the number of steps
+    model.train()
+    first = _timed(vgg_train_step, 1, dev)
+    warm_rest = _timed(vgg_train_step, warmup - 1, dev) / max(warmup - 1, 1) if warmup > 1 else first
+    per_step = warm_rest if warmup > 1 else first
+    result["first_step_seconds"] = round(first, 3)
+    n_train = steps or _auto_steps(per_step, run_seconds)
+    if inference:
+        model.eval()
+        _timed(vgg_infer_step, max(warmup, 1), dev)
+        n_infer = steps or _auto_steps(_timed(vgg_infer_step, 1, dev), run_seconds)
         model.train()
-        first = _timed(vgg_train_step, 1, dev)
-        warm_rest = _timed(vgg_train_step, warmup - 1, dev) / max(warmup - 1, 1) if warmup > 1 else first
-        per_step = warm_rest if warmup > 1 else first
-        result["first_step_seconds"] = round(first, 3)
-        n_train = steps or _auto_steps(per_step, run_seconds)
+    if compare:
+        with _textbook_settings(dev):
+            b_first = _timed(base_train_step, 1, dev)
+            b_per_step = _timed(base_train_step, warmup - 1, dev) / (warmup - 1) if warmup > 1 else b_first
+            n_base = steps or _auto_steps(b_per_step, run_seconds)
+            if inference:
+                _timed(base_infer_step, max(warmup, 1), dev)
+                n_base_infer = steps or _auto_steps(_timed(base_infer_step, 1, dev), run_seconds)
+    log(f"steps per run: vggkit {n_train}" + (f", textbook {n_base}" if compare else "") + f"; {runs} runs")
+
+    for r in range(runs):
+        model.train()
+        if switching:  # the heap was handed back for the textbook run: grow it again, untimed
+            vgg_train_step()
+        timings["train"].append(n_train * config.batch_size / _timed(vgg_train_step, n_train, dev))
         if inference:
             model.eval()
-            _timed(vgg_infer_step, max(warmup, 1), dev)
-            n_infer = steps or _auto_steps(_timed(vgg_infer_step, 1, dev), run_seconds)
+            if switching:
+                vgg_infer_step()
+            timings["infer"].append(n_infer * config.batch_size / _timed(vgg_infer_step, n_infer, dev))
             model.train()
+        if peak:
+            _probe(report, config, dev, probes, probe_info)
         if compare:
-            with _allocator(base_alloc):
-                flush(False)
-                b_first = _timed(base_train_step, 1, dev)
-                b_per_step = _timed(base_train_step, warmup - 1, dev) / (warmup - 1) if warmup > 1 else b_first
-                n_base = steps or _auto_steps(b_per_step, run_seconds)
+            with _textbook_settings(dev):
+                timings["base_train"].append(n_base * config.batch_size / _timed(base_train_step, n_base, dev))
                 if inference:
-                    _timed(base_infer_step, max(warmup, 1), dev)
-                    n_base_infer = steps or _auto_steps(_timed(base_infer_step, 1, dev), run_seconds)
-                flush(True)
-        log(f"steps per run: vggkit {n_train}" + (f", textbook {n_base}" if compare else "") + f"; {runs} runs")
-
-        for r in range(runs):
-            model.train()
-            if switching:  # the heap was handed back for the textbook run: grow it again, untimed
-                vgg_train_step()
-            timings["train"].append(n_train * config.batch_size / _timed(vgg_train_step, n_train, dev))
-            if inference:
-                model.eval()
-                if switching:
-                    vgg_infer_step()
-                timings["infer"].append(n_infer * config.batch_size / _timed(vgg_infer_step, n_infer, dev))
-                model.train()
-            if peak:
-                _probe(report, config, dev, probes, probe_info)
-            if compare:
-                with _allocator(base_alloc):
-                    flush(False)
-                    timings["base_train"].append(n_base * config.batch_size / _timed(base_train_step, n_base, dev))
-                    if inference:
-                        timings["base_infer"].append(
-                            n_base_infer * config.batch_size / _timed(base_infer_step, n_base_infer, dev))
-                    flush(True)
-            log(f"run {r + 1}/{runs}: vggkit {timings['train'][-1]:.1f} img/s"
-                + (f", textbook {timings['base_train'][-1]:.1f} img/s" if compare else ""))
-    flush(False)  # a fresh process's setting
+                    timings["base_infer"].append(
+                        n_base_infer * config.batch_size / _timed(base_infer_step, n_base_infer, dev))
+        log(f"run {r + 1}/{runs}: vggkit {timings['train'][-1]:.1f} img/s"
+            + (f", textbook {timings['base_train'][-1]:.1f} img/s" if compare else ""))
     loss_sum, _, count = sums.tolist()
     if not math.isfinite(loss_sum):
         result["warning"] = "the loss became NaN/inf during the benchmark (speed figures still stand)"
@@ -352,11 +334,17 @@ def _dataset(data, data_dir, in_channels: int, config: TrainConfig, seed: int) -
         f", resized to {config.input_size})" if (h, w) != (config.input_size,) * 2 else ")")
 
 
-def _allocator(which: str):
-    """Switch the CPU allocator only where it differs (a fresh process's malloc is left untouched)."""
-    if not alloc.available() or which == alloc.mode():
-        return nullcontext()
-    return alloc.allocator(which)
+@contextmanager
+def _textbook_settings(device: torch.device):
+    """The textbook loop runs as a fresh process would: glibc's default allocator, denormals kept."""
+    with alloc.allocator("default"):
+        if device.type == "cpu":
+            torch.set_flush_denormal(False)
+        try:
+            yield
+        finally:
+            if device.type == "cpu":
+                torch.set_flush_denormal(True)  # back to vggkit's setting (ProcessSettings)
 
 
 def _cycle(loader: BatchLoader):

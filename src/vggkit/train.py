@@ -249,15 +249,13 @@ class ProcessSettings:
             torch.set_flush_denormal(True)
         # retained CPU memory: 1.85x for the d2l preset (no page faults on every step), more RSS
         mode = alloc.resolve(config.allocator, device)
-        if mode != alloc.mode():
-            alloc.retain_freed_memory() if mode == "retain" else alloc.default_freed_memory()
+        alloc.set_mode(mode)
         return mode
 
     def __exit__(self, *exc):
         torch.set_num_threads(self._threads)
         torch.set_flush_denormal(False)  # torch's default; it has no getter
-        if alloc.mode() != self._allocator:
-            alloc.retain_freed_memory() if self._allocator == "retain" else alloc.default_freed_memory()
+        alloc.set_mode(self._allocator)
 
 
 def _train(config, resume, overwrite, progress, log, on_step, settings: ProcessSettings) -> History:
