@@ -54,7 +54,9 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     from vggkit.model import VGG
     from vggkit.pipeline import BatchLoader
     from vggkit.distributed import batch_loss
-    from vggkit.train import autocast, make_optimizer, pick_device, speed_settings, train_step
+    from vggkit.runtime import autocast, pick_device, speed_settings
+    from vggkit.steps import train_step
+    from vggkit.train import make_optimizer
 
     preset, overrides = CONFIGS[name]
     config = resolve_config(overrides={"preset": preset, **overrides})

@@ -53,7 +53,8 @@ def cross_eval(spec: dict, run_dir) -> dict:
     from vggkit.config import resolve_config
     from vggkit.data import load_data
     from vggkit.pipeline import BatchLoader
-    from vggkit.train import Speed, evaluate_loader
+    from vggkit.runtime import Speed
+    from vggkit.steps import evaluate_loader
 
     config = resolve_config(overrides={k: v for k, v in spec.items() if k != "precision"})
     splits = load_data(config.data, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,

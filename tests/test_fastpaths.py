@@ -15,7 +15,7 @@ from vggkit.bench import TextbookBatches
 from vggkit.data import Dataset
 from vggkit.model import VGG
 from vggkit.pipeline import BatchLoader
-from vggkit.train import cpu_has_bf16
+from vggkit.runtime import cpu_has_bf16
 
 
 def small_model(batch_norm: bool, init: str = "xavier") -> VGG:

@@ -47,7 +47,9 @@ from .model import VGG
 from .pipeline import Augment, BatchLoader
 from .specs import format_arch
 from .distributed import batch_loss
-from .train import ProcessSettings, autocast, make_optimizer, pick_device, speed_settings, train_step
+from .runtime import ProcessSettings, autocast, cpu_has_bf16, pick_device, speed_settings
+from .steps import train_step
+from .train import make_optimizer
 
 TEXTBOOK_LR = 0.05
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
@@ -112,7 +114,7 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
         "train_flops_per_image": train_flops, "infer_flops_per_image": infer_flops,
         "flops_note": "training FLOPs per image = 3 x 2 x forward MACs (cost.summary); inference = 2 x MACs",
         "device": str(dev), "device_name": device_name(dev), "threads": torch.get_num_threads(),
-        "settings": speed.describe(), "precision": _precision(speed), "channels_last": speed.channels_last,
+        "settings": speed.describe(), "precision": speed.precision, "channels_last": speed.channels_last,
         "compile": speed.compile, "allocator": allocator, "relu_inplace": relu_inplace, "data": data_note,
         "runs": runs, "warmup": warmup, "torch": torch.__version__,
     }
@@ -375,10 +377,6 @@ def _auto_steps(seconds_per_step: float, run_seconds: float = RUN_SECONDS) -> in
     return max(2, min(100, math.ceil(run_seconds / max(seconds_per_step, 1e-6))))
 
 
-def _precision(speed) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[speed.amp_dtype]
-
-
 def _round(values, digits=1):
     return [round(v, digits) for v in values]
 
@@ -427,8 +425,6 @@ def device_name(device: torch.device) -> str:
 
 
 def probe_dtype(device: torch.device) -> torch.dtype:
-    from .train import cpu_has_bf16
-
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":

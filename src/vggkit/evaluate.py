@@ -10,7 +10,8 @@ from .checkpoint import atomic_write, load_model, resolve_checkpoint
 from .config import TrainConfig, load_config
 from .data import load_data
 from .pipeline import BatchLoader
-from .train import evaluate_loader, pick_device, speed_settings
+from .runtime import pick_device, speed_settings
+from .steps import evaluate_loader
 
 
 def run_config_for(path: Path) -> TrainConfig:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .errors import VggkitError
-from .train import pick_device
+from .runtime import pick_device
 
 
 def load_image(path: str | Path, channels: int) -> torch.Tensor:

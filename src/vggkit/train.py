@@ -9,16 +9,13 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import allocator as alloc
 from . import distributed as dist
 from .checkpoint import STATE, atomic_write_text, save_checkpoint
 from .config import TrainConfig, load_config, resolve_config, save_config
@@ -26,6 +23,8 @@ from .data import load_data
 from .errors import VggkitError
 from .model import VGG
 from .pipeline import Augment, BatchLoader
+from .runtime import ProcessSettings, pick_device, speed_settings
+from .steps import evaluate_loader, train_step
 
 
 class TrainingDiverged(VggkitError):
@@ -41,65 +40,6 @@ class History:
     seconds: float = 0.0
     images_per_s: float = 0.0
     interrupted: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and speed settings (each one measured: see BENCHMARKS.md)
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VggkitError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VggkitError("--device cuda asked for, but no CUDA GPU is available; use --device auto or cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VggkitError("--device mps asked for, but MPS is not available; use --device auto or cpu")
-    return device
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@dataclass
-class Speed:
-    amp_dtype: torch.dtype | None  # autocast dtype, None = float32
-    channels_last: bool
-    compile: bool
-
-    def describe(self) -> str:
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return f"{precision}{', channels-last' if self.channels_last else ''}{', compiled' if self.compile else ''}"
-
-
-def speed_settings(config: TrainConfig, device: torch.device) -> Speed:
-    precision = config.precision
-    if precision == "auto":
-        # bf16 autocast: ~2x on AVX-512-BF16 CPUs and on Ampere+ GPUs, same accuracy (BENCHMARKS.md)
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise VggkitError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on this device")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and config.precision == "bf16":
-        print("warning: this CPU has no native bf16; bf16 will be slow", file=sys.stderr)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # channels-last: 1.35x for the fast preset on this CPU, 1.0x for d2l (BENCHMARKS.md); cuDNN prefers NHWC too
-    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type in ("cpu", "cuda"))
-    # torch.compile measured slower for this network on CPU; on CUDA only when asked
-    use_compile = config.compile == "on"
-    return Speed(amp, channels_last, use_compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,53 +113,6 @@ def _in_main_thread() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-
-@torch.no_grad()
-def evaluate_loader(model, loader, speed: Speed, device: torch.device, want_predictions: bool = False):
-    """Mean loss, accuracy and (optionally) predicted labels over a loader, summed across ranks."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    predictions = []
-    for x, y in loader:
-        with autocast(device, speed):
-            logits = model(x)
-        sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                             (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
-        if want_predictions:
-            predictions.append(logits.argmax(1).cpu())
-    dist.all_reduce_sum(sums)
-    loss, correct, count = sums.tolist()
-    result = (loss / max(count, 1), correct / max(count, 1))
-    return (*result, torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)) if want_predictions else result
-
-
-def autocast(device: torch.device, speed: Speed):
-    if speed.amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=speed.amp_dtype)
-
-
-def train_step(model, optimizer, scaler, speed: Speed, x, y, sums: torch.Tensor, loss_fn) -> None:
-    """One optimisation step. `loss_fn(logits, y)` -> (loss to back-propagate, sum of the per-image
-    losses); adds (that sum, correct predictions, images) to `sums` without a device sync."""
-    with autocast(x.device, speed):
-        logits = model(x)
-        loss, loss_sum = loss_fn(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        sums += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), device=sums.device, dtype=torch.float64)])
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -232,30 +125,6 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     """
     with ProcessSettings() as settings:
         return _train(config, resume, overwrite, progress, log, on_step, settings)
-
-
-class ProcessSettings:
-    """Process-wide speed settings for one training run, restored afterwards (a notebook keeps its own)."""
-
-    def __enter__(self):
-        self._threads, self._allocator = torch.get_num_threads(), alloc.mode()
-        return self
-
-    def apply(self, config: TrainConfig, device: torch.device) -> str:
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        if device.type == "cpu":
-            # denormal floats in early updates slow CPU steps up to 30x (BENCHMARKS.md); results unchanged
-            torch.set_flush_denormal(True)
-        # retained CPU memory: 1.85x for the d2l preset (no page faults on every step), more RSS
-        mode = alloc.resolve(config.allocator, device)
-        alloc.set_mode(mode)
-        return mode
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self._threads)
-        torch.set_flush_denormal(False)  # torch's default; it has no getter
-        alloc.set_mode(self._allocator)
 
 
 def _train(config, resume, overwrite, progress, log, on_step, settings: ProcessSettings) -> History:
