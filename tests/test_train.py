@@ -100,14 +100,14 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, fmn
             with torch.no_grad():
                 model_param.fill_(float("nan"))
 
-    loop = sys.modules["vggkit.train"]
-    original = loop.VGG
+    import vggkit.model as model_module
+    original = model_module.VGG
 
     def capture(*args, **kwargs):
         poison.model = original(*args, **kwargs)
         return poison.model
 
-    monkeypatch.setattr(loop, "VGG", capture)
+    monkeypatch.setattr(model_module, "VGG", capture)
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
         train(tiny(tmp_path, fmnist_dir), progress="none", log=lambda *a: None, on_step=poison)
     model, meta = load_model(tmp_path / "run" / "checkpoints" / "last")

@@ -43,7 +43,6 @@ from .config import PRESETS, TrainConfig, resolve_config
 from .cost import summary
 from .data import Dataset, load_data
 from .errors import VggkitError
-from .model import VGG
 from .pipeline import Augment, BatchLoader
 from .specs import format_arch
 from .distributed import batch_loss
@@ -98,11 +97,8 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
 
     dataset, data_note = _dataset(data, data_dir, in_channels, config, seed)
     channels = dataset.channels
-    model_kwargs = dict(ratio=config.ratio, in_channels=channels, num_classes=10, input_size=config.input_size,
-                        fc_width=config.fc_width, dropout=config.dropout, batch_norm=config.batch_norm,
-                        init=config.init)
     with torch.device("meta"):
-        meta_model = VGG(config.arch, **model_kwargs)
+        meta_model = config.build_model(channels, 10)
     report = summary(meta_model, batch_size=config.batch_size)
     macs = report.macs
     train_flops, infer_flops = 3 * 2 * macs, 2 * macs
@@ -127,7 +123,7 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
     loader = BatchLoader(dataset, config.batch_size, device=dev, input_size=config.input_size, mean=(0.0,) * channels,
                          std=(1.0,) * channels, shuffle=True, seed=seed, drop_last=True, augment=augment,
                          channels_last=speed.channels_last)
-    model = VGG(config.arch, **model_kwargs).to(dev)
+    model = config.build_model(channels, 10).to(dev)
     if not relu_inplace:
         for m in model.modules():
             if isinstance(m, torch.nn.ReLU):
@@ -162,7 +158,7 @@ def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data,
     # the textbook loop
     if compare:
         torch.manual_seed(seed)
-        base_model = VGG(config.arch, **model_kwargs).to(dev)
+        base_model = config.build_model(channels, 10).to(dev)
         base_optimizer = torch.optim.SGD(base_model.parameters(), lr=TEXTBOOK_LR)
         base_loss = torch.nn.CrossEntropyLoss()
         textbook = TextbookBatches(dataset, config.batch_size, config.input_size, seed)

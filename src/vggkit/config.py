@@ -57,6 +57,14 @@ class TrainConfig:
     name: str | None = None
     eval_every_epoch_on_test: bool = True
 
+    def build_model(self, in_channels: int, num_classes: int):
+        """The VGG this config describes, for data with these channels and classes."""
+        from .model import VGG
+
+        return VGG(self.arch, ratio=self.ratio, in_channels=in_channels, num_classes=num_classes,
+                   input_size=self.input_size, fc_width=self.fc_width, dropout=self.dropout,
+                   batch_norm=self.batch_norm, init=self.init)
+
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 

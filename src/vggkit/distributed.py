@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .errors import VggkitError
+from .runtime import in_main_thread
 
 DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait for the other ranks
 LOST_PEER_EXIT = 3  # a worker's exit code when it stopped because another rank was lost
@@ -449,7 +450,7 @@ def launch(nproc: int, argv: list[str], config=None, resume: str | None = None) 
             pass
 
     previous = {}
-    if _in_main_thread():
+    if in_main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, forward)
     try:
@@ -466,11 +467,6 @@ def launch(nproc: int, argv: list[str], config=None, resume: str | None = None) 
         run_dir = _read_text(run_dir_file) or resume
         shutil.rmtree(workdir, ignore_errors=True)
     return _report(code, failure, received, nproc, run_dir)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def _die_with_parent():  # in the child, before exec: SIGTERM when the launcher dies

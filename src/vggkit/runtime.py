@@ -103,6 +103,12 @@ class ProcessSettings:
 
 
 
+def in_main_thread() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
 def autocast(device: torch.device, speed: Speed):
     if speed.amp_dtype is None:
         return nullcontext()

@@ -21,9 +21,8 @@ from .checkpoint import STATE, atomic_write_text, save_checkpoint
 from .config import TrainConfig, load_config, resolve_config, save_config
 from .data import load_data
 from .errors import VggkitError
-from .model import VGG
 from .pipeline import Augment, BatchLoader
-from .runtime import ProcessSettings, pick_device, speed_settings
+from .runtime import ProcessSettings, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
 
 
@@ -92,7 +91,7 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self):
-        if sys.platform != "win32" and _in_main_thread():
+        if sys.platform != "win32" and in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -105,11 +104,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +167,7 @@ def _train(config, resume, overwrite, progress, log, on_step, settings: ProcessS
     test_loader = BatchLoader(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
     # model
-    model = VGG(config.arch, ratio=config.ratio, in_channels=channels, num_classes=len(splits.classes),
-                input_size=config.input_size, fc_width=config.fc_width, dropout=config.dropout,
-                batch_norm=config.batch_norm, init=config.init).to(device)
+    model = config.build_model(channels, len(splits.classes)).to(device)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1 and config.batch_norm:
