@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vggkit.data import SAMPLE_PATH, read_idx_pair, stratified_indices
+from vggkit.data import REGISTRY, SAMPLE_PATH, read_idx_pair, stratified_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 src = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "data" / "fashion-mnist"
-train = read_idx_pair(src / "train-images-idx3-ubyte.gz", src / "train-labels-idx1-ubyte.gz", 10)
-test = read_idx_pair(src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz", 10)
+train_images, train_labels, test_images, test_labels = (src / f for f in REGISTRY["fashion-mnist"].files)
+train = read_idx_pair(train_images, train_labels, 10)
+test = read_idx_pair(test_images, test_labels, 10)
 train = train.subset(stratified_indices(train.labels, 5000, seed=20240601))
 test = test.subset(stratified_indices(test.labels, 1000, seed=20240601))
 assert (np.bincount(train.labels) == 500).all() and (np.bincount(test.labels) == 100).all()

@@ -203,7 +203,7 @@ def test_sample_only_for_fashion_mnist(no_env):
 
 def test_sample_by_name():
     result = D.load_data("fashion-mnist-sample", val_size=0, log=lambda *_: None)
-    assert result.is_sample and len(result.train) == 5000 and result.classes == D.CLASSES["fashion-mnist"]
+    assert result.is_sample and len(result.train) == 5000 and result.classes == list(D.REGISTRY["fashion-mnist"].classes)
 
 
 # ---------------------------------------------------------------- splits
@@ -338,7 +338,7 @@ def test_unreadable_images(tmp_path):
     ("empty", "no class sub-folders"),
     ("no-images", "holds no PNG/JPEG images"),
     ("missing", "no such folder"),
-    ("idx", "IDX files"),
+    ("idx", "files of fashion-mnist or mnist: use the dataset's name"),
     ("stray-class", "not a class"),
 ])
 def test_bad_folders(tmp_path, case, expect):

@@ -10,9 +10,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 from vggkit import data as D
-from vggkit import download as dl
 from vggkit.errors import VggkitError
+
+NAMED_FILES = D.REGISTRY["fashion-mnist"].files
 
 
 def idx_gz(array) -> bytes:
@@ -21,7 +24,7 @@ def idx_gz(array) -> bytes:
                          + array.tobytes())
 
 
-FILES = dict(zip(dl.FILES, (
+FILES = dict(zip(NAMED_FILES, (
     idx_gz(np.random.default_rng(0).integers(0, 256, (20, 28, 28))), idx_gz(np.arange(20) % 10),
     idx_gz(np.random.default_rng(1).integers(0, 256, (10, 28, 28))), idx_gz(np.arange(10)),
 )))
@@ -72,8 +75,13 @@ def env(monkeypatch, tmp_path):
     monkeypatch.delenv("VGGKIT_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setitem(dl.MD5, "fashion-mnist", {f: hashlib.md5(b).hexdigest() for f, b in FILES.items()})
+    use_registry(monkeypatch, md5={f: hashlib.md5(b).hexdigest() for f, b in FILES.items()})
     return tmp_path / "xdg" / "vggkit" / "fashion-mnist"
+
+
+def use_registry(monkeypatch, **changes):
+    """The fashion-mnist registry entry with these fields changed, for this test."""
+    monkeypatch.setitem(D.REGISTRY, "fashion-mnist", replace(D.REGISTRY["fashion-mnist"], **changes))
 
 
 def serve(server, prefix, files=FILES, **override):
@@ -91,11 +99,11 @@ def leftovers(cache):
 
 def test_download_success(server, env, monkeypatch):
     serve(server, "m1")
-    monkeypatch.setitem(dl.MIRRORS, "fashion-mnist", [server.url("m1")])  # the module-level table
+    use_registry(monkeypatch, mirrors=(server.url("m1"),))  # the registry's own mirrors
     result = load()
     assert len(result.train) == 20 and len(result.test) == 10
     assert "downloaded from" in result.source and str(env) in result.source
-    assert leftovers(env) == sorted(dl.FILES)
+    assert leftovers(env) == sorted(NAMED_FILES)
     assert all((env / f).read_bytes() == b for f, b in FILES.items())
     # found in the cache next time: no new request
     load(mirrors=[server.url("m1")])
@@ -103,7 +111,7 @@ def test_download_success(server, env, monkeypatch):
 
 
 def test_bad_checksum_retried_once(server, env):
-    first = dl.FILES[0]
+    first = NAMED_FILES[0]
     serve(server, "m1", **{first: [b"\x1f\x8bnot this", FILES[first]]})
     result = load(mirrors=[server.url("m1")])
     assert len(result.train) == 20 and server.hits[f"/m1/{first}"] == 2
@@ -111,7 +119,7 @@ def test_bad_checksum_retried_once(server, env):
 
 @pytest.mark.parametrize("bad", ["truncated", "checksum"])
 def test_failure_leaves_nothing(server, env, bad):
-    first = dl.FILES[0]
+    first = NAMED_FILES[0]
     body = ("short", FILES[first]) if bad == "truncated" else idx_gz(np.zeros((20, 28, 28)))
     serve(server, "m1", **{first: [body]})
     with pytest.raises(VggkitError) as e:
@@ -127,16 +135,16 @@ def test_404_then_second_mirror(server, env):
     serve(server, "good")
     result = load(mirrors=[server.url("missing"), server.url("good")])
     assert len(result.train) == 20 and "/good/" in result.source
-    assert all(server.hits[f"/missing/{f}"] == 1 for f in dl.FILES)  # no retry on a 404
+    assert all(server.hits[f"/missing/{f}"] == 1 for f in NAMED_FILES)  # no retry on a 404
 
 
 def test_only_missing_files_fetched(server, env):
     env.mkdir(parents=True)
-    for f in dl.FILES[:2]:
+    for f in NAMED_FILES[:2]:
         (env / f).write_bytes(FILES[f])
     serve(server, "m1")
     load(mirrors=[server.url("m1")])
-    assert set(server.hits) == {f"/m1/{f}" for f in dl.FILES[2:]}
+    assert set(server.hits) == {f"/m1/{f}" for f in NAMED_FILES[2:]}
 
 
 def test_offline(env):
