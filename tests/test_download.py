@@ -164,3 +164,45 @@ def test_offline(env):
     result = D.load_data("fashion-mnist", mirrors=[f"http://127.0.0.1:{port}/"], allow_sample=True,
                          log=logged.append)
     assert result.is_sample and any("NOT comparable" in line for line in logged)
+
+
+def test_a_new_named_dataset_is_one_registry_entry(server, env, monkeypatch):
+    """An .npz dataset with its own reader: registered, downloaded, verified and split like the others."""
+    import io
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8), y=np.arange(30) % 3)
+    body = buffer.getvalue()
+
+    def read_npz(paths, classes):
+        with np.load(paths[0]) as z:
+            data = D.Dataset(z["x"], z["y"].astype(np.int64), classes)
+        return data.subset(range(20)), data.subset(range(20, 30))
+
+    entry = D.NamedDataset(name="tiny", classes=("r", "g", "b"), md5={"tiny.npz": hashlib.md5(body).hexdigest()},
+                           mirrors=(server.url("t"),), reader=read_npz, val_size=5, flips_safe=False)
+    monkeypatch.setitem(D.REGISTRY, "tiny", entry)
+    server.routes["/t/tiny.npz"] = [body]
+    result = D.load_data("tiny", log=lambda *_: None)
+    assert (len(result.train), len(result.val), len(result.test)) == (15, 5, 10)
+    assert result.classes == ["r", "g", "b"] and not result.flips_safe and result.train.channels == 3
+    assert leftovers(env.parent / "tiny") == ["tiny.npz"] and "(files, downloaded from" in result.source
+
+
+def test_download_file_alone(server, tmp_path):
+    """The building block other downloads (weights) use: verified, atomic, nothing left on failure."""
+    from vggkit.data.download import BadDownload, download_file
+
+    body = b"weights" * 1000
+    server.routes["/w/model.bin"] = [body]
+    download_file(server.url("w") + "model.bin", tmp_path / "model.bin", hashlib.md5(body).hexdigest(), progress=False)
+    assert (tmp_path / "model.bin").read_bytes() == body
+    with pytest.raises(BadDownload, match="MD5"):
+        download_file(server.url("w") + "model.bin", tmp_path / "other.bin", "0" * 32, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+def test_flip_safety_comes_from_the_registry():
+    assert D.REGISTRY["fashion-mnist"].flips_safe and not D.REGISTRY["mnist"].flips_safe
+    assert D.load_data("fashion-mnist-sample", val_size=0, log=lambda *_: None).flips_safe

@@ -158,3 +158,16 @@ def test_cli_bad_input_is_one_line_exit_2(run, tmp_path, capsys, case):
     assert captured.out == ""
     assert captured.err.startswith("vggkit: error: ") and captured.err.count("\n") == 1
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_interpolation_in_metadata(tmp_path):
+    from vggkit.preprocess import preprocess_meta
+
+    run = make_run(tmp_path, meta=META | preprocess_meta())
+    props = {p.key: p.value for p in onnx.load(export_model(run, "onnx")["out"]).metadata_props}
+    assert (props["interpolation"], props["antialias"], props["align_corners"]) == ("bilinear", "when shrinking", "false")
+    older = make_run(tmp_path / "older", meta=META)  # written before the interpolation was recorded: the same
+    info = export.preprocessing(*load_model(older))
+    assert {k: info[k] for k in preprocess_meta()} == preprocess_meta()
+    with pytest.raises(VggkitError, match="resize this vggkit does not know"):
+        export_model(make_run(tmp_path / "odd", meta=META | {"interpolation": "nearest"}), "onnx")

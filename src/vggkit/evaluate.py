@@ -10,6 +10,7 @@ from .checkpoint import atomic_write, load_model, resolve_checkpoint
 from .config import TrainConfig, load_config
 from .data import load_data
 from .pipeline import BatchLoader
+from .preprocess import settings_from_meta
 from .runtime import pick_device, speed_settings
 from .steps import evaluate_loader
 
@@ -39,8 +40,8 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     if splits.test is None or not len(splits.test):
         from .errors import VggkitError
         raise VggkitError(f"{splits.name} has no test split to evaluate on; give a dataset with test images")
-    loader = BatchLoader(splits.test, batch_size, device=torch_device, input_size=meta["input_size"],
-                         mean=meta["mean"], std=meta["std"], channels_last=speed.channels_last)
+    loader = BatchLoader(splits.test, batch_size, device=torch_device, channels_last=speed.channels_last,
+                         **settings_from_meta(meta))
     loss, acc, predicted = evaluate_loader(model, loader, speed, torch_device, want_predictions=True)
     labels = torch.as_tensor(splits.test.labels)
     classes = meta["classes"]

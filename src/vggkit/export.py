@@ -8,8 +8,9 @@ Default output: `<run>/model.onnx` or `<run>/model.pt`, where `<run>` is the run
 holds `checkpoints/` (not the checkpoint directory itself: save_checkpoint replaces that whole
 directory on the next save). A checkpoint directory outside a run gets the file next to its weights.
 
-Both files carry the preprocessing: images resized to `input_size` (height, width), pixels scaled
-to [0, 1], then (x - mean) / std per channel, and the class names in output order.
+Both files carry the preprocessing (preprocess.py): pixels scaled to [0, 1], then (x - mean) / std
+per channel, resized to `input_size` (height, width) with `interpolation` ("bilinear",
+align_corners false, antialiased when shrinking), and the class names in output order.
 ONNX: `metadata_props` (strings as they are, other values as JSON). TorchScript: the extra file
 `vggkit.json` (read it with torch.jit.load(path, _extra_files={"vggkit.json": ""})).
 """
@@ -24,6 +25,7 @@ import torch
 
 from .checkpoint import atomic_write, load_model, resolve_checkpoint
 from .errors import VggkitError
+from .preprocess import interpolation_of
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 ATOL = 1e-4
@@ -78,6 +80,7 @@ def preprocessing(model, meta: dict) -> dict:
         "classes": list(meta.get("classes", [str(i) for i in range(model.num_classes)])),
         "dataset": meta.get("dataset", ""),
         "batch_norm": model.batch_norm,
+        **interpolation_of(meta),
     }
 
 

@@ -1,10 +1,10 @@
 """The in-memory batch pipeline: uint8 images on the device, batches made with whole-batch tensor ops.
 
 Per batch: gather by index (uint8, stored size) -> flip / random crop (uint8, stored size, where
-they are cheap and where the crop padding is meant) -> float, normalize ((x/255 - mean)/std, at the
-stored size: it commutes with bilinear resizing) -> bilinear resize to input_size -> random
-erasing (value 0, i.e. the mean, as torchvision's RandomErasing after Normalize) -> grayscale to
-3 channels if out_channels asks -> dtype / memory format.
+they are cheap and where the crop padding is meant) -> preprocess.Preprocess (float, normalize,
+resize to input_size: what predict and evaluate do too) -> random erasing (value 0, i.e. the mean,
+as torchvision's RandomErasing after Normalize) -> grayscale to 3 channels if out_channels asks ->
+dtype / memory format.
 
 Reproducibility: the epoch's order is a pure function of (seed, epoch) and the augmentation of
 batch i a pure function of (seed, epoch, i), drawn on CPU generators for the whole global batch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .data import Dataset
 from .errors import VggkitError
+from .preprocess import Preprocess
 
 
 @dataclass
@@ -64,8 +65,6 @@ class BatchLoader:
         if batch_size % world_size:
             raise VggkitError(f"batch size {batch_size} does not divide by world size {world_size}; "
                               f"use a multiple of {world_size}")
-        if input_size < 1:
-            raise VggkitError(f"input size must be a positive integer, got {input_size!r}")
         channels = dataset.channels
         if out_channels not in (None, channels) and not (channels == 1 and out_channels == 3):
             raise VggkitError(f"cannot make {out_channels}-channel inputs from {channels}-channel images")
@@ -80,11 +79,7 @@ class BatchLoader:
         images = dataset.images if dataset.images.flags.writeable else dataset.images.copy()
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # N C H W uint8
         self.labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64).to(self.device)
-        mean_t, std_t = (self._per_channel(name, v, channels) for name, v in (("mean", mean), ("std", std)))
-        if (std_t <= 0).any():
-            raise VggkitError(f"std must be positive, got {tuple(std)}")
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device)  # (x/255 - mean)/std == x*scale + shift
-        self._shift = (-mean_t / std_t).to(self.device)
+        self.preprocess = Preprocess(input_size, mean, std, channels, self.device)
 
         self._n = len(dataset)
         full, last = divmod(self._n, batch_size)
@@ -92,15 +87,6 @@ class BatchLoader:
         part = batch_size // world_size
         start, stop = self._part(last, rank)
         self.num_samples = full * part + (0 if drop_last else stop - start)
-
-    @staticmethod
-    def _per_channel(name: str, values, channels: int) -> torch.Tensor:
-        values = tuple(float(v) for v in (values if isinstance(values, (tuple, list)) else (values,)))
-        if len(values) == 1:
-            values = values * channels
-        if len(values) != channels:
-            raise VggkitError(f"{name} has {len(values)} values for {channels}-channel images; give 1 or {channels}")
-        return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
 
     def _part(self, m: int, rank: int) -> tuple[int, int]:
         """Rank's [start, stop) within a global batch of m images: contiguous, as even as possible."""
@@ -140,9 +126,8 @@ class BatchLoader:
         start, stop = self._part(m, self.rank)
         idx = global_idx[start:stop].to(self.device)
         y = self.labels[idx]
-        s = self.input_size
         if stop == start:
-            x = torch.empty((0, self.channels, s, s), dtype=self.dtype, device=self.device)
+            x = torch.empty((0, self.channels, *self.preprocess.size), dtype=self.dtype, device=self.device)
             return x, y
         x = self.images[idx]
         aug = self.augment
@@ -156,9 +141,7 @@ class BatchLoader:
                 x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
             if aug.crop_padding:
                 x = _random_crop(x, shift.to(self.device), aug.crop_padding)
-        x = x.float().mul_(self._scale).add_(self._shift)
-        if x.shape[2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        x = self.preprocess(x)
         if aug is not None and aug.erasing:
             x = _random_erase(x, erase, aug.erasing)
         if self.channels != x.shape[1]:

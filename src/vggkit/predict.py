@@ -5,15 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .errors import VggkitError
+from .preprocess import Preprocess
 from .runtime import pick_device
 
 
 def load_image(path: str | Path, channels: int) -> torch.Tensor:
-    """An image file as a float tensor C x H x W in [0, 1] (grayscale or RGB as the model expects)."""
+    """An image file as a uint8 tensor C x H x W (grayscale or RGB as the model expects)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -23,32 +23,31 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
         raise VggkitError(f"image {path} does not exist; check the path") from None
     except (UnidentifiedImageError, OSError) as e:
         raise VggkitError(f"{path} is not a readable image ({type(e).__name__}); give PNG or JPEG files") from None
-    tensor = torch.from_numpy(array.copy()).float().div_(255)
+    tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
-def preprocess(image: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """Resize (bilinear, as in training) and normalize one C x H x W image."""
-    if image.shape[-2:] != (size, size):
-        downscale = image.shape[-1] > size or image.shape[-2] > size
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=downscale)[0]
-    mean = torch.tensor(mean).view(-1, 1, 1)
-    std = torch.tensor(std).view(-1, 1, 1)
-    return (image - mean) / std
+def model_inputs(images: list[str | Path], meta: dict, device="cpu") -> torch.Tensor:
+    """The batch the network sees for these image files: N x C x input_size, normalized."""
+    channels = meta["model"]["in_channels"]
+    preprocess = Preprocess.from_meta(meta, channels, device)
+    return torch.cat([preprocess(load_image(p, channels)[None].to(device)) for p in images])
 
 
 @torch.no_grad()
+def predict_logits(path: str | Path, images: list[str | Path], *, device: str = "auto") -> tuple[torch.Tensor, dict]:
+    """(logits N x classes as fp32 on the CPU, the model's metadata) for image files."""
+    torch_device = pick_device(device)
+    model, meta = load_model(path, torch_device)
+    return model(model_inputs(images, meta, torch_device)).float().cpu(), meta
+
+
 def predict(path: str | Path, images: list[str | Path], *, top_k: int = 3, device: str = "auto") -> list[dict]:
     """Top-k (class, probability) for each image file."""
     if top_k < 1:
         raise VggkitError(f"top-k must be at least 1, got {top_k}")
-    torch_device = pick_device(device)
-    model, meta = load_model(path, torch_device)
-    channels = meta["model"]["in_channels"]
-    batch = torch.stack([preprocess(load_image(p, channels), meta["input_size"], meta["mean"], meta["std"])
-                         for p in images]).to(torch_device)
-    probabilities = model(batch).float().softmax(1).cpu()
+    logits, meta = predict_logits(path, images, device=device)
+    probabilities = logits.softmax(1)
     classes = meta["classes"]
     k = min(top_k, len(classes))
     results = []

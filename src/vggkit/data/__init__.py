@@ -12,11 +12,11 @@ from .dataset import SAMPLE_NOTE, Dataset, DataSplits, channel_stats, split_off,
 from .idx import read_idx, read_idx_pair
 from .load import load_data
 from .named import DataNotFound, cache_dir, search_dirs
-from .registry import REGISTRY, NamedDataset, named_dataset
+from .registry import REGISTRY, NamedDataset
 from .sample import SAMPLE, SAMPLE_PATH, load_sample
 
 __all__ = [
     "Dataset", "DataSplits", "DataNotFound", "NamedDataset", "REGISTRY", "SAMPLE", "SAMPLE_NOTE", "SAMPLE_PATH",
-    "cache_dir", "channel_stats", "load_data", "load_sample", "named_dataset", "read_idx", "read_idx_pair",
+    "cache_dir", "channel_stats", "load_data", "load_sample", "read_idx", "read_idx_pair",
     "search_dirs", "split_off", "stratified_indices",
 ]

@@ -67,24 +67,29 @@ def load_named(entry: NamedDataset, data_dir, download: bool, mirrors, log) -> t
         problem = "download disabled"
     else:
         present = find_files(cache, files)
+        wanted = [f for f in files if f not in present]
         log(f"{entry.name} not found locally; downloading it into {cache}")
         try:
-            mirror = dl.fetch(cache, [f for f in files if f not in present], entry.mirrors if mirrors is None
-                              else mirrors, entry.md5, log=log)
+            mirror = dl.fetch(cache, wanted, entry.mirrors if mirrors is None else mirrors, entry.md5, log=log)
         except dl.DownloadError as e:
             problem = f"download failed: {e}"
         else:
-            return (*_read(entry, find_files(cache, files)), f"{cache} (gz files, downloaded from {mirror})")
+            found = find_files(cache, files)
+            return (*_read(entry, found), f"{cache} ({_kind(found)}, downloaded from {mirror})")
     hint_url = (mirrors or entry.mirrors or ["the dataset's site"])[0]
+    or_uncompressed = " (or uncompressed)" if any(f.endswith(".gz") for f in files) else ""
     raise DataNotFound(
-        f"{entry.name} not found: looked for {', '.join(files)} (or uncompressed) in {', '.join(searched)}; "
+        f"{entry.name} not found: looked for {', '.join(files)}{or_uncompressed} in {', '.join(searched)}; "
         f"{problem}; put the {len(files)} files in one folder and pass it with --data-dir (or set $VGGKIT_DATA "
         f"to a folder holding {entry.name}/), or download them by hand from {hint_url}")
 
 
 def _kind(found: dict[str, Path]) -> str:
-    gz = sum(p.suffix == ".gz" for p in found.values())
-    return "gz files" if gz == len(found) else "uncompressed files" if not gz else "gz and uncompressed files"
+    """How the files were found, for the log: "gz files", "uncompressed files", ..."""
+    unpacked = sum(path.name != name for name, path in found.items())
+    if not unpacked:
+        return "gz files" if all(name.endswith(".gz") for name in found) else "files"
+    return "uncompressed files" if unpacked == len(found) else "gz and uncompressed files"
 
 
 def _read(entry: NamedDataset, found: dict[str, Path]) -> tuple[Dataset, Dataset]:

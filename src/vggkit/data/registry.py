@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import VggkitError
 from .dataset import Dataset
 from .idx import read_idx_splits
 
@@ -59,10 +58,3 @@ REGISTRY: dict[str, NamedDataset] = {entry.name: entry for entry in (
     ),
 )}
 
-
-def named_dataset(name: str) -> NamedDataset:
-    """The registry entry for `name` (case as registered)."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise VggkitError(f"unknown dataset {name!r}: use one of {', '.join(REGISTRY)}") from None
