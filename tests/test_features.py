@@ -3,7 +3,6 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 from vggkit import features as F
 from vggkit.convert import to_standard

@@ -45,7 +45,8 @@ def to_standard(state_dict_or_model) -> dict[str, torch.Tensor]:
 def from_standard(state_dict, arch=None, batch_norm=None, num_classes=None, in_channels=None, **vgg_kwargs) -> VGG:
     """A vggkit VGG holding `state_dict` (torchvision layout); what is not given is read from the tensors.
 
-    Other keyword arguments go to VGG (input_size, fc_width, dropout, ...). The model is returned
+    Other keyword arguments go to VGG (input_size, fc_width, dropout, head_pool, ...); head_pool,
+    when not given, is inferred from input_size (module docstring). The model is returned
     in eval mode on the CPU; meta-device tensors give a meta-device model (shape checks, no memory).
     """
     state = dict(state_dict)

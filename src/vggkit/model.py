@@ -83,6 +83,11 @@ def adaptive_windows(n: int, m: int) -> list[tuple[int, int]]:
 
 
 class VGG(nn.Module):
+    """Blocks (arch, widths divided by ratio), head_pool, then Linear-ReLU-Dropout x 2 and the output layer.
+
+    config() returns the keyword arguments that rebuild it (checkpoints store them).
+    """
+
     def __init__(
         self,
         arch: str | Sequence[Sequence[int]] = "vgg11",
