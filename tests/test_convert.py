@@ -164,3 +164,44 @@ def test_load_standard_bad_files(tmp_path):
     torch.save({"net": nn.Linear(1, 1)}, tmp_path / "pickled.pth")  # needs pickle: refused by weights_only
     with pytest.raises(VggkitError, match="cannot read weights"):
         load_standard(tmp_path / "pickled.pth")
+
+
+@pytest.mark.parametrize("size", [32, 64, (48, 80), 224])
+def test_standard_weights_at_another_input_size_get_the_adaptive_pool(size):
+    standard = small_standard("vgg11", True)  # classifier.0 takes 16 x 7 x 7, as the ImageNet weights' 512 x 7 x 7
+    model = from_standard(standard.state_dict(), input_size=size)
+    expected_pool = "none" if size == 224 else "adaptive"  # at 224 the blocks give 7x7 by themselves
+    assert model.config()["head_pool"] == expected_pool
+    x = torch.randn(2, 3, *((size, size) if isinstance(size, int) else size))
+    with torch.no_grad():
+        assert torch.allclose(model(x), standard(x), atol=1e-6, rtol=0)  # torchvision's function at that size
+    assert list(to_standard(model)) == list(standard.state_dict())
+
+
+def test_head_pool_inference_without_input_size_and_when_nothing_fits():
+    state = small_standard("vgg11", False).state_dict()
+    model = from_standard(state)
+    assert model.input_size == (224, 224) and model.config()["head_pool"] == "none"
+    assert from_standard(state, head_pool="adaptive").input_size == (224, 224)
+    small = to_standard(VGG("1x4,1x8", in_channels=1, num_classes=3, input_size=16, fc_width=8))  # 4x4 map
+    assert from_standard(small).config()["head_pool"] == "none"
+    with pytest.raises(VggkitError, match=r"classifier.0.weight takes 128 inputs but the 8x2x2 feature map at "
+                                          r"input 8x8 gives 32 \(392 pooled to 7x7\)"):
+        from_standard(small, input_size=8)
+
+
+def test_load_standard_takes_a_vggkit_layout_state_dict(tmp_path):
+    model = VGG("1x4,1x8", in_channels=1, num_classes=3, input_size=16, fc_width=8, batch_norm=True).eval()
+    torch.save(model.state_dict(), tmp_path / "mine.pth")
+    loaded = load_standard(tmp_path / "mine.pth")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_pickled_objects_are_refused_naming_what_was_found(tmp_path):
+    torch.save({"net": nn.Linear(1, 1)}, tmp_path / "pickled.pth")
+    with pytest.raises(VggkitError) as info:
+        load_standard(tmp_path / "pickled.pth")
+    message = str(info.value)
+    assert "a pickled torch.nn.modules.linear.Linear, which needs pickle code" in message and "\n" not in message

@@ -105,3 +105,87 @@ def test_input_too_small_names_the_block_and_a_fix():
     with pytest.raises(VggkitError, match=r"reaches 0 at block 5 of 5; use an input size of at least 32"):
         meta_vgg("vgg11", input_size=31)
     meta_vgg("vgg11", input_size=32)
+
+
+def small_vgg(**kwargs):
+    options = dict(in_channels=3, num_classes=4, input_size=32, fc_width=16, batch_norm=True)
+    return VGG("1x4,1x8", **{**options, **kwargs})
+
+
+def test_forward_is_features_then_head():
+    torch.manual_seed(0)
+    model = small_vgg(head_pool="adaptive").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 8, 8, 8)
+        assert torch.equal(model.forward_head(features), model(x))
+        assert model.forward_head(features, pre_logits=True).shape == (2, 16)
+
+
+@pytest.mark.parametrize("init", ["xavier", "kaiming"])
+def test_reset_classifier_replaces_only_the_last_layer(init):
+    torch.manual_seed(0)
+    model = VGG("1x4,1x8", in_channels=1, num_classes=4, input_size=16, fc_width=400, init=init)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.reset_classifier(300)
+    assert model.num_classes == 300 and model.config()["num_classes"] == 300
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 300)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("classifier.7."))
+    last = model.classifier[-1]
+    assert torch.all(last.bias == 0)
+    expected_std = (2 / (400 + 300)) ** 0.5 if init == "xavier" else 0.01  # as the model's init does
+    assert last.weight.std().item() == pytest.approx(expected_std, rel=0.1)
+    rebuilt = VGG(**model.config())
+    rebuilt.load_state_dict(after)
+    with pytest.raises(VggkitError, match="num_classes must be a positive integer"):
+        model.reset_classifier(0)
+
+
+def test_reset_classifier_keeps_dtype_and_device():
+    model = small_vgg().to(torch.float64)
+    model.reset_classifier(7)
+    assert model.classifier[-1].weight.dtype == torch.float64
+    with torch.device("meta"):
+        meta = small_vgg()
+    meta.reset_classifier(7)
+    assert meta.classifier[-1].weight.is_meta
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"head_pool": "adaptive", "init": "kaiming"}, {"input_size": [48, 80], "head_pool": "adaptive", "dropout": 0.1},
+])
+def test_config_rebuilds_the_same_network(options):
+    model = small_vgg(**options)
+    config = model.config()
+    again = VGG(**config)
+    assert again.config() == config
+    assert [k for k in again.state_dict()] == [k for k in model.state_dict()]
+    assert all(a.shape == b.shape for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_head_pool_adaptive_fixes_the_classifier_input():
+    for size in (32, 64, (48, 80)):
+        model = small_vgg(head_pool="adaptive", input_size=size)
+        assert model.classifier[1].in_features == 8 * 7 * 7
+    assert small_vgg(input_size=32).classifier[1].in_features == 8 * 8 * 8
+    with pytest.raises(VggkitError, match="unknown head_pool 'max'; choose one of none, adaptive"):
+        small_vgg(head_pool="max")
+
+
+def test_frozen_blocks_get_no_gradient_and_keep_batch_norm_in_eval():
+    model = VGG("1x4,1x8,1x8", in_channels=3, num_classes=2, input_size=16, fc_width=8, batch_norm=True)
+    model.freeze_blocks(2)
+    model.train()
+    assert [block.training for block in model.features] == [False, False, True]
+    assert model.classifier.training
+    assert not any(p.requires_grad for p in model.features[:2].parameters())
+    assert all(p.requires_grad for p in model.features[2].parameters())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.freeze_blocks(0)
+    model.train()
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(VggkitError, match="cannot freeze 4 blocks of 3; give 0 to 3"):
+        model.freeze_blocks(4)

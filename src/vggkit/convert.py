@@ -10,21 +10,26 @@ are. Each conv takes 2 indices (conv, ReLU) or 3 with batch norm (conv, BN, ReLU
 MaxPool one more: consecutive convs 2 (3) apart share a block; 3 (4) apart have a pool between
 them and start a new block. Every block ends with a pool.
 
-torchvision's VGG has an AdaptiveAvgPool2d(7x7) before the classifier; vggkit has none, so the
-input size is inferred from the first Linear (in = channels x s x s, input = s x 2^blocks: 224
-for the ImageNet models). At that size both networks compute the same function.
+torchvision's VGG has an AdaptiveAvgPool2d(7x7) before the classifier; vggkit's VGG has it only
+with head_pool="adaptive" (neither has parameters, so the state dicts agree either way).
+from_standard, when not told input_size, infers it from the first Linear (in = channels x s x s,
+input = s x 2^blocks: 224 for the ImageNet models) with head_pool="none": at that size both
+networks compute the same function. Told an input_size whose feature map does not fit the first
+Linear but whose 7x7 pooling does (the ImageNet weights at 32x32, say), it infers
+head_pool="adaptive", which is then again torchvision's function at that size.
 """
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from .errors import VggkitError
-from .model import VGG
-from .specs import format_arch
+from .model import POOLED_SIZE, VGG, feature_size
+from .specs import format_arch, parse_arch
 
 _VGGKIT_KEY = re.compile(r"^features\.(\d+)\.(\d+)\.(\w+)$|^classifier\.(\d+)\.(\w+)$")
 _STANDARD_KEY = re.compile(r"^features\.(\d+)\.(\w+)$")
@@ -40,7 +45,8 @@ def to_standard(state_dict_or_model) -> dict[str, torch.Tensor]:
 def from_standard(state_dict, arch=None, batch_norm=None, num_classes=None, in_channels=None, **vgg_kwargs) -> VGG:
     """A vggkit VGG holding `state_dict` (torchvision layout); what is not given is read from the tensors.
 
-    Other keyword arguments go to VGG (input_size, fc_width, dropout, ...). The model is returned
+    Other keyword arguments go to VGG (input_size, fc_width, dropout, head_pool, ...); head_pool,
+    when not given, is inferred from input_size (module docstring). The model is returned
     in eval mode on the CPU; meta-device tensors give a meta-device model (shape checks, no memory).
     """
     state = dict(state_dict)
@@ -49,6 +55,8 @@ def from_standard(state_dict, arch=None, batch_norm=None, num_classes=None, in_c
     if any(v is None for v in needs.values()):
         inferred = _infer(state, vgg_kwargs.get("input_size"))
         needs = {k: inferred[k] if v is None else v for k, v in needs.items()}
+    if vgg_kwargs.get("head_pool") is None:
+        needs["head_pool"] = _infer_head_pool(state, needs["arch"], needs["input_size"], vgg_kwargs.get("ratio", 1))
     with torch.device("meta"):  # no memory and no init: every tensor is filled from state_dict below
         model = VGG(**{**vgg_kwargs, **needs})
     if not any(t.is_meta for t in state.values()):
@@ -75,7 +83,11 @@ def from_standard(state_dict, arch=None, batch_norm=None, num_classes=None, in_c
 
 
 def load_standard(path, **kwargs) -> VGG:
-    """from_standard on a .pth/.pt (torch.load, weights_only) or .safetensors file."""
+    """from_standard on a .pth/.pt (torch.load, weights_only) or .safetensors file.
+
+    The file holds a state dict in the standard layout (or vggkit's own: it is converted first),
+    possibly under a "state_dict" key. A file that needs pickle code is refused, naming what it holds.
+    """
     path = Path(path)
     if not path.is_file():
         raise VggkitError(f"no weights file at {path}; give a .pth, .pt or .safetensors file")
@@ -90,14 +102,26 @@ def load_standard(path, **kwargs) -> VGG:
             raise VggkitError(f"cannot tell the format of {path.name}; use a .pth, .pt or .safetensors file")
     except VggkitError:
         raise
-    except Exception as e:  # pickle, zip and safetensors errors all mean "not a weights file"
+    except pickle.UnpicklingError as e:
+        raise VggkitError(f"cannot read weights from {path}: {_pickle_problem(e)}") from None
+    except Exception as e:  # zip and safetensors errors all mean "not a weights file"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise VggkitError(f"cannot read weights from {path}: {first}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VggkitError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
+    if state and all(_VGGKIT_KEY.match(key) for key in state):  # torch.save(vggkit_model.state_dict())
+        state = to_standard(state)
     return from_standard(state, **kwargs)
+
+
+def _pickle_problem(error: pickle.UnpicklingError) -> str:
+    """torch.load(weights_only=True)'s many-line refusal as one clause naming what the file holds."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    what = f"a pickled {found[1]}" if found else "pickled Python objects"
+    return (f"it holds {what}, which needs pickle code to load (refused: weights only); "
+            "save model.state_dict() with torch.save, or a .safetensors file")
 
 
 def _standard_names(keys: list[str]) -> dict[str, str]:
@@ -173,6 +197,23 @@ def _infer(state: dict, input_size=None) -> dict:
         "arch": format_arch(tuple((len(w), w[0]) for w in blocks)), "batch_norm": batch_norm,
         "in_channels": convs[0][1], "num_classes": last.shape[0], "fc_width": first.shape[0], "input_size": input_size,
     }
+
+
+def _infer_head_pool(state: dict, arch, input_size, ratio: int) -> str:
+    """"none" when the first Linear takes the feature map at input_size as it is, "adaptive" when it takes 7x7."""
+    inputs = _tensor(state, "classifier.0.weight").shape[1]
+    blocks = parse_arch(arch, ratio)
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    channels, (height, width) = blocks[-1][1], feature_size(blocks, size)
+    if channels * height * width == inputs:
+        return "none"
+    pooled = channels * POOLED_SIZE[0] * POOLED_SIZE[1]
+    if pooled == inputs:
+        return "adaptive"
+    raise VggkitError(
+        f"classifier.0.weight takes {inputs} inputs but the {channels}x{height}x{width} feature map at input "
+        f"{size[0]}x{size[1]} gives {channels * height * width} ({pooled} pooled to 7x7); pass a matching input_size"
+    )
 
 
 def _tensor(state: dict, key: str) -> torch.Tensor:

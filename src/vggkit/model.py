@@ -1,4 +1,11 @@
-"""The VGG block and the VGG network (features from blocks, then a three-layer classifier)."""
+"""The VGG block and the VGG network: features from blocks, a head pool, then a three-layer classifier.
+
+Head API as timm has it: `forward_features(x)` (the blocks), `forward_head(x)` (pool + classifier),
+`reset_classifier(num_classes)` (a new last layer). `head_pool` says what joins the two:
+"none" flattens the feature map as it is (its size follows from input_size), "adaptive" first
+averages it to 7x7 as the standard VGG's AdaptiveAvgPool2d does, so that weights trained at one
+input size run at another. Neither has parameters: the state dict is the same for both.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,6 +30,10 @@ def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: b
     return nn.Sequential(*layers)
 
 
+HEAD_POOLS = ("none", "adaptive")
+POOLED_SIZE = (7, 7)  # what the standard VGG's avgpool gives, whatever the input size
+
+
 def feature_size(arch: Arch, input_size: tuple[int, int]) -> tuple[int, int]:
     """Height and width after all pooling blocks; an error names the block where it reaches zero."""
     height, width = input_size
@@ -37,7 +48,46 @@ def feature_size(arch: Arch, input_size: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
+class StaticAdaptiveAvgPool2d(nn.Module):
+    """nn.AdaptiveAvgPool2d for an input size known when the model is built, in ops every exporter takes.
+
+    Adaptive pooling averages the window [floor(i*n/m), ceil((i+1)*n/m)) for output i of m from
+    n inputs, per axis. The ONNX exporter fails on it when n is not a multiple of m
+    (pytorch/pytorch#42653); here the windows are computed once: when n divides evenly it is a
+    plain avg_pool2d (nothing at all when n == m), otherwise each axis is sliced and averaged.
+    """
+
+    def __init__(self, input_size: tuple[int, int], output_size: tuple[int, int] = POOLED_SIZE):
+        super().__init__()
+        self.input_size, self.output_size = tuple(input_size), tuple(output_size)
+        self.rows = adaptive_windows(self.input_size[0], self.output_size[0])
+        self.cols = adaptive_windows(self.input_size[1], self.output_size[1])
+        self.divides = all(n % m == 0 for n, m in zip(self.input_size, self.output_size))
+        self.kernel = [n // m for n, m in zip(self.input_size, self.output_size)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divides:
+            if self.kernel == [1, 1]:
+                return x
+            return torch.nn.functional.avg_pool2d(x, self.kernel, self.kernel)
+        x = torch.cat([x[:, :, start:end, :].mean(dim=2, keepdim=True) for start, end in self.rows], dim=2)
+        return torch.cat([x[:, :, :, start:end].mean(dim=3, keepdim=True) for start, end in self.cols], dim=3)
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, output_size={self.output_size}"
+
+
+def adaptive_windows(n: int, m: int) -> list[tuple[int, int]]:
+    """The [start, end) of each of m adaptive-pooling windows over n inputs."""
+    return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+
+
 class VGG(nn.Module):
+    """Blocks (arch, widths divided by ratio), head_pool, then Linear-ReLU-Dropout x 2 and the output layer.
+
+    config() returns the keyword arguments that rebuild it (checkpoints store them).
+    """
+
     def __init__(
         self,
         arch: str | Sequence[Sequence[int]] = "vgg11",
@@ -51,6 +101,7 @@ class VGG(nn.Module):
         batch_norm: bool = False,
         init: str = "xavier",
         scale_fc: bool = False,
+        head_pool: str = "none",
     ):
         super().__init__()
         if in_channels is None:
@@ -62,6 +113,8 @@ class VGG(nn.Module):
             raise VggkitError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
             raise VggkitError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        if head_pool not in HEAD_POOLS:
+            raise VggkitError(f"unknown head_pool {head_pool!r}; choose one of {', '.join(HEAD_POOLS)}")
         self.arch = parse_arch(arch, ratio)
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if min(self.input_size) < 1:
@@ -70,6 +123,8 @@ class VGG(nn.Module):
         if scale_fc:
             fc_width = max(1, fc_width // ratio)
         self.fc_width, self.dropout, self.batch_norm = fc_width, dropout, batch_norm
+        self.init, self.head_pool = init, head_pool
+        self.frozen_blocks = 0  # set by freeze_blocks; not part of config(): a training choice
 
         blocks, channels = [], in_channels
         for num_convs, out_channels in self.arch:
@@ -77,46 +132,81 @@ class VGG(nn.Module):
             channels = out_channels
         self.features = nn.Sequential(*blocks)
         height, width = feature_size(self.arch, self.input_size)
+        if head_pool == "adaptive":
+            self.avgpool = StaticAdaptiveAvgPool2d((height, width))
+            height, width = POOLED_SIZE
+        else:
+            self.avgpool = nn.Identity()
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(channels * height * width, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(fc_width, num_classes),
         )
-        INITS[init](self)
+        self.apply(INITS[init])
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this network (widths already divided by the ratio)."""
         return {
             "arch": format_arch(self.arch), "in_channels": self.in_channels, "num_classes": self.num_classes,
             "input_size": list(self.input_size), "fc_width": self.fc_width, "dropout": self.dropout,
-            "batch_norm": self.batch_norm,
+            "batch_norm": self.batch_norm, "init": self.init, "head_pool": self.head_pool,
         }
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the last block (before the head pool)."""
         return self.features(x)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits from forward_features' output; pre_logits=True stops before the last layer."""
+        x = self.avgpool(x)
+        return self.classifier[:-1](x) if pre_logits else self.classifier(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(self.avgpool(self.features(x)))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new last layer for num_classes outputs, initialised as this model's init does."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise VggkitError(f"num_classes must be a positive integer, got {num_classes!r}")
+        old = self.classifier[-1]
+        new = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        INITS[self.init](new)
+        self.classifier[-1] = new
+        self.num_classes = num_classes
+
+    def freeze_blocks(self, n: int) -> None:
+        """Stop training the first n blocks: no gradients, and their batch norms stay in eval mode."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self.features):
+            raise VggkitError(f"cannot freeze {n!r} blocks of {len(self.features)}; give 0 to {len(self.features)}")
+        for i, block in enumerate(self.features):
+            block.requires_grad_(i >= n)
+        self.frozen_blocks = n
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        # Frozen blocks' batch norms keep their running statistics (eval mode) while the rest trains.
+        super().train(mode)
+        for block in self.features[:self.frozen_blocks]:
+            block.eval()
+        return self
 
 
-def _xavier(model: nn.Module) -> None:
+def _xavier_layer(m: nn.Module) -> None:
     # The textbook's init.Xavier(): uniform weights, zero biases, on every conv and dense layer.
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
-def _kaiming(model: nn.Module) -> None:
+def _kaiming_layer(m: nn.Module) -> None:
     # As in the reference implementations (torchvision): He-normal convs, N(0, 0.01) dense.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0, 0.01)
+        nn.init.zeros_(m.bias)
 
 
-INITS = {"xavier": _xavier, "kaiming": _kaiming}
+INITS = {"xavier": _xavier_layer, "kaiming": _kaiming_layer}  # applied to every module, in order
