@@ -183,7 +183,7 @@ def standard_weights(name: str, *, cache_dir=None, progress: bool = True, log: L
 
 
 def _download(url: str, path: Path, progress: bool) -> None:
-    from .download import download_file
+    from .data.download import download_file
 
     try:
         download_file(url, path, None, progress=progress)
