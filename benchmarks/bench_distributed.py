@@ -85,12 +85,12 @@ COLLECTIVE = textwrap.dedent("""
 
 
 def collective_times(numel: int) -> tuple[float, float]:
-    from vggkit.distributed import _loopback_interface
+    from vggkit.distributed import loopback_interface
 
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "collective.py"
         script.write_text(COLLECTIVE)
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": _loopback_interface() or "", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback_interface() or "", "OMP_NUM_THREADS": "1"}
         procs = [subprocess.Popen([sys.executable, str(script), str(r), f"{tmp}/store", str(numel)], env=env,
                                   stdout=subprocess.PIPE, text=True) for r in (0, 1)]
         outs = [p.communicate(timeout=300)[0] for p in procs]
