@@ -100,13 +100,10 @@ def collective_times(numel: int) -> tuple[float, float]:
 
 def model_size() -> int:
     import torch
-    from vggkit.config import PRESETS
-    from vggkit.model import VGG
+    from vggkit.config import resolve_config
 
-    p = PRESETS["fast"]
     with torch.device("meta"):
-        model = VGG(p["arch"], in_channels=1, num_classes=10, input_size=p["input_size"], fc_width=p["fc_width"],
-                    batch_norm=p["batch_norm"])
+        model = resolve_config("fast").build_model(in_channels=1, num_classes=10)
     return sum(t.numel() for t in model.parameters())
 
 

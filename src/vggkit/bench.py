@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import allocator as alloc
-from .config import PRESETS, TrainConfig, resolve_config
+from .config import RECIPES, TrainConfig, resolve_config
 from .cost import summary
 from .data import Dataset, load_data
 from .errors import VggkitError
@@ -78,8 +78,8 @@ def bench(arch: str | None = None, ratio: int | None = None, input_size: int | N
             raise VggkitError(f"{name} must be a positive integer, got {value!r}")
     if warmup is None:
         warmup = 2
-    if preset not in PRESETS:
-        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in RECIPES:
+        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
     overrides = {"preset": preset, "arch": arch, "ratio": ratio, "input_size": input_size, "batch_size": batch_size,
                  "device": device, "precision": precision, "channels_last": channels_last, "compile": compile,
                  "allocator": allocator, "threads": threads, "seed": seed}

@@ -80,9 +80,9 @@ TRAIN_HELP = {
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from .config import CHOICES, PRESETS, TrainConfig
+    from .config import CHOICES, DEFAULT_RECIPE, RECIPES, TrainConfig
 
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="base recipe (default: fast)")
+    p.add_argument("--preset", choices=list(RECIPES), default=None, help=f"base recipe (default: {DEFAULT_RECIPE})")
     p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
@@ -170,6 +170,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import RECIPES
+
     parser = _Parser(prog="vggkit", description="Define, cost, train fast and ship VGG-style networks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as one JSON document")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("train", help="train a VGG (presets fast, d2l, best; every field overridable)")
+    p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="training/inference images/s, FLOP/s vs measured peak; --compare: vs the textbook loop")
-    p.add_argument("--preset", choices=["fast", "d2l", "best"], default="d2l", help="model and optimizer (default: d2l)")
+    p.add_argument("--preset", choices=list(RECIPES), default="d2l", help="the recipe's model and optimizer (default: d2l)")
     for flag in ("--arch", "--device", "--data", "--data-dir"):
         p.add_argument(flag, default="auto" if flag == "--device" else None)
     for flag in ("--ratio", "--input-size", "--batch-size", "--steps", "--warmup", "--threads"):
