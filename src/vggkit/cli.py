@@ -159,12 +159,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench, format_bench
+    from .bench import BenchSettings, bench
+    from .bench_format import format_bench
 
     keys = ("arch", "ratio", "input_size", "in_channels", "batch_size", "device", "precision", "channels_last", "compile",
             "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator")
-    result = bench(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak,
-                   log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
+    settings = BenchSettings(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak)
+    result = bench(settings, log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
