@@ -33,7 +33,7 @@ CONFIGS = [("1 process x 2 threads", 1, 2), ("1 process x 1 thread", 1, 1),
 def cpu_name() -> str:
     import torch
 
-    from vggkit.bench import device_name
+    from vggkit.machine import device_name
     return device_name(torch.device("cpu"))
 
 
@@ -85,12 +85,12 @@ COLLECTIVE = textwrap.dedent("""
 
 
 def collective_times(numel: int) -> tuple[float, float]:
-    from vggkit.distributed import _loopback_interface
+    from vggkit.distributed import loopback_interface
 
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "collective.py"
         script.write_text(COLLECTIVE)
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": _loopback_interface() or "", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback_interface() or "", "OMP_NUM_THREADS": "1"}
         procs = [subprocess.Popen([sys.executable, str(script), str(r), f"{tmp}/store", str(numel)], env=env,
                                   stdout=subprocess.PIPE, text=True) for r in (0, 1)]
         outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -100,13 +100,10 @@ def collective_times(numel: int) -> tuple[float, float]:
 
 def model_size() -> int:
     import torch
-    from vggkit.config import PRESETS
-    from vggkit.model import VGG
+    from vggkit.config import resolve_config
 
-    p = PRESETS["fast"]
     with torch.device("meta"):
-        model = VGG(p["arch"], in_channels=1, num_classes=10, input_size=p["input_size"], fc_width=p["fc_width"],
-                    batch_norm=p["batch_norm"])
+        model = resolve_config("fast").build_model(in_channels=1, num_classes=10)
     return sum(t.numel() for t in model.parameters())
 
 

@@ -50,11 +50,11 @@ VARIANTS = {
 
 def others_busy(seconds: float = 2.0) -> float:
     """CPU cores kept busy by other processes over the next `seconds` (this one sleeps)."""
-    from vggkit.bench import _cpu_snapshot, _others_cpu
+    from vggkit.machine import cpu_snapshot, others_cpu
 
-    before = _cpu_snapshot()
+    before = cpu_snapshot()
     time.sleep(seconds)
-    return _others_cpu(before) or 0.0
+    return others_cpu(before) or 0.0
 
 
 def wait_quiet(budget: float, threshold: float = 0.15, log=print) -> float:
@@ -137,7 +137,8 @@ def fastpaths(presets, rounds: int, data_dir, compile_timeout: int, variants, qu
 
 
 def headline(presets, runs: int, data_dir, quiet: float = 0, run_seconds: float = 8.0, log=print) -> dict:
-    from vggkit.bench import bench, format_bench
+    from vggkit.bench import bench
+    from vggkit.bench_format import format_bench
 
     out = {}
     for preset in presets:

@@ -1,11 +1,18 @@
 """`vggkit bench` on a tiny network and a few steps: it runs, prints its fields, --json has the
 keys, --compare adds the textbook loop; bad input is one line and exit code 2. No timing asserts."""
+import dataclasses
 import json
 
 import pytest
+import torch
 
-from vggkit.bench import bench, format_bench
+from vggkit.bench import BenchSettings, bench
+from vggkit.bench_format import format_bench
+from vggkit.bench_peak import probe_precision
 from vggkit.cli import main
+from vggkit.errors import VggkitError
+from vggkit.machine import cpu_snapshot, others_cpu, timed
+from vggkit.runtime import PRECISIONS
 
 TINY = ["--preset", "fast", "--arch", "1x8,1x16", "--batch-size", "16", "--steps", "1", "--warmup", "1", "--runs", "1"]
 
@@ -38,6 +45,8 @@ def test_bench_json_has_the_keys(capsys):
     assert r["train_images_per_s"] > 0 and r["peak"]["flops_per_s"] > 0
     assert r["input_shape"] == [1, 28, 28] and r["batch_size"] == 16
     assert "baseline" not in r
+    precision = probe_precision(torch.device(r["device"]))
+    assert precision in PRECISIONS and set(r["peak"]["probes"]) == {f"conv_{precision}", f"matmul_{precision}"}
 
 
 def test_bench_compare_adds_the_textbook_loop(capsys):
@@ -59,6 +68,35 @@ def test_bench_api_on_real_images(fmnist_dir):
               data_dir=str(fmnist_dir), peak=False, inference=False, allocator="default", compare=True)
     assert r["data"].startswith("fashion-mnist train split") and r["allocator"] == "default"
     assert r["train_images_per_s"] > 0 and "infer_images_per_s" not in r and r["baseline"]["train_images_per_s"] > 0
+
+
+def test_a_settings_object_and_keywords_are_the_same_call():
+    settings = BenchSettings(preset="fast", arch="1x8", batch_size=16, steps=1, warmup=1, runs=1, peak=False,
+                             inference=False, precision="fp32", channels_last="off")
+    by_object, by_keywords = bench(settings), bench(**dataclasses.asdict(settings))
+    same = ("arch", "batch_size", "steps", "warmup", "runs", "settings", "macs_per_image", "data", "allocator")
+    assert {k: by_object[k] for k in same} == {k: by_keywords[k] for k in same}
+    assert by_object["arch"] == "1x8" and by_object["settings"] == "fp32" and "infer_steps" not in by_object
+    changed = bench(settings, runs=2)
+    assert changed["runs"] == 2 and len(changed["train_images_per_s_runs"]) == 2 and settings.runs == 1
+
+
+def test_default_warmup_and_checked_settings():
+    assert BenchSettings().warmup is None and BenchSettings().preset == "d2l"
+    with pytest.raises(VggkitError, match="runs must be a positive integer, got 0"):
+        bench(runs=0)
+    with pytest.raises(VggkitError, match="unknown preset 'vgg16'; choose one of fast, d2l, best"):
+        bench(preset="vgg16")
+    with pytest.raises(TypeError):
+        bench(no_such_setting=1)
+
+
+def test_machine_clock_and_load():
+    calls = []
+    assert timed(lambda: calls.append(1), 3, torch.device("cpu")) >= 0 and len(calls) == 3
+    assert others_cpu(None) is None
+    busy = others_cpu(cpu_snapshot())
+    assert busy is None or busy >= 0
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -171,7 +171,7 @@ def test_batch_norm_statistics_and_gradients_cover_the_global_batch(tmp_path):
     """CpuSyncBatchNorm in DDP on 2 ranks (7 + 5 images) = plain batch norm over all 12 images in float64."""
     script = tmp_path / "rank.py"
     script.write_text(SYNC_BN_RANK)
-    env = {**os.environ, "VGGKIT_DIST_TIMEOUT": "30", "GLOO_SOCKET_IFNAME": vd._loopback_interface() or ""}
+    env = {**os.environ, "VGGKIT_DIST_TIMEOUT": "30", "GLOO_SOCKET_IFNAME": vd.loopback_interface() or ""}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path)], env=env, stderr=subprocess.PIPE,
                               text=True) for r in (0, 1)]
     for p in procs:

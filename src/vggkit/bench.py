@@ -1,24 +1,21 @@
 """`vggkit bench`: training and inference speed of a VGG, against the machine's measured peak and
 (with compare=True) against the textbook loop, measured side by side in the same process.
 
-    result = vggkit.bench.bench(preset="d2l", compare=True)
+    from vggkit.bench import BenchSettings, bench
+    from vggkit.bench_format import format_bench
+    result = bench(preset="d2l", compare=True)       # the same as bench(BenchSettings(preset="d2l", compare=True))
     print(format_bench(result))
 
 vggkit's path is the real training step of train.py: speed_settings (autocast precision,
 channels-last, compile), the BatchLoader (uint8 images on the device, whole-batch resize, the
-preset's flip/crop/erasing), make_optimizer, cross-entropy with the preset's label smoothing,
-denormals flushed to zero on CPU, plus the CPU allocator setting of allocator.py. The textbook loop is the d2l book's: per-sample PIL bilinear resize and
-ToTensor (as transforms.Resize + ToTensor in a DataLoader, here in the main process), batches
-stacked, then a float32, NCHW, eager step (SGD lr 0.05, cross-entropy) on the same network,
-with the glibc allocator left as a fresh Python process has it.
+recipe's flip/crop/erasing), make_optimizer, cross-entropy with the recipe's label smoothing,
+denormals flushed to zero on CPU, plus the CPU allocator setting of allocator.py. The textbook
+loop (the d2l book's) is in bench_textbook.py, the measured peak in bench_peak.py, the text in
+bench_format.py.
 
 FLOPs: one image's forward pass costs 2 x MACs (cost.summary); a training step counts 3 x that
 (forward, gradient of the activations, gradient of the weights). The first convolution needs no
 input gradient, so the true figure is a little lower: FLOP/s figures are slightly generous.
-
-The measured peak: in the same run, between timed runs, a bf16 (fp32 where the device has no
-bf16) 3x3 convolution in channels-last on the network's costliest convolution shape and a
-square matmul; the best rate seen is the "measured peak".
 
 Timing: `warmup` steps first (oneDNN primitive creation, allocator growth, compilation), then
 `runs` rounds; in each round vggkit and the baseline are timed one after the other (so load
@@ -28,321 +25,357 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import allocator as alloc
-from .config import PRESETS, TrainConfig, resolve_config
-from .cost import summary
+from .bench_peak import PeakProbe
+from .bench_textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
+from .config import RECIPES, TrainConfig, resolve_config
+from .cost import Report, summary
 from .data import Dataset, load_data
-from .errors import VggkitError
-from .pipeline import Augment, BatchLoader
-from .specs import format_arch
 from .distributed import batch_loss
-from .runtime import ProcessSettings, autocast, cpu_has_bf16, pick_device, speed_settings
+from .errors import VggkitError
+from .machine import cpu_snapshot, device_name, load_average, others_cpu, timed
+from .pipeline import Augment, BatchLoader
+from .runtime import ProcessSettings, Speed, autocast, pick_device, speed_settings
+from .specs import format_arch
 from .steps import train_step
 from .train import make_optimizer
 
-TEXTBOOK_LR = 0.05
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
+DEFAULT_WARMUP = 2
 STORED_SIZE = 28  # random images are stored at Fashion-MNIST's size and resized like it
+NUM_CLASSES = 10
+TRAIN_FLOPS_PER_MAC = 3 * 2  # forward, gradient of the activations, gradient of the weights; 2 FLOPs a MAC
+INFER_FLOPS_PER_MAC = 2
+FLOPS_NOTE = "training FLOPs per image = 3 x 2 x forward MACs (cost.summary); inference = 2 x MACs"
 
 
-def bench(arch: str | None = None, ratio: int | None = None, input_size: int | None = None, in_channels: int = 1,
-          batch_size: int | None = None, device: str = "auto", precision: str = "auto", channels_last: str = "auto",
-          compile: str = "auto", steps: int | None = None, warmup: int | None = None, compare: bool = False,
-          threads: int | None = None, *, preset: str = "d2l", runs: int = 3, data: str | None = None,
-          data_dir: str | None = None, allocator: str = "auto", peak: bool = True, inference: bool = True,
-          relu_inplace: bool = True, run_seconds: float = RUN_SECONDS, seed: int = 0, log=None) -> dict:
+@dataclass
+class BenchSettings:
+    """What `bench` measures. None: the recipe's value (model, batch size) or automatic (steps, warmup)."""
+    preset: str = "d2l"  # the recipe (config.RECIPES): model, optimizer, label smoothing, augmentation
+    arch: str | None = None
+    ratio: int | None = None
+    input_size: int | None = None
+    batch_size: int | None = None
+    in_channels: int = 1  # channels of the random images (data=None)
+    data: str | None = None  # None: random uint8 28x28 images; else a dataset name or image folder for load_data
+    data_dir: str | None = None
+    # speed choices, as `vggkit train` makes them
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: str = "auto"
+    allocator: str = "auto"  # auto (retain freed memory on CPU, see allocator.py), retain or default
+    threads: int | None = None
+    # how to measure
+    steps: int | None = None  # steps per timed run; None: runs of about `run_seconds`
+    warmup: int | None = None  # None: DEFAULT_WARMUP steps
+    runs: int = 3
+    run_seconds: float = RUN_SECONDS
+    compare: bool = False  # also time the textbook loop
+    peak: bool = True  # probe the machine's peak FLOP/s between runs
+    inference: bool = True
+    relu_inplace: bool = True  # False: vggkit's model with out-of-place ReLUs (what in-place buys)
+    seed: int = 0
+
+    CONFIG_FIELDS = ("preset", "arch", "ratio", "input_size", "batch_size", "device", "precision", "channels_last",
+                     "compile", "allocator", "threads", "seed")
+
+    def check(self) -> None:
+        for name in ("steps", "warmup", "runs", "threads", "in_channels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise VggkitError(f"{name} must be a positive integer, got {value!r}")
+        if self.preset not in RECIPES:
+            raise VggkitError(f"unknown preset {self.preset!r}; choose one of {', '.join(RECIPES)}")
+
+    def train_config(self) -> TrainConfig:
+        """The recipe with this bench's model, batch and speed choices (every choice checked)."""
+        return resolve_config(overrides={name: getattr(self, name) for name in self.CONFIG_FIELDS})
+
+
+def bench(settings: BenchSettings | None = None, *, log=None, **changes) -> dict:
     """Measure training (and inference) images/s; see the module docstring. Returns a dict.
 
-    arch, ratio, input_size, batch_size: None = the preset's (d2l: d2l-vgg11, 4, 224, 128); the
-    model, optimizer and label smoothing are the preset's. data: None = random uint8 28x28
-    images with `in_channels` channels (resized to input_size like Fashion-MNIST), or a dataset
-    name / image folder for load_data (then in_channels comes from the data).
-    steps / warmup: None = auto (warmup 2; steps so that a run lasts about `run_seconds`, 4 s).
-    allocator: auto (retain freed memory on CPU, see allocator.py), retain or default.
-    relu_inplace=False: vggkit's model with out-of-place ReLUs (to measure what in-place buys).
+    `settings` (default: BenchSettings()) with `changes` to its fields, e.g. bench(preset="fast", runs=5).
+    `log(text)` receives progress lines.
     """
-    log = log or (lambda *a, **k: None)
-    for name, value in (("steps", steps), ("warmup", warmup), ("runs", runs), ("threads", threads),
-                        ("in_channels", in_channels)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise VggkitError(f"{name} must be a positive integer, got {value!r}")
-    if warmup is None:
-        warmup = 2
-    if preset not in PRESETS:
-        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides = {"preset": preset, "arch": arch, "ratio": ratio, "input_size": input_size, "batch_size": batch_size,
-                 "device": device, "precision": precision, "channels_last": channels_last, "compile": compile,
-                 "allocator": allocator, "threads": threads, "seed": seed}
-    config = resolve_config(overrides=overrides)  # checks every choice
-    dev = pick_device(config.device)
-    with ProcessSettings() as settings:  # threads, denormals and allocator as train() sets them; restored after
-        allocator = settings.apply(config, dev)
-        return _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak,
-                      inference, relu_inplace, run_seconds, seed, log)
+    settings = replace(settings or BenchSettings(), **changes)
+    settings.check()
+    if settings.warmup is None:
+        settings = replace(settings, warmup=DEFAULT_WARMUP)
+    config = settings.train_config()
+    device = pick_device(config.device)
+    with ProcessSettings() as process:  # threads, denormals and allocator as train() sets them; restored after
+        allocator = process.apply(config, device)
+        return Measurement(settings, config, device, allocator, log).run()
 
 
-def _bench(config, dev, in_channels, steps, warmup, compare, preset, runs, data, data_dir, allocator, peak, inference,
-           relu_inplace, run_seconds, seed, log) -> dict:
-    speed = speed_settings(config, dev)
+# ---------------------------------------------------------------------------------------------
+# What is timed
 
-    dataset, data_note = _dataset(data, data_dir, in_channels, config, seed)
-    channels = dataset.channels
-    with torch.device("meta"):
-        meta_model = config.build_model(channels, 10)
-    report = summary(meta_model, batch_size=config.batch_size)
-    macs = report.macs
-    train_flops, infer_flops = 3 * 2 * macs, 2 * macs
+class Steps(Protocol):
+    """One contender: vggkit (VggkitSteps) or the textbook loop (bench_textbook.TextbookSteps)."""
 
-    result = {
-        "preset": preset, "arch": format_arch(meta_model.arch), "arch_name": config.arch,
-        "ratio": config.ratio, "input_shape": list(report.input_shape), "batch_size": config.batch_size,
-        "params": report.params, "macs_per_image": macs,
-        "train_flops_per_image": train_flops, "infer_flops_per_image": infer_flops,
-        "flops_note": "training FLOPs per image = 3 x 2 x forward MACs (cost.summary); inference = 2 x MACs",
-        "device": str(dev), "device_name": device_name(dev), "threads": torch.get_num_threads(),
-        "settings": speed.describe(), "precision": speed.precision, "channels_last": speed.channels_last,
-        "compile": speed.compile, "allocator": allocator, "relu_inplace": relu_inplace, "data": data_note,
-        "runs": runs, "warmup": warmup, "torch": torch.__version__,
-    }
-    load_before = _loadavg()
-    cpu_before = _cpu_snapshot()
+    def settings(self):
+        """The context its steps run in."""
 
-    # vggkit: the real step
-    torch.manual_seed(seed)
-    augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)  # the preset's
-    loader = BatchLoader(dataset, config.batch_size, device=dev, input_size=config.input_size, mean=(0.0,) * channels,
-                         std=(1.0,) * channels, shuffle=True, seed=seed, drop_last=True, augment=augment,
-                         channels_last=speed.channels_last)
-    model = config.build_model(channels, 10).to(dev)
+    def mode(self, training: bool) -> None: ...
+
+    def train_step(self) -> int:
+        """One training step; returns the number of images."""
+
+    def infer_step(self) -> int: ...
+
+
+class VggkitSteps:
+    """vggkit's real training step (steps.train_step with the recipe's optimizer, loss and augmentation)
+    and its inference step, on one model."""
+
+    def __init__(self, config: TrainConfig, speed: Speed, device: torch.device, dataset: Dataset, seed: int,
+                 relu_inplace: bool = True):
+        self.speed, self.device, self.label_smoothing = speed, device, config.label_smoothing
+        torch.manual_seed(seed)
+        plain = dict(mean=(0.0,) * dataset.channels, std=(1.0,) * dataset.channels)
+        augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)
+        loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size, **plain,
+                             shuffle=True, seed=seed, drop_last=True, augment=augment,
+                             channels_last=speed.channels_last)
+        self.model = _vggkit_model(config, dataset.channels, device, speed, relu_inplace)
+        self.optimizer = make_optimizer(config, self.model)
+        self.step_model = torch.compile(self.model) if speed.compile else self.model
+        self.scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.train_batches = _cycle(loader)
+        eval_loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size, **plain,
+                                  drop_last=True, channels_last=speed.channels_last)
+        self.eval_batches = _cycle(eval_loader)
+
+    def settings(self):
+        return nullcontext()  # bench() has set vggkit's process settings
+
+    def mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    def train_step(self) -> int:
+        x, y = next(self.train_batches)
+        train_step(self.step_model, self.optimizer, self.scaler, self.speed, x, y, self.sums, self._loss)
+        return len(y)
+
+    @torch.no_grad()
+    def infer_step(self) -> int:
+        x, y = next(self.eval_batches)
+        with autocast(self.device, self.speed):
+            logits = self.step_model(x)
+        (logits.argmax(1) == y).sum()
+        return len(y)
+
+    def loss_is_finite(self) -> bool:
+        return math.isfinite(self.sums[0].item())
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor):
+        return batch_loss(logits, y, len(y), self.label_smoothing)
+
+
+def _vggkit_model(config: TrainConfig, channels: int, device: torch.device, speed: Speed,
+                  relu_inplace: bool) -> torch.nn.Module:
+    model = config.build_model(channels, NUM_CLASSES).to(device)
     if not relu_inplace:
         for m in model.modules():
             if isinstance(m, torch.nn.ReLU):
                 m.inplace = False
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, model)
-    step_model = torch.compile(model) if speed.compile else model
-    scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
-    sums = torch.zeros(3, dtype=torch.float64, device=dev)
-    batches = _cycle(loader)
+    return model
 
-    def vgg_train_step():
-        x, y = next(batches)
-        train_step(step_model, optimizer, scaler, speed, x, y, sums,
-                   lambda logits, y: batch_loss(logits, y, len(y), config.label_smoothing))
-        return len(y)
 
-    eval_loader = BatchLoader(dataset, config.batch_size, device=dev, input_size=config.input_size,
-                              mean=(0.0,) * channels, std=(1.0,) * channels, drop_last=True,
-                              channels_last=speed.channels_last)
-    eval_batches = _cycle(eval_loader)
+@dataclass
+class Plan:
+    """What the warm-up found: the first step's time, and the steps per timed run."""
+    first_step_seconds: float
+    train_steps: int
+    infer_steps: int | None  # None: inference is not measured
 
-    @torch.no_grad()
-    def vgg_infer_step():
-        x, y = next(eval_batches)
-        with autocast(dev, speed):
-            logits = step_model(x)
-        (logits.argmax(1) == y).sum()
-        return len(y)
 
-    # the textbook loop
-    if compare:
-        torch.manual_seed(seed)
-        base_model = config.build_model(channels, 10).to(dev)
-        base_optimizer = torch.optim.SGD(base_model.parameters(), lr=TEXTBOOK_LR)
-        base_loss = torch.nn.CrossEntropyLoss()
-        textbook = TextbookBatches(dataset, config.batch_size, config.input_size, seed)
-
-        def base_train_step():
-            x, y = textbook.next()
-            x, y = x.to(dev), y.to(dev)
-            base_model.train()
-            base_optimizer.zero_grad()
-            y_hat = base_model(x)
-            loss = base_loss(y_hat, y)
-            loss.backward()
-            base_optimizer.step()
-            with torch.no_grad():  # d2l's metric.add(l * n, accuracy(y_hat, y), n): float() of each
-                float(loss * x.shape[0]), float((y_hat.argmax(1) == y).sum()), x.shape[0]
-            return len(y)
-
-        @torch.no_grad()
-        def base_infer_step():
-            x, y = textbook.next()
-            x, y = x.to(dev), y.to(dev)
-            base_model.eval()
-            float((base_model(x).argmax(1) == y).sum())
-            return len(y)
-
-    timings = {"train": [], "infer": [], "base_train": [], "base_infer": []}
-    probes: dict[str, float] = {}
-    probe_info: dict[str, str] = {}
-
-    switching = compare and alloc.available() and allocator != "default"
-    # warm-up (and compilation): time it, and pick the number of steps
-    model.train()
-    first = _timed(vgg_train_step, 1, dev)
-    warm_rest = _timed(vgg_train_step, warmup - 1, dev) / max(warmup - 1, 1) if warmup > 1 else first
-    per_step = warm_rest if warmup > 1 else first
-    result["first_step_seconds"] = round(first, 3)
-    n_train = steps or _auto_steps(per_step, run_seconds)
-    if inference:
-        model.eval()
-        _timed(vgg_infer_step, max(warmup, 1), dev)
-        n_infer = steps or _auto_steps(_timed(vgg_infer_step, 1, dev), run_seconds)
-        model.train()
-    if compare:
-        with _textbook_settings(dev):
-            b_first = _timed(base_train_step, 1, dev)
-            b_per_step = _timed(base_train_step, warmup - 1, dev) / (warmup - 1) if warmup > 1 else b_first
-            n_base = steps or _auto_steps(b_per_step, run_seconds)
-            if inference:
-                _timed(base_infer_step, max(warmup, 1), dev)
-                n_base_infer = steps or _auto_steps(_timed(base_infer_step, 1, dev), run_seconds)
-    log(f"steps per run: vggkit {n_train}" + (f", textbook {n_base}" if compare else "") + f"; {runs} runs")
-
-    for r in range(runs):
-        model.train()
-        if switching:  # the heap was handed back for the textbook run: grow it again, untimed
-            vgg_train_step()
-        timings["train"].append(n_train * config.batch_size / _timed(vgg_train_step, n_train, dev))
-        if inference:
-            model.eval()
-            if switching:
-                vgg_infer_step()
-            timings["infer"].append(n_infer * config.batch_size / _timed(vgg_infer_step, n_infer, dev))
-            model.train()
-        if peak:
-            _probe(report, config, dev, probes, probe_info)
-        if compare:
-            with _textbook_settings(dev):
-                timings["base_train"].append(n_base * config.batch_size / _timed(base_train_step, n_base, dev))
-                if inference:
-                    timings["base_infer"].append(
-                        n_base_infer * config.batch_size / _timed(base_infer_step, n_base_infer, dev))
-        log(f"run {r + 1}/{runs}: vggkit {timings['train'][-1]:.1f} img/s"
-            + (f", textbook {timings['base_train'][-1]:.1f} img/s" if compare else ""))
-    loss_sum, _, count = sums.tolist()
-    if not math.isfinite(loss_sum):
-        result["warning"] = "the loss became NaN/inf during the benchmark (speed figures still stand)"
-
-    train_ips = statistics.median(timings["train"])
-    result.update(steps=n_train, train_images_per_s=train_ips, train_images_per_s_runs=_round(timings["train"]),
-                  train_flops_per_s=train_ips * train_flops)
-    if inference:
-        infer_ips = statistics.median(timings["infer"])
-        result.update(infer_steps=n_infer, infer_images_per_s=infer_ips, infer_images_per_s_runs=_round(timings["infer"]),
-                      infer_flops_per_s=infer_ips * infer_flops)
-    if peak and probes:
-        best_name = max(probes, key=probes.get)
-        result["peak"] = {"flops_per_s": probes[best_name], "best": best_name, "probes": probes, "shapes": probe_info}
-        conv = next((v for k, v in probes.items() if k.startswith("conv")), None)
-        result["train_fraction_of_peak"] = result["train_flops_per_s"] / probes[best_name]
-        if conv:
-            result["train_fraction_of_conv_peak"] = result["train_flops_per_s"] / conv
-        if inference:
-            result["infer_fraction_of_peak"] = result["infer_flops_per_s"] / probes[best_name]
-    if compare:
-        base_ips = statistics.median(timings["base_train"])
-        baseline = {"settings": "fp32, NCHW, eager; per-sample PIL resize + ToTensor; SGD lr 0.05; default allocator",
-                    "steps": n_base, "train_images_per_s": base_ips, "train_images_per_s_runs": _round(timings["base_train"]),
-                    "train_flops_per_s": base_ips * train_flops, "first_step_seconds": round(b_first, 3),
-                    "data_seconds_per_batch": textbook.seconds / max(textbook.batches, 1)}
-        if inference:
-            bi = statistics.median(timings["base_infer"])
-            baseline.update(infer_steps=n_base_infer, infer_images_per_s=bi, infer_images_per_s_runs=_round(timings["base_infer"]),
-                            infer_flops_per_s=bi * infer_flops)
-        if "peak" in result:
-            baseline["train_fraction_of_peak"] = baseline["train_flops_per_s"] / result["peak"]["flops_per_s"]
-        result["baseline"] = baseline
-        result["speedup"] = train_ips / base_ips
-        # per-run ratios (each run's vggkit and textbook figures were measured back to back)
-        result["speedup_runs"] = _round([a / b for a, b in zip(timings["train"], timings["base_train"])], 3)
-        if inference:
-            result["infer_speedup"] = result["infer_images_per_s"] / baseline["infer_images_per_s"]
-    result["load_average"] = [load_before, _loadavg()]
-    result["other_processes_cpu"] = _others_cpu(cpu_before)
-    result["cpu_count"] = os.cpu_count()
-    return result
+@dataclass
+class Rates:
+    """Images/s of each timed run."""
+    train: list[float] = field(default_factory=list)
+    infer: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
-# pieces
+# The measurement
 
-class TextbookBatches:
-    """The d2l data pipeline: each 28x28 uint8 image -> PIL -> Image.resize(BILINEAR) -> ToTensor
-    (float32 in [0, 1], C x H x W), one at a time, then the batch stacked (default_collate)."""
+class Measurement:
+    """One `bench` call: the contenders warmed up, then timed round by round; the result as a dict."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, size: int, seed: int):
-        self.images, self.labels = dataset.images, np.asarray(dataset.labels)
-        self.batch_size, self.size = batch_size, size
-        self.rng = np.random.default_rng(seed)
-        self.order, self.pos = self.rng.permutation(len(self.labels)), 0
-        self.seconds, self.batches = 0.0, 0
+    def __init__(self, settings: BenchSettings, config: TrainConfig, device: torch.device, allocator: str, log=None):
+        self.settings, self.config, self.device, self.allocator = settings, config, device, allocator
+        self.log = log or (lambda *a, **k: None)
+        self.speed = speed_settings(config, device)
 
-    def next(self):
-        from PIL import Image
+    def run(self) -> dict:
+        settings, config = self.settings, self.config
+        dataset, data_note = _dataset(settings, config)
+        arch, report = _cost(config, dataset.channels)
+        result = self._describe(arch, report, data_note)
+        load_before, cpu_before = load_average(), cpu_snapshot()
+        vggkit = VggkitSteps(config, self.speed, self.device, dataset, settings.seed, settings.relu_inplace)
+        textbook = TextbookSteps(config, self.device, dataset, settings.seed) if settings.compare else None
+        plan = self._warm_up(vggkit)
+        result["first_step_seconds"] = round(plan.first_step_seconds, 3)
+        base_plan = self._warm_up(textbook) if textbook else None
+        self.log(f"steps per run: vggkit {plan.train_steps}"
+                 + (f", textbook {base_plan.train_steps}" if textbook else "") + f"; {settings.runs} runs")
+        probe = PeakProbe(report, config.batch_size, self.device) if settings.peak else None
+        rates, base_rates = self._rounds(vggkit, plan, textbook, base_plan, probe)
+        if not vggkit.loss_is_finite():
+            result["warning"] = "the loss became NaN/inf during the benchmark (speed figures still stand)"
+        result.update(_train_figures(rates, plan, report.macs), **_infer_figures(rates, plan, report.macs))
+        if probe and probe.probes:
+            result.update(probe.figures(result))
+        if textbook:
+            result.update(_comparison(result, rates, base_rates, base_plan, textbook.batches, report.macs))
+        result.update(load_average=[load_before, load_average()], other_processes_cpu=others_cpu(cpu_before),
+                      cpu_count=os.cpu_count())
+        return result
 
-        start = time.perf_counter()
-        if self.pos + self.batch_size > len(self.order):
-            self.order, self.pos = self.rng.permutation(len(self.labels)), 0
-        idx = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        samples = []
-        for i in idx:
-            array = self.images[i]
-            img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-            if img.size != (self.size, self.size):
-                img = img.resize((self.size, self.size), Image.BILINEAR)
-            t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # ToTensor: HWC uint8 -> CHW float / 255
-            t = t.view(self.size, self.size, -1).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-            samples.append(t)
-        x = torch.stack(samples)
-        y = torch.as_tensor(self.labels[idx], dtype=torch.int64)
-        self.seconds += time.perf_counter() - start
-        self.batches += 1
-        return x, y
+    def _describe(self, arch: str, report: Report, data_note: str) -> dict:
+        """The result's first part: what is measured, on what, with which settings."""
+        config, speed, macs = self.config, self.speed, report.macs
+        return {
+            "preset": self.settings.preset, "arch": arch, "arch_name": config.arch,
+            "ratio": config.ratio, "input_shape": list(report.input_shape), "batch_size": config.batch_size,
+            "params": report.params, "macs_per_image": macs,
+            "train_flops_per_image": TRAIN_FLOPS_PER_MAC * macs, "infer_flops_per_image": INFER_FLOPS_PER_MAC * macs,
+            "flops_note": FLOPS_NOTE,
+            "device": str(self.device), "device_name": device_name(self.device), "threads": torch.get_num_threads(),
+            "settings": speed.describe(), "precision": speed.precision, "channels_last": speed.channels_last,
+            "compile": speed.compile, "allocator": self.allocator, "relu_inplace": self.settings.relu_inplace,
+            "data": data_note, "runs": self.settings.runs, "warmup": self.settings.warmup, "torch": torch.__version__,
+        }
+
+    def _warm_up(self, steps: Steps) -> Plan:
+        """Warm-up steps (and compilation), timed: the steps per run follow from them."""
+        warmup, fixed, seconds = self.settings.warmup, self.settings.steps, self.settings.run_seconds
+        with steps.settings():
+            steps.mode(training=True)
+            first = timed(steps.train_step, 1, self.device)
+            per_step = timed(steps.train_step, warmup - 1, self.device) / (warmup - 1) if warmup > 1 else first
+            infer_steps = None
+            if self.settings.inference:
+                steps.mode(training=False)
+                timed(steps.infer_step, warmup, self.device)
+                infer_steps = fixed or _auto_steps(timed(steps.infer_step, 1, self.device), seconds)
+                steps.mode(training=True)
+        return Plan(first, fixed or _auto_steps(per_step, seconds), infer_steps)
+
+    def _rounds(self, vggkit: VggkitSteps, plan: Plan, textbook: TextbookSteps | None, base_plan: Plan | None,
+                probe: PeakProbe | None) -> tuple[Rates, Rates]:
+        """The timed runs: vggkit, the peak probes, the textbook loop, one after the other in each round."""
+        rates, base_rates = Rates(), Rates()
+        # the textbook loop runs on glibc's default allocator, which hands the heap back: vggkit's first
+        # step after it grows the heap again, untimed
+        regrow = textbook is not None and alloc.available() and self.allocator != "default"
+        for r in range(self.settings.runs):
+            self._time_run(vggkit, plan, rates, regrow)
+            if probe:
+                probe.measure()
+            if textbook:
+                self._time_run(textbook, base_plan, base_rates, regrow=False)
+            self.log(f"run {r + 1}/{self.settings.runs}: vggkit {rates.train[-1]:.1f} img/s"
+                     + (f", textbook {base_rates.train[-1]:.1f} img/s" if textbook else ""))
+        return rates, base_rates
+
+    def _time_run(self, steps: Steps, plan: Plan, rates: Rates, regrow: bool) -> None:
+        batch_size = self.config.batch_size
+        with steps.settings():
+            steps.mode(training=True)
+            if regrow:
+                steps.train_step()
+            rates.train.append(plan.train_steps * batch_size / timed(steps.train_step, plan.train_steps, self.device))
+            if plan.infer_steps is not None:
+                steps.mode(training=False)
+                if regrow:
+                    steps.infer_step()
+                rates.infer.append(plan.infer_steps * batch_size
+                                   / timed(steps.infer_step, plan.infer_steps, self.device))
+                steps.mode(training=True)
 
 
-def _dataset(data, data_dir, in_channels: int, config: TrainConfig, seed: int) -> tuple[Dataset, str]:
-    if data is None:
+# ---------------------------------------------------------------------------------------------
+# The result's parts
+
+def _train_figures(rates: Rates, plan: Plan, macs: int) -> dict:
+    images_per_s = statistics.median(rates.train)
+    return {"steps": plan.train_steps, "train_images_per_s": images_per_s,
+            "train_images_per_s_runs": _round(rates.train),
+            "train_flops_per_s": images_per_s * (TRAIN_FLOPS_PER_MAC * macs)}
+
+
+def _infer_figures(rates: Rates, plan: Plan, macs: int) -> dict:
+    if plan.infer_steps is None:
+        return {}
+    images_per_s = statistics.median(rates.infer)
+    return {"infer_steps": plan.infer_steps, "infer_images_per_s": images_per_s,
+            "infer_images_per_s_runs": _round(rates.infer),
+            "infer_flops_per_s": images_per_s * (INFER_FLOPS_PER_MAC * macs)}
+
+
+def _comparison(result: dict, rates: Rates, base_rates: Rates, base_plan: Plan, batches: TextbookBatches,
+                macs: int) -> dict:
+    """The textbook loop's figures ("baseline") and vggkit's speed-up over it."""
+    baseline = {"settings": TEXTBOOK_SETTINGS, **_train_figures(base_rates, base_plan, macs),
+                "first_step_seconds": round(base_plan.first_step_seconds, 3),
+                "data_seconds_per_batch": batches.seconds_per_batch, **_infer_figures(base_rates, base_plan, macs)}
+    if "peak" in result:
+        baseline["train_fraction_of_peak"] = baseline["train_flops_per_s"] / result["peak"]["flops_per_s"]
+    out = {"baseline": baseline, "speedup": result["train_images_per_s"] / baseline["train_images_per_s"],
+           # per-run ratios (each run's vggkit and textbook figures were measured back to back)
+           "speedup_runs": _round([a / b for a, b in zip(rates.train, base_rates.train)], 3)}
+    if "infer_images_per_s" in baseline:
+        out["infer_speedup"] = result["infer_images_per_s"] / baseline["infer_images_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+def _dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str]:
+    """The images to train on, and a note saying what they are."""
+    if settings.data is None:
         n = config.batch_size * 4
-        rng = np.random.default_rng(seed)
-        images = rng.integers(0, 256, (n, STORED_SIZE, STORED_SIZE, in_channels), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).astype(np.int64)
+        rng = np.random.default_rng(settings.seed)
+        images = rng.integers(0, 256, (n, STORED_SIZE, STORED_SIZE, settings.in_channels), dtype=np.uint8)
+        labels = rng.integers(0, NUM_CLASSES, n).astype(np.int64)
         resized = f", resized to {config.input_size}" if config.input_size != STORED_SIZE else ""
-        return Dataset(images, labels, [str(i) for i in range(10)]), f"random uint8 {STORED_SIZE}x{STORED_SIZE}{resized}"
-    splits = load_data(data, data_dir=data_dir, val_size=0, seed=seed, log=lambda *a, **k: None)
+        return (Dataset(images, labels, [str(i) for i in range(NUM_CLASSES)]),
+                f"random uint8 {STORED_SIZE}x{STORED_SIZE}{resized}")
+    splits = load_data(settings.data, data_dir=settings.data_dir, val_size=0, seed=settings.seed,
+                       log=lambda *a, **k: None)
     train = splits.train
     if len(train) < config.batch_size:
-        raise VggkitError(f"{data} has {len(train)} training images, fewer than one batch of {config.batch_size}; "
-                          "use a smaller --batch-size")
+        raise VggkitError(f"{settings.data} has {len(train)} training images, fewer than one batch of "
+                          f"{config.batch_size}; use a smaller --batch-size")
     _, h, w, _ = train.images.shape
     return train, f"{splits.name} train split ({len(train):,} images {w}x{h}" + (
         f", resized to {config.input_size})" if (h, w) != (config.input_size,) * 2 else ")")
 
 
-@contextmanager
-def _textbook_settings(device: torch.device):
-    """The textbook loop runs as a fresh process would: glibc's default allocator, denormals kept."""
-    with alloc.allocator("default"):
-        if device.type == "cpu":
-            torch.set_flush_denormal(False)
-        try:
-            yield
-        finally:
-            if device.type == "cpu":
-                torch.set_flush_denormal(True)  # back to vggkit's setting (ProcessSettings)
+def _cost(config: TrainConfig, channels: int) -> tuple[str, Report]:
+    """The architecture as a string, and the cost report of one batch (on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = config.build_model(channels, NUM_CLASSES)
+    return format_arch(model.arch), summary(model, batch_size=config.batch_size)
 
 
 def _cycle(loader: BatchLoader):
@@ -353,175 +386,9 @@ def _cycle(loader: BatchLoader):
         epoch += 1
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _timed(fn, n: int, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _auto_steps(seconds_per_step: float, run_seconds: float = RUN_SECONDS) -> int:
     return max(2, min(100, math.ceil(run_seconds / max(seconds_per_step, 1e-6))))
 
 
 def _round(values, digits=1):
     return [round(v, digits) for v in values]
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def _cpu_snapshot():
-    """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        ticks = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):
-        return None
-    values = [int(v) for v in fields]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    own = os.times()
-    return (sum(values[:8]) - idle) / ticks, own.user + own.system, time.perf_counter()
-
-
-def _others_cpu(before) -> float | None:
-    """CPU cores other processes kept busy on average since `before` (machine busy time - ours)."""
-    after = _cpu_snapshot()
-    if before is None or after is None:
-        return None
-    wall = after[2] - before[2]
-    return round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / max(wall, 1e-9), 2)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or "CPU"
-    return device.type
-
-
-def probe_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return torch.float32
-
-
-def _probe(report, config: TrainConfig, device: torch.device, probes: dict, info: dict, repeats: int = 4) -> None:
-    """Best FLOP/s of a 3x3 convolution (the network's costliest) and a square matmul; updates `probes`."""
-    dtype = probe_dtype(device)
-    tag = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    convs = [(r.macs, i) for i, r in enumerate(report.layers) if r.kind == "Conv2d"]
-    budget = 3e10 if device.type == "cpu" else 1e12  # FLOPs per probe call
-    if convs:
-        macs, i = max(convs)
-        out = report.layers[i].output_shape
-        cin = macs // (out[0] * out[1] * out[2] * 9)
-        batch = max(1, min(config.batch_size, int(budget // (2 * macs))))
-        x = torch.randn(batch, cin, out[1], out[2], device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(out[0], cin, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        b = torch.zeros(out[0], device=device, dtype=dtype)
-        flops = 2 * macs * batch
-        F.conv2d(x, w, b, padding=1)
-        rate = max(flops / _timed(lambda: F.conv2d(x, w, b, padding=1), 1, device) for _ in range(repeats))
-        name = f"conv_{tag}"
-        probes[name] = max(probes.get(name, 0.0), rate)
-        info[name] = f"3x3 conv {cin}->{out[0]} at {out[1]}x{out[2]}, batch {batch}, channels-last"
-        del x, w, b
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=c)
-    rate = max(2 * n**3 / _timed(lambda: torch.mm(a, b, out=c), 1, device) for _ in range(repeats))
-    name = f"matmul_{tag}"
-    probes[name] = max(probes.get(name, 0.0), rate)
-    info[name] = f"{n}x{n} @ {n}x{n}"
-
-
-# ---------------------------------------------------------------------------------------------
-# formatting
-
-def _si(value: float, unit: str = "") -> str:
-    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.1f} {prefix}{unit}"
-    return f"{value:.1f} {unit}"
-
-
-def format_bench(r: dict) -> str:
-    base = r.get("baseline")
-    shape = "x".join(map(str, r["input_shape"]))
-    lines = [
-        f"vggkit bench: {r['arch_name']}" + (f"/{r['ratio']}" if r["ratio"] != 1 else "")
-        + f" ({r['arch']}), input {shape}, batch {r['batch_size']}, {r['params']:,} params, "
-        f"{r['macs_per_image'] / 1e9:.3f} GMACs/image",
-        f"device: {r['device']} ({r['device_name']}, {r['threads']} threads); vggkit: {r['settings'] or 'fp32'}, "
-        f"allocator {r['allocator']}; data: {r['data']}",
-    ]
-    col = 14
-    header = f"{'':<26}{'vggkit':>{col}}" + (f"{'textbook':>{col}}{'ratio':>9}" if base else "")
-    lines += ["", header]
-
-    def row(label, key, fmt):
-        value = r.get(key)
-        if value is None:
-            return
-        text = f"{label:<26}{fmt(value):>{col}}"
-        if base and base.get(key) is not None:
-            text += f"{fmt(base[key]):>{col}}{value / base[key]:>8.2f}x"
-        lines.append(text)
-
-    row("train images/s", "train_images_per_s", lambda v: f"{v:.1f}")
-    row("train FLOP/s", "train_flops_per_s", lambda v: _si(v, "FLOP/s"))
-    row("train fraction of peak", "train_fraction_of_peak", lambda v: f"{100 * v:.1f}%")
-    row("inference images/s", "infer_images_per_s", lambda v: f"{v:.1f}")
-    row("inference FLOP/s", "infer_flops_per_s", lambda v: _si(v, "FLOP/s"))
-    lines.append("")
-    if "peak" in r:
-        p = r["peak"]
-        parts = ", ".join(f"{k} {_si(v, 'FLOP/s')} ({p['shapes'][k]})" for k, v in p["probes"].items())
-        lines.append(f"measured peak: {_si(p['flops_per_s'], 'FLOP/s')} ({p['best']}); probes: {parts}")
-        if "train_fraction_of_conv_peak" in r:
-            lines.append(f"vggkit training reaches {100 * r['train_fraction_of_conv_peak']:.1f}% of the convolution "
-                         f"probe and {100 * r['train_fraction_of_peak']:.1f}% of the measured peak")
-    lines.append(f"training FLOPs per image = 3 x 2 x forward MACs (cost.summary) = "
-                 f"{r['train_flops_per_image'] / 1e9:.3f} GFLOP; inference = 2 x MACs")
-    if base:
-        lines.append(f"textbook loop: {base['settings']}; its per-sample data pipeline took "
-                     f"{1e3 * base['data_seconds_per_batch']:.1f} ms per batch")
-        lines.append(f"training speed-up: {r['speedup']:.2f}x (per run: "
-                     f"{', '.join(f'{s:.2f}x' for s in r['speedup_runs'])})")
-    runs = f"median of {r['runs']} run{'s' if r['runs'] != 1 else ''} of {r['steps']} steps (after {r['warmup']} warm-up; " \
-           f"first step {r['first_step_seconds']:.2f} s)"
-    lines.append(runs)
-    load = r.get("load_average") or [None, None]
-    others = r.get("other_processes_cpu")
-    if others is not None and r.get("cpu_count"):
-        lines.append(f"other processes kept {others:.2f} of {r['cpu_count']} CPUs busy during the benchmark"
-                     + ("; figures may be low (shared machine)" if others > 0.1 * r["cpu_count"] else "")
-                     + f"; load average {load[0]:.2f} -> {load[1]:.2f}")
-    if r.get("warning"):
-        lines.append(f"warning: {r['warning']}")
-    return "\n".join(lines)

@@ -80,9 +80,9 @@ TRAIN_HELP = {
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from .config import CHOICES, PRESETS, TrainConfig
+    from .config import CHOICES, DEFAULT_RECIPE, RECIPES, TrainConfig
 
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="base recipe (default: fast)")
+    p.add_argument("--preset", choices=list(RECIPES), default=None, help=f"base recipe (default: {DEFAULT_RECIPE})")
     p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
@@ -159,17 +159,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench, format_bench
+    from .bench import BenchSettings, bench
+    from .bench_format import format_bench
 
     keys = ("arch", "ratio", "input_size", "in_channels", "batch_size", "device", "precision", "channels_last", "compile",
             "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator")
-    result = bench(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak,
-                   log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
+    settings = BenchSettings(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak)
+    result = bench(settings, log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import RECIPES
+
     parser = _Parser(prog="vggkit", description="Define, cost, train fast and ship VGG-style networks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as one JSON document")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("train", help="train a VGG (presets fast, d2l, best; every field overridable)")
+    p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -215,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="training/inference images/s, FLOP/s vs measured peak; --compare: vs the textbook loop")
-    p.add_argument("--preset", choices=["fast", "d2l", "best"], default="d2l", help="model and optimizer (default: d2l)")
+    p.add_argument("--preset", choices=list(RECIPES), default="d2l", help="the recipe's model and optimizer (default: d2l)")
     for flag in ("--arch", "--device", "--data", "--data-dir"):
         p.add_argument(flag, default="auto" if flag == "--device" else None)
     for flag in ("--ratio", "--input-size", "--batch-size", "--steps", "--warmup", "--threads"):

@@ -1,4 +1,5 @@
-"""Training configuration: presets, overridable by a TOML file and then by flags; saved with the run."""
+"""Training configuration: a recipe (RECIPES, picked by the `preset` key or --preset), overridden by a
+TOML file and then by flags; saved with the run. Architecture presets (vgg11, ...) are specs.PRESETS."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +10,14 @@ from pathlib import Path
 from .errors import VggkitError
 
 
+DEFAULT_RECIPE = "fast"
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "fast"
+    """Every field of a training run. The defaults are the `fast` recipe: VGG blocks for native 28x28
+    input, bf16 + channels-last on CPU, one-cycle SGD, flip/crop, label smoothing."""
+    preset: str = DEFAULT_RECIPE  # the recipe the run started from
     # model
     arch: str = "1x32,2x64,2x128"
     ratio: int = 1
@@ -25,15 +31,15 @@ class TrainConfig:
     data_dir: str | None = None
     val_size: int | None = None  # None: the dataset's default (5,000 for Fashion-MNIST)
     normalize: bool = True
-    crop_padding: int = 0
-    flip: bool = False
+    crop_padding: int = 2
+    flip: bool = True
     erasing: float = 0.0
     limit: int | None = None  # cap on training images (quick runs, tests)
     test_limit: int | None = None
     skip_bad: bool = False
     allow_sample: bool = True  # fall back to the bundled sample when the dataset can't be had
     # optimisation
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 256
     lr: float = 0.1
     optimizer: str = "sgd"
@@ -42,7 +48,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup: float = 0.2  # fraction of steps rising to the peak lr (onecycle)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     drop_last: bool = True
     # speed
     device: str = "auto"
@@ -69,12 +75,9 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-PRESETS: dict[str, dict] = {
-    # VGG blocks for native 28x28 input: bf16 + channels-last on CPU, one-cycle SGD, flip/crop.
-    "fast": dict(arch="1x32,2x64,2x128", input_size=28, fc_width=256, dropout=0.0, batch_norm=True,
-                 init="kaiming", crop_padding=2, flip=True, epochs=8, batch_size=256, lr=0.1,
-                 optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-                 label_smoothing=0.1),
+# A recipe: the fields it sets on top of TrainConfig's defaults.
+RECIPES: dict[str, dict] = {
+    DEFAULT_RECIPE: {},  # TrainConfig's defaults themselves
     # The textbook recipe exactly (Dive into Deep Learning, VGG section).
     "d2l": dict(arch="d2l-vgg11", ratio=4, input_size=224, fc_width=4096, dropout=0.5, batch_norm=False,
                 init="xavier", normalize=False, val_size=0, crop_padding=0, flip=False, epochs=10,
@@ -100,12 +103,12 @@ FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 
 
 def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Preset, then the TOML file's keys, then explicit overrides (None values are ignored)."""
+    """The recipe `preset`, then the TOML file's keys, then explicit overrides (None values are ignored)."""
     from_file = _read_toml(file) if file else {}
-    preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or "fast"
-    if preset not in PRESETS:
-        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or DEFAULT_RECIPE
+    if preset not in RECIPES:
+        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
+    values = {**RECIPES[preset], **from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values["preset"] = preset
     unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .units import si
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
@@ -91,10 +93,10 @@ class Report:
         lines = [f"input {'x'.join(map(str, self.input_shape))}, batch {self.batch_size}", header, "-" * len(header)]
         for r in rows:
             shape = "x".join(map(str, r.output_shape))
-            lines.append(f"{r.name:<16}{shape:>16}{r.params:>14,}{_si(r.macs):>12}"
+            lines.append(f"{r.name:<16}{shape:>16}{r.params:>14,}{si(r.macs, digits=2, space=False):>12}"
                          f"{_bytes(self.batch_size * r.activation_bytes):>14}")
         lines.append("-" * len(header))
-        lines.append(f"{'total':<16}{'':>16}{self.params:>14,}{_si(self.macs):>12}")
+        lines.append(f"{'total':<16}{'':>16}{self.params:>14,}{si(self.macs, digits=2, space=False):>12}")
         mem = self.memory()
         lines.append(
             f"training step, batch {self.batch_size} ({self.optimizer}, {self.dtype} activations): "
@@ -203,13 +205,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
 
 
 def _bytes(n: float) -> str:

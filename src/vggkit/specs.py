@@ -1,6 +1,7 @@
 """Block architectures: a preset name, a string "1x64,1x128,..." or a sequence ((1, 64), ...).
 
 Every form is turned into one representation, a tuple of (num_convs, out_channels) pairs.
+PRESETS here are architectures; training recipes (fast, d2l, best) are config.RECIPES.
 """
 from __future__ import annotations
 
