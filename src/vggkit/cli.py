@@ -170,13 +170,15 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .optim import OPTIMIZER_STATES
+
     parser = _Parser(prog="vggkit", description="Define, cost, train fast and ship VGG-style networks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("summary", help="cost report: shapes, parameters, MACs, memory")
     add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
-    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default="momentum",
+    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="momentum",
                    help="optimizer whose state the training-memory estimate counts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="activation precision for the memory estimate")

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .optim import OPTIMIZER_STATES
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 
 @dataclass
