@@ -56,7 +56,7 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     from vggkit.distributed import batch_loss
     from vggkit.runtime import autocast, pick_device, speed_settings
     from vggkit.steps import train_step
-    from vggkit.train import make_optimizer
+    from vggkit.optim import make_optimizer
 
     preset, overrides = CONFIGS[name]
     config = resolve_config(overrides={"preset": preset, **overrides})

@@ -46,7 +46,7 @@ from .pipeline import Augment, BatchLoader
 from .runtime import ProcessSettings, Speed, autocast, pick_device, speed_settings
 from .specs import format_arch
 from .steps import train_step
-from .train import make_optimizer
+from .optim import make_optimizer
 
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 DEFAULT_WARMUP = 2

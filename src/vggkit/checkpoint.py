@@ -1,9 +1,10 @@
 """Files we can trust: atomic writes, weights as safetensors, training state without pickled code.
 
-A checkpoint is a directory holding `model.safetensors` (weights, plus the model config and
-preprocessing as JSON metadata) and, for training checkpoints, `state.pt` (optimizer, schedule,
-RNG, epoch, step; loads with torch.load(weights_only=True)). A directory is written beside its
-final name and swapped in with renames, so a kill at any moment leaves a complete checkpoint.
+A checkpoint is a directory holding the weights (plus the model config and preprocessing as JSON
+metadata) and, for training checkpoints, the training state (optimizer, schedule, RNG, epoch,
+step; loads with torch.load(weights_only=True)); rundir.py names the files and knows where
+checkpoints lie in a run. A directory is written beside its final name and swapped in with
+renames, so a kill at any moment leaves a complete checkpoint.
 """
 from __future__ import annotations
 
@@ -17,39 +18,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .atomic import atomic_write, atomic_write_text, fsync_dir  # noqa: F401  (re-exported)
 from .errors import VggkitError
 from .model import VGG
-
-WEIGHTS = "model.safetensors"
-STATE = "state.pt"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename onto path: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from .rundir import STATE, WEIGHTS, previous, weights_file
+from .rundir import find_checkpoint as resolve_checkpoint  # noqa: F401  (the name callers know)
 
 
 def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict | None = None) -> None:
@@ -63,32 +36,17 @@ def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict |
             torch.save(state, tmp / STATE)
             with open(tmp / STATE, "rb+") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        previous = directory.with_name(directory.name + ".prev")
+        fsync_dir(tmp)
+        old = previous(directory)
         if directory.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(directory, previous)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
         os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-        shutil.rmtree(previous, ignore_errors=True)
+        fsync_dir(directory.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory for a run dir, a checkpoint dir, or a .safetensors file's dir.
-
-    A run killed between the two renames of save_checkpoint leaves only `<name>.prev`: use it.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path.parent
-    for candidate in (path / "checkpoints" / "best", path / "checkpoints" / "last", path):
-        for c in (candidate, candidate.with_name(candidate.name + ".prev")):
-            if (c / WEIGHTS).is_file():
-                return c
-    raise VggkitError(f"no weights found at {path}: give a run directory, a checkpoint directory or a {WEIGHTS} file")
 
 
 def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
@@ -99,8 +57,7 @@ def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
 
 def read_meta(path: str | Path) -> dict:
     """The JSON metadata stored with the weights (model config, classes, preprocessing, ...)."""
-    path = Path(path)
-    weights = path if path.is_file() else resolve_checkpoint(path) / WEIGHTS
+    weights = weights_file(path)
     try:
         with safe_open(str(weights), framework="pt") as f:
             header = f.metadata() or {}
@@ -113,8 +70,7 @@ def read_meta(path: str | Path) -> dict:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, dict]:
     """Rebuild the network stored at `path` (run dir, checkpoint dir or weights file); returns (model, meta)."""
-    path = Path(path)
-    weights = path if path.is_file() else resolve_checkpoint(path) / WEIGHTS
+    weights = weights_file(path)
     meta = read_meta(weights)
     model = VGG(**meta["model"])
     try:

@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import VggkitError
+from .optim import OPTIMIZER_STATES, SCHEDULES, TRAINING_OPTIMIZERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +60,11 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def _either(names) -> str:
+    *others, last = names
+    return f"{', '.join(others)} or {last}" if others else last
+
+
 TRAIN_HELP = {
     "arch": "blocks: preset name or NUMxCHANNELS,... (e.g. 1x32,2x64,2x128)",
     "ratio": "divide every conv width by R", "input_size": "images are resized to this size",
@@ -68,7 +74,7 @@ TRAIN_HELP = {
     "crop_padding": "random crop with this padding (0: off)", "erasing": "random erasing probability",
     "limit": "use at most N training images", "test_limit": "use at most N test images",
     "skip_bad": "skip unreadable images (listed in the log) instead of stopping",
-    "optimizer": "sgd, adam or adamw", "schedule": "none, cosine or onecycle",
+    "optimizer": _either(TRAINING_OPTIMIZERS), "schedule": _either(SCHEDULES),
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="cost report: shapes, parameters, MACs, memory")
     add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
-    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default="momentum",
+    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="momentum",
                    help="optimizer whose state the training-memory estimate counts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="activation precision for the memory estimate")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import VggkitError
+from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 
 
 DEFAULT_RECIPE = "fast"
@@ -91,8 +92,8 @@ RECIPES: dict[str, dict] = {
 }
 
 CHOICES = {
-    "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("none", "cosine", "onecycle"),
+    "optimizer": TRAINING_OPTIMIZERS,
+    "schedule": tuple(SCHEDULES),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "channels_last": ("auto", "on", "off"),
     "compile": ("auto", "on", "off"),
@@ -150,7 +151,7 @@ def _read_toml(path: str | Path) -> dict:
 def save_config(config: TrainConfig, path: Path) -> None:
     import tomli_w
 
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(path, tomli_w.dumps({"train": config.to_dict()}))
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from .units import si
+from .optim import OPTIMIZER_STATES
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 
 @dataclass

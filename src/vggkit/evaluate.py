@@ -6,22 +6,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, load_model, resolve_checkpoint
+from .atomic import atomic_write
+from .checkpoint import load_model
 from .config import TrainConfig, load_config
 from .data import load_data
 from .pipeline import BatchLoader
 from .preprocess import settings_from_meta
+from .rundir import evaluation_dir, find_config
 from .runtime import pick_device, speed_settings
 from .steps import evaluate_loader
 
 
 def run_config_for(path: Path) -> TrainConfig:
     """The config of the run a checkpoint belongs to (defaults when the weights stand alone)."""
-    checkpoint = resolve_checkpoint(path)
-    for directory in (checkpoint.parent.parent, checkpoint.parent, checkpoint):
-        if (directory / "config.toml").is_file():
-            return load_config(directory / "config.toml")
-    return TrainConfig(precision="fp32")
+    found = find_config(path)
+    return load_config(found) if found else TrainConfig(precision="fp32")
 
 
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, device: str = "auto",
@@ -49,7 +48,7 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
     per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(classes)}
 
-    out_dir = Path(out_dir) if out_dir else resolve_checkpoint(path) / "evaluation"
+    out_dir = Path(out_dir) if out_dir else evaluation_dir(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_confusion(confusion, classes, out_dir / "confusion.png")
     wrong = torch.nonzero(predicted != labels).flatten()[:36].tolist()

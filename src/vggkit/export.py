@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, load_model, resolve_checkpoint
+from .atomic import atomic_write
+from .checkpoint import load_model
 from .errors import VggkitError
 from .preprocess import interpolation_of
+from .rundir import export_dir
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 ATOL = 1e-4
@@ -86,9 +88,7 @@ def preprocessing(model, meta: dict) -> dict:
 
 def _target(path, fmt: str, out) -> Path:
     if out is None:
-        checkpoint = resolve_checkpoint(path)
-        directory = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-        return directory / FORMATS[fmt]
+        return export_dir(path) / FORMATS[fmt]
     target = Path(out)
     if target.is_dir():
         return target / FORMATS[fmt]

@@ -1,7 +1,7 @@
 """Downloads: files fetched from a list of mirrors, verified by MD5, written atomically.
 
 Each file is streamed into a temporary file beside its final name and renamed into place
-only when it is complete and its MD5 matches (checkpoint.atomic_write), so nothing that
+only when it is complete and its MD5 matches (atomic.atomic_write), so nothing that
 could pass as valid is ever left in the cache. A bad checksum (or a short body) is retried
 once from scratch; any other failure moves on to the next mirror.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 
 
 class DownloadError(Exception):

@@ -161,7 +161,8 @@ def _check_global_batch(nproc: int, config, resume: str | None) -> None:
     if batch_size is None and resume:
         try:
             from ..config import load_config
-            batch_size = load_config(Path(resume) / "config.toml").batch_size
+            from ..rundir import config_path
+            batch_size = load_config(config_path(resume)).batch_size
         except (VggkitError, OSError):
             batch_size = None  # the ranks will say what is wrong with the run
     if batch_size is not None:
@@ -269,7 +270,9 @@ def describe_failure(root: dict, nproc: int, run_dir: str | None = None) -> str:
         how = f"exited with code {code}"
     others = f"the other {nproc - 1} ranks were" if nproc > 2 else "the other rank was"
     text = f"rank {root['rank']} (pid {root['pid']}) {how}; {others} stopped. "
-    if run_dir and any((Path(run_dir) / "checkpoints" / d / "state.pt").is_file() for d in ("last", "last.prev")):
+    from ..rundir import has_resumable_checkpoint
+
+    if run_dir and has_resumable_checkpoint(run_dir):
         return text + f"The last checkpoint is intact: continue with vggkit train --resume {run_dir} (any --nproc)"
     if run_dir:
         return text + f"No checkpoint was written yet in {run_dir}: start the run again"

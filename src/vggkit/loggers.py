@@ -1,0 +1,278 @@
+"""What a training run tells the world, through one small interface: a new output is one Logger class.
+
+The loop calls every logger, on rank 0 only, at these points:
+
+    start(info)              the run is set up (RunStart: data, device, sizes, run directory)
+    epoch_start(epoch, first_batch)
+    step(step, metrics)      after every step; metrics is {} except every 20 steps and at the end
+                             of an epoch: {"loss", "acc", "images_per_s", "lr"} of the epoch so far
+    epoch(row)               an epoch ended; its checkpoint is saved (the row: train/val/test
+                             loss and accuracy, lr, seconds, images_per_s, elapsed)
+    interrupted(stop)        SIGINT/SIGTERM: the checkpoint to resume from is saved
+    diverged(epoch, step)    the loss became NaN or infinite (TrainingDiverged follows)
+    end(summary)             training finished (RunEnd)
+
+`default_loggers` lists the standard ones; `train(..., loggers=[...])` adds more.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import torch
+
+from .atomic import atomic_write, atomic_write_text
+from .rundir import RunDir
+
+
+@dataclass
+class RunStart:
+    run: RunDir
+    resumed: bool
+    epochs: int  # the number of the last epoch
+    batches: int  # per epoch
+    history: list[dict]  # the rows of the epochs done before a resume
+    dataset: str
+    source: str
+    is_sample: bool
+    device: torch.device
+    speed: str  # Speed.describe()
+    threads: int
+    allocator: str
+    world_size: int
+    images: tuple[int, int, int]  # train, val, test
+    parameters: int
+
+
+@dataclass
+class Interruption:
+    signal: str  # its name, e.g. SIGINT
+    epoch: int
+    step: int
+    mid_epoch: bool  # False: the stop came at the end of an epoch, after its checkpoint
+
+
+@dataclass
+class RunEnd:
+    rows: list[dict] = field(default_factory=list)
+    test_acc: float | None = None
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    device: torch.device | None = None
+
+
+class Logger:
+    """Override the calls you need; the others do nothing."""
+
+    def start(self, info: RunStart) -> None: ...
+
+    def epoch_start(self, epoch: int, first_batch: int) -> None: ...
+
+    def step(self, step: int, metrics: dict) -> None: ...
+
+    def epoch(self, row: dict) -> None: ...
+
+    def interrupted(self, stop: Interruption) -> None: ...
+
+    def diverged(self, epoch: int, step: int) -> None: ...
+
+    def end(self, summary: RunEnd) -> None: ...
+
+
+class Loggers(Logger):
+    """Several loggers as one, called in order."""
+
+    def __init__(self, loggers=()):
+        self.loggers = list(loggers)
+
+    def start(self, info):
+        for logger in self.loggers:
+            logger.start(info)
+
+    def epoch_start(self, epoch, first_batch):
+        for logger in self.loggers:
+            logger.epoch_start(epoch, first_batch)
+
+    def step(self, step, metrics):
+        for logger in self.loggers:
+            logger.step(step, metrics)
+
+    def epoch(self, row):
+        for logger in self.loggers:
+            logger.epoch(row)
+
+    def interrupted(self, stop):
+        for logger in self.loggers:
+            logger.interrupted(stop)
+
+    def diverged(self, epoch, step):
+        for logger in self.loggers:
+            logger.diverged(epoch, step)
+
+    def end(self, summary):
+        for logger in self.loggers:
+            logger.end(summary)
+
+
+def default_loggers(run: RunDir, log, progress_bar: bool) -> list[Logger]:
+    """The standard outputs, in the order they are told (files before the console line about them)."""
+    return [
+        *([ProgressBar()] if progress_bar else []),
+        CsvLogger(run),
+        EventLog(run),
+        CurvesPlot(run),
+        ConsoleLogger(log),
+    ]
+
+
+class ConsoleLogger(Logger):
+    """The lines `vggkit train` prints, through `log` (print by default)."""
+
+    def __init__(self, log=print):
+        self.log = log
+
+    def start(self, info):
+        self.run_dir, self.epochs = info.run.path, info.epochs
+        sample = " [bundled sample: accuracy not comparable to published figures]" if info.is_sample else ""
+        self.log(f"vggkit: {info.dataset} ({info.source}){sample}")
+        cpu = f", {info.threads} threads, {info.allocator} allocator" if info.device.type == "cpu" else ""
+        processes = f", {info.world_size} processes" if info.world_size > 1 else ""
+        train, val, test = info.images
+        self.log(f"device: {info.device} ({info.speed}{cpu}){processes}; train {train}, val {val}, test {test} images; "
+                 f"{info.parameters:,} parameters; run dir {self.run_dir}")
+
+    def epoch(self, row):
+        parts = [f"epoch {row['epoch']}/{self.epochs}", f"train loss {row['train_loss']:.4f}",
+                 f"train acc {row['train_acc']:.4f}"]
+        if "val_acc" in row:
+            parts.append(f"val acc {row['val_acc']:.4f}")
+        if "test_acc" in row:
+            parts.append(f"test acc {row['test_acc']:.4f}")
+        parts.append(f"{row['seconds']:.1f} s ({row['images_per_s']:.0f} img/s)")
+        self.log(", ".join(parts))
+
+    def interrupted(self, stop):
+        where = f"at epoch {stop.epoch}, step {stop.step}" if stop.mid_epoch else f"after epoch {stop.epoch}"
+        self.log(f"{stop.signal}: saved a checkpoint {where}; resume with: vggkit train --resume {self.run_dir}")
+
+    def end(self, summary):
+        if summary.rows:
+            last = summary.rows[-1]
+            self.log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}"
+                     + (f", test acc {summary.test_acc:.3f}" if summary.test_acc is not None else ""))
+        self.log(f"{summary.images_per_s:.1f} examples/sec on {summary.device}; total {summary.seconds:.1f} s; "
+                 f"run dir {self.run_dir}")
+
+
+class ProgressBar(Logger):
+    """A tqdm bar per epoch on stderr: loss, accuracy and images/s of the epoch so far."""
+
+    def start(self, info):
+        self.epochs, self.batches = info.epochs, info.batches
+        self.bar = None
+
+    def epoch_start(self, epoch, first_batch):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.batches, initial=first_batch, desc=f"epoch {epoch}/{self.epochs}", unit="batch",
+                        leave=False, dynamic_ncols=True)
+
+    def step(self, step, metrics):
+        if metrics:
+            self.bar.set_postfix_str(f"loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} "
+                                     f"{metrics['images_per_s']:.0f} img/s")
+        self.bar.update(1)
+        if self.bar.n >= self.batches:  # gone before the epoch's evaluation, as its last batch is done
+            self._close()
+
+    def epoch(self, row):
+        self._close()
+
+    def interrupted(self, stop):
+        self._close()
+
+    def diverged(self, epoch, step):
+        self._close()
+
+    def _close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class CsvLogger(Logger):
+    """The run's metrics CSV: one row per epoch, rewritten whole (atomically) after each."""
+
+    KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
+            "images_per_s", "elapsed"]
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.rows: list[dict] = []
+
+    def start(self, info):
+        self.rows = list(info.history)
+
+    def epoch(self, row):
+        self.rows.append(row)
+        lines = [",".join(self.KEYS)] + [",".join(_csv_value(r.get(k)) for k in self.KEYS) for r in self.rows]
+        atomic_write_text(self.run.metrics_csv, "\n".join(lines) + "\n")
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+class EventLog(Logger):
+    """The run's event log: one JSON object a line (start or resume, epoch, interrupted, diverged, end)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def start(self, info):
+        self.run.log_event({"event": "resume" if info.resumed else "start",
+                            "time": datetime.now().isoformat(timespec="seconds")})
+
+    def epoch(self, row):
+        self.run.log_event({"event": "epoch", **row})
+
+    def interrupted(self, stop):
+        if stop.mid_epoch:  # a stop at an epoch's end is not logged: its "epoch" event is the last (as before)
+            self.run.log_event({"event": "interrupted", "signal": stop.signal, "epoch": stop.epoch, "step": stop.step})
+
+    def diverged(self, epoch, step):
+        self.run.log_event({"event": "diverged", "epoch": epoch, "step": step})
+
+    def end(self, summary):
+        self.run.log_event({"event": "end", "test_acc": summary.test_acc, "seconds": round(summary.seconds, 2),
+                            "images_per_s": round(summary.images_per_s, 1)})
+
+
+class CurvesPlot(Logger):
+    """The run's curves at the end, the textbook's plot: train loss, train acc, val and test acc against epoch."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def end(self, summary):
+        rows = summary.rows
+        if not rows:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in rows]
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+        for key, style in (("train_loss", "-"), ("train_acc", "--"), ("val_acc", "-."), ("test_acc", ":")):
+            if all(key in r for r in rows):
+                ax.plot(epochs, [r[key] for r in rows], style, marker="o", markersize=3, label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.set_xlim(0.5, max(epochs) + 0.5)
+        fig.tight_layout()
+        atomic_write(self.run.curves_path, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)

@@ -1,0 +1,96 @@
+"""Optimizers and learning-rate schedules: one table each, so adding one is one entry.
+
+OPTIMIZERS: name -> how to build it from the parameter groups and the config, and how many state
+tensors (each the size of the weights) it keeps, which `vggkit summary`'s memory estimate counts.
+SCHEDULES: name -> the learning rate at a point of training, as a pure function of the progress
+(so resuming needs only the step count).
+
+torch is imported by the builders, not here: config.py and the CLI read the names without loading it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    build: Callable[[list[dict], TrainConfig], torch.optim.Optimizer]  # (param groups, config)
+    state_tensors: int  # per parameter, each of the parameter's size
+    trainable: bool = True  # False: a name only the memory estimate knows
+
+
+def _sgd(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    from torch.optim import SGD
+
+    return SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+
+
+def _adam(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    from torch.optim import Adam
+
+    return Adam(groups, lr=config.lr)
+
+
+def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    from torch.optim import AdamW
+
+    return AdamW(groups, lr=config.lr)
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "sgd": OptimizerKind(_sgd, state_tensors=0),
+    # SGD with --momentum > 0 (training's "sgd") keeps one buffer: the memory estimate names it apart
+    "momentum": OptimizerKind(_sgd, state_tensors=1, trainable=False),
+    "adam": OptimizerKind(_adam, state_tensors=2),
+    "adamw": OptimizerKind(_adamw, state_tensors=2),
+}
+TRAINING_OPTIMIZERS = tuple(name for name, kind in OPTIMIZERS.items() if kind.trainable)  # --optimizer of train
+OPTIMIZER_STATES = {name: kind.state_tensors for name, kind in OPTIMIZERS.items()}  # --optimizer of summary
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The config's optimizer over the model's parameters; no weight decay on biases and batch norm."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return OPTIMIZERS[config.optimizer].build(groups, config)
+
+
+def _constant(config: TrainConfig, progress: float) -> float:
+    return config.lr
+
+
+def _cosine(config: TrainConfig, progress: float) -> float:
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _onecycle(config: TrainConfig, progress: float) -> float:
+    """Linear warm-up from lr/10 to lr over the first `warmup` of training, then linear decay to 0."""
+    if progress < config.warmup:
+        return config.lr * (0.1 + 0.9 * progress / config.warmup)
+    return config.lr * (1 - progress) / (1 - config.warmup)
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig, float], float]] = {
+    "none": _constant,
+    "cosine": _cosine,
+    "onecycle": _onecycle,
+}
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate for `step` (0-based) of `total_steps`."""
+    progress = min(step / max(1, total_steps), 1.0)
+    return SCHEDULES[config.schedule](config, progress)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
