@@ -33,7 +33,7 @@ CONFIGS = [("1 process x 2 threads", 1, 2), ("1 process x 1 thread", 1, 1),
 def cpu_name() -> str:
     import torch
 
-    from vggkit.machine import device_name
+    from vggkit.bench.machine import device_name
     return device_name(torch.device("cpu"))
 
 

@@ -50,7 +50,7 @@ VARIANTS = {
 
 def others_busy(seconds: float = 2.0) -> float:
     """CPU cores kept busy by other processes over the next `seconds` (this one sleeps)."""
-    from vggkit.machine import cpu_snapshot, others_cpu
+    from vggkit.bench.machine import cpu_snapshot, others_cpu
 
     before = cpu_snapshot()
     time.sleep(seconds)
@@ -138,7 +138,7 @@ def fastpaths(presets, rounds: int, data_dir, compile_timeout: int, variants, qu
 
 def headline(presets, runs: int, data_dir, quiet: float = 0, run_seconds: float = 8.0, log=print) -> dict:
     from vggkit.bench import bench
-    from vggkit.bench_format import format_bench
+    from vggkit.bench import format_bench
 
     out = {}
     for preset in presets:

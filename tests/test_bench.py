@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from vggkit.bench import BenchSettings, bench
-from vggkit.bench_format import format_bench
-from vggkit.bench_peak import probe_precision
+from vggkit.bench import format_bench
+from vggkit.bench.peak import probe_precision
 from vggkit.cli import main
 from vggkit.errors import VggkitError
-from vggkit.machine import cpu_snapshot, others_cpu, timed
+from vggkit.bench.machine import cpu_snapshot, others_cpu, timed
 from vggkit.runtime import PRECISIONS
 
 TINY = ["--preset", "fast", "--arch", "1x8,1x16", "--batch-size", "16", "--steps", "1", "--warmup", "1", "--runs", "1"]

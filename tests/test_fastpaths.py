@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggkit import allocator
-from vggkit.bench_textbook import TextbookBatches
+from vggkit.bench.textbook import TextbookBatches
 from vggkit.data import Dataset
 from vggkit.model import VGG
 from vggkit.pipeline import BatchLoader

@@ -166,7 +166,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import BenchSettings, bench
-    from .bench_format import format_bench
+    from .bench import format_bench
 
     keys = ("arch", "ratio", "input_size", "in_channels", "batch_size", "device", "precision", "channels_last", "compile",
             "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator")

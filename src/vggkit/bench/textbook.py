@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from . import allocator as alloc
-from .config import TrainConfig
-from .data import Dataset
+from .. import allocator as alloc
+from ..config import TrainConfig
+from ..data import Dataset
 
 TEXTBOOK_LR = 0.05
 TEXTBOOK_SETTINGS = f"fp32, NCHW, eager; per-sample PIL resize + ToTensor; SGD lr {TEXTBOOK_LR}; default allocator"

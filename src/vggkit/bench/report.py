@@ -1,7 +1,7 @@
 """A `vggkit bench` result (the dict `bench.bench` returns) as text for people."""
 from __future__ import annotations
 
-from .units import si
+from ..units import si
 
 COLUMN = 14
 

@@ -2,7 +2,7 @@
 (with compare=True) against the textbook loop, measured side by side in the same process.
 
     from vggkit.bench import BenchSettings, bench
-    from vggkit.bench_format import format_bench
+    from vggkit.bench import format_bench
     result = bench(preset="d2l", compare=True)       # the same as bench(BenchSettings(preset="d2l", compare=True))
     print(format_bench(result))
 
@@ -10,8 +10,8 @@ vggkit's path is the real training step of train.py: speed_settings (autocast pr
 channels-last, compile), the BatchLoader (uint8 images on the device, whole-batch resize, the
 recipe's flip/crop/erasing), make_optimizer, cross-entropy with the recipe's label smoothing,
 denormals flushed to zero on CPU, plus the CPU allocator setting of allocator.py. The textbook
-loop (the d2l book's) is in bench_textbook.py, the measured peak in bench_peak.py, the text in
-bench_format.py.
+loop (the d2l book's) is in textbook.py, the measured peak in peak.py, the text in
+report.py.
 
 FLOPs: one image's forward pass costs 2 x MACs (cost.summary); a training step counts 3 x that
 (forward, gradient of the activations, gradient of the weights). The first convolution needs no
@@ -33,20 +33,20 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import allocator as alloc
-from .bench_peak import PeakProbe
-from .bench_textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
-from .config import RECIPES, TrainConfig, resolve_config
-from .cost import Report, summary
-from .data import Dataset, load_data
-from .distributed import batch_loss
-from .errors import VggkitError
+from .. import allocator as alloc
+from .peak import PeakProbe
+from .textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
+from ..config import RECIPES, TrainConfig, resolve_config
+from ..cost import Report, summary
+from ..data import Dataset, load_data
+from ..distributed import batch_loss
+from ..errors import VggkitError
 from .machine import cpu_snapshot, device_name, load_average, others_cpu, timed
-from .pipeline import Augment, BatchLoader
-from .runtime import ProcessSettings, Speed, autocast, pick_device, speed_settings
-from .specs import format_arch
-from .steps import train_step
-from .optim import make_optimizer
+from ..pipeline import Augment, BatchLoader
+from ..runtime import ProcessSettings, Speed, autocast, pick_device, speed_settings
+from ..specs import format_arch
+from ..steps import train_step
+from ..optim import make_optimizer
 
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 DEFAULT_WARMUP = 2
@@ -123,7 +123,7 @@ def bench(settings: BenchSettings | None = None, *, log=None, **changes) -> dict
 # What is timed
 
 class Steps(Protocol):
-    """One contender: vggkit (VggkitSteps) or the textbook loop (bench_textbook.TextbookSteps)."""
+    """One contender: vggkit (VggkitSteps) or the textbook loop (textbook.TextbookSteps)."""
 
     def settings(self):
         """The context its steps run in."""

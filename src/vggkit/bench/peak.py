@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cost import Report
+from ..cost import Report
 from .machine import timed
-from .runtime import PRECISIONS, cpu_has_bf16
+from ..runtime import PRECISIONS, cpu_has_bf16
 
 
 def probe_precision(device: torch.device) -> str:
