@@ -69,8 +69,9 @@ class CifarFormat:
         if self.counts is None or sum(counts) == self.counts[split]:
             return
         found = ", ".join(f"{f.name} {n:,}" for f, n in zip(files, counts))
-        sources = " and ".join(sorted({str(f.source if f.source.name != f.name else f.source.parent) for f in files}))
-        raise VggkitError(f"{sources}: {self.title} has {self.counts[split]:,} {('train', 'test')[split]} records, "
+        # the archive, or the folder of the extracted files
+        holders = " and ".join(sorted({str(f.source if f.source.name != f.name else f.source.parent) for f in files}))
+        raise VggkitError(f"{holders}: {self.title} has {self.counts[split]:,} {('train', 'test')[split]} records, "
                           f"found {sum(counts):,} ({found}); a file is cut short or not the official one: get it "
                           "again")
 

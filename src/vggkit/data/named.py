@@ -61,6 +61,7 @@ class Found:
 
 
 def find(entry: NamedDataset, directory: Path) -> Found:
+    """The dataset's files (and an archive dataset's extracted folder) in directory."""
     extracted = entry.archive.extracted_in(directory) if entry.archive else None
     return Found(find_files(directory, entry.files), extracted)
 
