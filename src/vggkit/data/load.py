@@ -78,7 +78,7 @@ def _named_or_sample(key: str, data_dir, download: bool, allow_sample: bool, mir
     if key != SAMPLE:
         try:
             train, test, source = load_named(entry, data_dir, download, mirrors, log)
-            return _Source(name, train, test, val=None, classes=list(entry.classes), source=source,
+            return _Source(name, train, test, val=None, classes=list(train.classes), source=source,
                            is_sample=False, default_val=entry.val_size, flips_safe=entry.flips_safe)
         except DataNotFound as e:
             if not (allow_sample and name == SAMPLE_OF):

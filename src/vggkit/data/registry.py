@@ -2,22 +2,37 @@
 
 A new named dataset is one entry of REGISTRY (plus, if its files are not IDX, one reader in its
 own module). The files are looked for locally gz or uncompressed (see named.py) and downloaded
-as listed, into the cache, verified by MD5 (see download.py).
+as listed, into the cache, verified by MD5 (see download.py). A dataset shipped as one tar
+archive (CIFAR) lists that archive as its one file and says in `archive` which members its reader
+takes; it is found as the archive or as its extracted folder (see archive.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+from .archive import Archive
+from .cifar import CifarFormat
 from .dataset import Dataset
 from .idx import read_idx_splits
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-# reader(paths of `files` in their order, classes) -> (train, test)
-Reader = Callable[[list[Path], list[str]], tuple[Dataset, Dataset]]
+# reader(paths of `files` in their order, classes) -> (train, test); for an archive dataset the
+# members of archive.files in their order (archive.Member, or None for an absent optional one)
+Reader = Callable[[list, list[str]], tuple[Dataset, Dataset]]
+
+CIFAR_SITE = "https://www.cs.toronto.edu/~kriz/"  # the authors' site
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+    castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+    elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+    man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+    pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+    skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+    tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())  # the fine labels
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,7 @@ class NamedDataset:
     reader: Reader
     val_size: int = 5000  # default number of train images carved off for validation
     flips_safe: bool = True  # whether a horizontally mirrored image is still an image of its class
+    archive: Archive | None = None  # set when the one file of md5 is a tar archive holding these members
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -56,5 +72,22 @@ REGISTRY: dict[str, NamedDataset] = {entry.name: entry for entry in (
         reader=read_idx_splits,
         flips_safe=False,  # a mirrored digit is not a digit (and 2/5 look alike mirrored)
     ),
+    NamedDataset(
+        name="cifar10",
+        classes=CIFAR10_CLASSES,
+        md5={"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
+        mirrors=(CIFAR_SITE,),
+        reader=CifarFormat("CIFAR-10", label_classes=(10,), label=0),
+        archive=Archive("cifar-10-batches-bin", (*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin"),
+                        optional=("batches.meta.txt",)),
+    ),
+    NamedDataset(
+        name="cifar100",
+        classes=CIFAR100_CLASSES,
+        md5={"cifar-100-binary.tar.gz": "03b5dce01913d631647c71ecec9e9cb8"},
+        mirrors=(CIFAR_SITE,),
+        # records hold the coarse label (20 superclasses), then the fine one (100 classes): fine is the class
+        reader=CifarFormat("CIFAR-100", label_classes=(20, 100), label=1),
+        archive=Archive("cifar-100-binary", ("train.bin", "test.bin"), optional=("fine_label_names.txt",)),
+    ),
 )}
-
