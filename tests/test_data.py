@@ -564,3 +564,17 @@ def test_image_files_in_folders(tmp_path):
     assert [p.name for p in image_files(tmp_path)] == ["a.jpeg", "b.PNG", "c.webp", "d.tif"]
     assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path, recursive=True)] == [
         "a.jpeg", "b.PNG", "c.webp", "d.tif", "sub/e.bmp"]
+
+
+def test_folder_images_stand_as_their_exif_says(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 4 wide x 2 high, shown 2 wide x 4 high
+    stored = np.arange(8, dtype=np.uint8).reshape(2, 4) * 30
+    for c in ("a", "b"):
+        for i in range(3):
+            image_file(tmp_path / "f" / c / f"{i}.png", Image.fromarray(stored), exif=exif)
+            image_file(tmp_path / "f" / c / f"{i}.jpg", Image.fromarray(np.zeros((4, 2), np.uint8)), quality=100)
+    logged = []
+    result = D.load_data(str(tmp_path / "f"), val_size=0, log=logged.append)
+    assert result.image_size == (4, 2) and not any("note" in line for line in logged)  # no resize: same shown size
+    assert by_path(result)[str(tmp_path / "f" / "a" / "0.png")][..., 0].tolist() == np.rot90(stored, -1).tolist()

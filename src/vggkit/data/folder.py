@@ -167,7 +167,6 @@ def _fitted(probes: list[_Probe], size: tuple[int, int], channels: int, classes:
     for i, probe in enumerate(probes):
         try:
             with open_image(probe.path) as image:
-                image.load()
                 images[i] = fit(pixels_of(image, channels), size)
             kept.append(i)
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError):

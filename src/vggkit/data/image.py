@@ -93,6 +93,7 @@ def pixels_of(image, channels: int | None = None) -> np.ndarray:
     """uint8 H x W x C pixels of a PIL image (see the module docstring); C = channels, or the image's own."""
     from PIL import ImageOps
 
+    image.load()
     if _orientation(image) not in (None, 1):
         image = ImageOps.exif_transpose(image)
     array = _eight_bit(image)
@@ -102,7 +103,6 @@ def pixels_of(image, channels: int | None = None) -> np.ndarray:
 def read_pixels(path: str | Path, channels: int | None = None) -> np.ndarray:
     """uint8 H x W x C pixels of an image file; Pillow's errors (OSError, ...) and ImageTooLarge propagate."""
     with open_image(path) as image:
-        image.load()
         return pixels_of(image, channels)
 
 
@@ -139,6 +139,10 @@ def fit(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _orientation(image) -> int | None:
+    if image.format == "PNG" and image.tile and "exif" not in image.info:
+        # not decoded yet (shown_size): Pillow would decode it all to look for an EXIF chunk after the
+        # pixels; such a rare file is then measured unturned, and pixels_of still turns it
+        return None
     try:
         return image.getexif().get(0x0112)
     except Exception:  # a damaged EXIF block: show the image as stored
