@@ -92,6 +92,7 @@ def test_any_folder_of_class_sub_folders(run, tmp_path):
     result = evaluate(run_dir, data=str(other), log=logged.append)
     assert result["split"] == str(other) and result["count"] == 12
     assert result["per_class"]["g"] is None and result["per_class"]["a"] is not None
+    assert "  g  (no images)" in format_report(result).splitlines()
     assert np.array(result["confusion"])[4:].sum() == 0
     assert result["out_dir"].endswith("evaluation-new") and any("centre-cropped" in line for line in logged)
     assert {m["path"] for m in result["misclassified"]} <= {str(p) for p in other.rglob("*.png")}
