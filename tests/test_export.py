@@ -166,8 +166,8 @@ def test_interpolation_in_metadata(tmp_path):
     run = make_run(tmp_path, meta=META | preprocess_meta())
     props = {p.key: p.value for p in onnx.load(export_model(run, "onnx")["out"]).metadata_props}
     assert (props["interpolation"], props["antialias"], props["align_corners"]) == ("bilinear", "when shrinking", "false")
-    older = make_run(tmp_path / "older", meta=META)  # written before the interpolation was recorded: the same
-    info = export.preprocessing(*load_model(older))
-    assert {k: info[k] for k in preprocess_meta()} == preprocess_meta()
+    older = make_run(tmp_path / "older", meta=META)  # written before the interpolation was recorded: the same,
+    info = export.preprocessing(*load_model(older))  # and no fit of other-sized images ("plain", preprocess.py)
+    assert {k: info[k] for k in preprocess_meta()} == preprocess_meta() | {"resize": "plain"}
     with pytest.raises(VggkitError, match="resize this vggkit does not know"):
         export_model(make_run(tmp_path / "odd", meta=META | {"interpolation": "nearest"}), "onnx")

@@ -11,8 +11,9 @@ from vggkit.data import load_data
 from vggkit.errors import VggkitError
 from vggkit.model import VGG
 from vggkit.pipeline import BatchLoader
-from vggkit.predict import predict, predict_logits
-from vggkit.preprocess import Preprocess, interpolation_of, preprocess_meta, resize, settings_from_meta
+from vggkit.data import Dataset
+from vggkit.predict import model_inputs, predict, predict_logits
+from vggkit.preprocess import Preprocess, fit_size, interpolation_of, preprocess_meta, resize, settings_from_meta
 
 
 def uint8_images(n, channels, h, w, seed=0):
@@ -60,25 +61,60 @@ def test_preprocess_bad_settings(kwargs, message):
         Preprocess(**settings)
 
 
-def test_meta_names_the_interpolation_and_defaults_to_it():
-    assert preprocess_meta() == {"interpolation": "bilinear", "antialias": "when shrinking", "align_corners": False}
-    assert interpolation_of({}) == preprocess_meta()  # checkpoints written before it was recorded
+def test_meta_names_the_interpolation_and_the_fit_and_defaults_to_the_old_resize():
+    assert preprocess_meta() == {"interpolation": "bilinear", "antialias": "when shrinking", "align_corners": False,
+                                 "resize": "center-crop"}
+    assert preprocess_meta((20, 30))["image_size"] == [20, 30]
+    # checkpoints written before the keys were recorded: that interpolation, and no fit ("plain")
+    assert interpolation_of({}) == preprocess_meta() | {"resize": "plain"}
     meta = {"input_size": 28, "mean": [0.3], "std": [0.4], "classes": ["a"]}
+    assert fit_size(meta) is None
+    assert fit_size(meta | preprocess_meta((20, 30))) == (20, 30)
+    assert fit_size(meta | preprocess_meta()) == (28, 28)  # a fit without a recorded size: to the input size
     assert settings_from_meta(meta | preprocess_meta()) == {"input_size": 28, "mean": [0.3], "std": [0.4]}
-    with pytest.raises(VggkitError, match="resize this vggkit does not know"):
-        settings_from_meta(meta | {"interpolation": "bicubic"})
+    for unknown in ({"interpolation": "bicubic"}, {"resize": "letterbox"}):
+        with pytest.raises(VggkitError, match="resize this vggkit does not know"):
+            settings_from_meta(meta | unknown)
+
+
+def test_fit_crops_the_centre_then_resizes():
+    from vggkit.data.image import crop_box, fit
+
+    assert crop_box(40, 17, (20, 20)) == (0, 11, 17, 28)  # the centred 17x17 square
+    assert crop_box(10, 30, (5, 10)) == (5, 0, 25, 10)  # 2:1 out of 3:1
+    wide = np.zeros((10, 30, 1), np.uint8)
+    wide[:, 5:25] = 200  # the centre at the target's aspect ratio; the sides are cut off, not squashed in
+    assert (fit(wide, (5, 10)) == 200).all()
+    same = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert fit(same, (2, 2)) is same  # the stored size already: untouched
 
 
 # ---------------------------------------------------------------- predict == training pipeline
 
-def image_folder(root, channels, size, per_class=4):
+def image_folder(root, channels, sizes, per_class=4):
+    """Class folders of random images; sizes: one (h, w) for all, or one per image in turn."""
     rng = np.random.default_rng(channels)
-    for name in ("ant", "bee", "cat"):
+    sizes = [sizes] if isinstance(sizes[0], int) else sizes
+    for c, name in enumerate(("ant", "bee", "cat")):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            shape = (size, size) if channels == 1 else (size, size, 3)
+            h, w = sizes[(c * per_class + i) % len(sizes)]
+            shape = (h, w) if channels == 1 else (h, w, 3)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name / f"{i}.png")
-    return sorted(root.glob("*/*.png"))  # class folders, then files: load_data's order
+    return root
+
+
+def every_kind_folder(root):
+    """RGB, RGBA, palette, 16-bit gray and CMYK JPEG images of mixed sizes, as a user's folder may hold."""
+    rng = np.random.default_rng(3)
+    for name in ("ant", "bee", "cat"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / name / "rgb.png")
+        Image.fromarray(rng.integers(0, 256, (30, 21, 4), dtype=np.uint8), "RGBA").save(root / name / "rgba.png")
+        Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)).save(root / name / "wide.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).convert("P").save(root / name / "p.png")
+        Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "CMYK").save(root / name / "c.jpg")
+    return root
 
 
 def trained_looking_vgg(channels, input_size, classes):
@@ -95,26 +131,49 @@ def trained_looking_vgg(channels, input_size, classes):
     return model.eval()
 
 
-@pytest.mark.parametrize("channels, stored, input_size", [(3, 24, 16), (1, 12, 20), (3, 16, 16)])
-def test_predict_gives_the_training_pipelines_logits(tmp_path, channels, stored, input_size):
-    paths = image_folder(tmp_path / "imgs", channels, stored)
-    splits = load_data(str(tmp_path / "imgs"), val_size=0, log=lambda *_: None)
-    for path, image in zip(paths, splits.train.images, strict=True):  # the same images, in the same order
-        assert np.array_equal(np.asarray(Image.open(path)).reshape(image.shape), image)
+MIXED = [(24, 24), (40, 17), (13, 30), (24, 24), (60, 48)]
+
+
+@pytest.mark.parametrize("channels, sizes, input_size", [
+    (3, (24, 24), 16), (1, (12, 12), 20), (3, (16, 16), 16),  # one size
+    (3, MIXED, 16), (1, MIXED, 32), (3, "every kind", 24),  # mixed sizes (fitted to the median), modes
+])
+def test_predict_gives_the_training_pipelines_logits(tmp_path, channels, sizes, input_size):
+    root = tmp_path / "imgs"
+    every_kind_folder(root) if sizes == "every kind" else image_folder(root, channels, sizes)
+    splits = load_data(str(root), val_size=0, log=lambda *_: None)
+    everything = Dataset(np.concatenate([splits.train.images, splits.test.images]),
+                         np.concatenate([splits.train.labels, splits.test.labels]), splits.classes,
+                         splits.train.paths + splits.test.paths)
+    if sizes == (24, 24) or sizes == (16, 16):  # PNG is lossless: one size is stored exactly
+        for path, image in zip(everything.paths, everything.images, strict=True):
+            assert np.array_equal(np.asarray(Image.open(path)).reshape(image.shape), image)
 
     # what train.py stores with the weights
     meta = {"classes": splits.classes, "mean": list(splits.mean), "std": list(splits.std), "input_size": input_size,
-            "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta()}
+            "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(splits.image_size)}
     run = tmp_path / "run"
-    save_checkpoint(run / "checkpoints" / "last", trained_looking_vgg(channels, input_size, 3), meta)
-    assert read_meta(run)["interpolation"] == "bilinear"
+    save_checkpoint(run / "checkpoints" / "last", trained_looking_vgg(splits.train.channels, input_size, 3), meta)
+    assert read_meta(run)["resize"] == "center-crop" and read_meta(run)["image_size"] == list(splits.image_size)
 
     model, _ = load_model(run)
-    loader = BatchLoader(splits.train, 5, input_size=input_size, mean=splits.mean, std=splits.std)  # no augment
+    loader = BatchLoader(everything, 5, input_size=input_size, mean=splits.mean, std=splits.std)  # no augment
     with torch.no_grad():
         pipeline = torch.cat([model(x) for x, _ in loader])
-    logits, _ = predict_logits(run, paths, device="cpu")
-    assert logits.shape == (len(paths), 3) and logits.dtype == torch.float32
+    logits, _ = predict_logits(run, everything.paths, device="cpu", batch_size=4)
+    assert logits.shape == (len(everything), 3) and logits.dtype == torch.float32
     assert torch.allclose(logits, pipeline, rtol=1e-5, atol=1e-5)
-    top1 = [result["top"][0]["index"] for result in predict(run, paths, top_k=1, device="cpu")]
-    assert top1 == pipeline.argmax(1).tolist()
+    top1 = [result["top"][0]["index"] for result in predict(run, [root], top_k=1, device="cpu")]
+    by_path = dict(zip(everything.paths, pipeline.argmax(1).tolist()))
+    assert top1 == [by_path[p] for p in sorted(everything.paths)]  # a folder: its images, sorted
+
+
+def test_models_from_before_the_fit_was_recorded_are_fed_as_before(tmp_path):
+    """No "resize" in the metadata: every image straight to the input size (no crop), as vggkit did then."""
+    image_folder(tmp_path / "imgs", 3, MIXED)
+    path = tmp_path / "imgs" / "ant" / "1.png"  # 40 x 17
+    meta = {"classes": ["ant", "bee", "cat"], "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": 16,
+            "model": {"in_channels": 3}}
+    pixels = torch.from_numpy(np.asarray(Image.open(path))).permute(2, 0, 1)[None]
+    assert torch.equal(model_inputs([path], meta), Preprocess(16, 0.5, 0.25, channels=3)(pixels))
+    assert not torch.allclose(model_inputs([path], meta | preprocess_meta((16, 16))), model_inputs([path], meta))

@@ -1,5 +1,6 @@
 """The README's onnxruntime snippet, run as written, agrees with `vggkit predict` on images of
-every kind: gray and RGB, smaller, larger and the size of the input, square or not."""
+every kind: gray and RGB, smaller, larger and the size of the input, square or not; for models that
+fit images to their training images' size (centre crop) and for models from before (plain resize)."""
 import contextlib
 import io
 import re
@@ -34,14 +35,14 @@ def readme_snippet() -> str:
     return code
 
 
-def exported_model(root: Path, channels: int) -> Path:
+def exported_model(root: Path, channels: int, preprocess: dict) -> Path:
     torch.manual_seed(5 + channels)  # a seed whose model tells these images apart
     model = VGG("1x8,1x16", in_channels=channels, num_classes=len(CLASSES), input_size=INPUT_SIZE, fc_width=32)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     meta = {"classes": CLASSES, "mean": [0.4, 0.5, 0.6][:channels], "std": [0.2, 0.25, 0.3][:channels],
-            "input_size": INPUT_SIZE, "dataset": "drawn", "is_sample": False, **preprocess_meta()}
+            "input_size": INPUT_SIZE, "dataset": "drawn", "is_sample": False, **preprocess}
     run = root / "run"
     save_checkpoint(run / "checkpoints" / "last", model, meta)
     export_model(run, "onnx")
@@ -72,9 +73,11 @@ def run_snippet(code: str, model: Path, image: Path) -> tuple[str, dict]:
     return out.getvalue().strip(), namespace
 
 
+@pytest.mark.parametrize("preprocess", [preprocess_meta((20, 16)), preprocess_meta(), {}],
+                         ids=["fit-to-20x16", "fit-to-input", "plain"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_readme_onnx_snippet_matches_predict(tmp_path, channels):
-    run = exported_model(tmp_path, channels)
+def test_readme_onnx_snippet_matches_predict(tmp_path, channels, preprocess):
+    run = exported_model(tmp_path, channels, preprocess)
     images = drawn_images(tmp_path)
     code = readme_snippet()
     predicted = predict(run, images, top_k=1, device="cpu")

@@ -135,8 +135,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_report
 
-    result = evaluate(args.run, data=args.data, data_dir=args.data_dir, device=args.device,
-                      batch_size=args.batch_size, test_limit=args.test_limit, out_dir=args.out)
+    result = evaluate(args.run, data=args.data, data_dir=args.data_dir, split=args.split, device=args.device,
+                      batch_size=args.batch_size, test_limit=args.test_limit, skip_bad=args.skip_bad or None,
+                      out_dir=args.out, log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
     else:
@@ -145,14 +146,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict
+    from .predict import format_line, iter_predictions, write_csv
 
-    results = predict(args.run, args.images, top_k=args.top_k, device=args.device)
+    results = iter_predictions(args.run, args.images, top_k=args.top_k, device=args.device,
+                               batch_size=args.batch_size, skip_bad=args.skip_bad,
+                               log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
+        results = list(results)
         print(json.dumps(results, indent=2))
-        return 0
-    for r in results:
-        print(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    if args.csv:
+        rows = write_csv(results, args.csv)
+        print(f"wrote {args.csv} ({rows} images)", file=sys.stderr if args.json else sys.stdout)
+    if not (args.json or args.csv):
+        for result in results:
+            print(format_line(result))
     return 0
 
 
@@ -176,6 +183,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy (top-1, top-5), per-class accuracy, confusion matrix, misclassified grid")
+    p.add_argument("run", help="run directory (its best checkpoint), checkpoint directory or model.safetensors")
+    p.add_argument("--split", choices=["test", "val"], default=None,
+                   help="which split of the run's data (default: test); the run's seed makes the same split again")
+    p.add_argument("--data", default=None, metavar="DATA",
+                   help="a folder of class sub-folders: evaluate on all its images; or a dataset name "
+                        "(default: the data the model was trained on)")
+    p.add_argument("--data-dir", default=None, help="where a named dataset's files are (default: the run's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--limit", "--test-limit", dest="test_limit", type=positive_int, default=None, metavar="N",
+                   help="evaluate on at most N images (class-balanced, seeded)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    p.add_argument("--out", default=None,
+                   help="folder for the PNGs (default: <checkpoint>/evaluation, evaluation-val or evaluation-<folder>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="top-k classes for image files and folders; text, JSON or CSV")
+    p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
+    p.add_argument("images", nargs="+", metavar="PATH",
+                   help="image files, and folders searched recursively for PNG/JPEG/BMP/WebP/TIFF images (sorted)")
+    p.add_argument("--top-k", type=positive_int, default=3)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (bounds the memory)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    p.add_argument("--csv", default=None, metavar="FILE",
+                   help="write the predictions to FILE: path, then class_i, probability_i for i = 1..top-k")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import RECIPES
 
@@ -197,24 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy, confusion matrix, misclassified grid")
-    p.add_argument("run", help="run directory (its best checkpoint), checkpoint directory or model.safetensors")
-    p.add_argument("--data", default=None, help="dataset (default: the one the model was trained on)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=positive_int, default=512)
-    p.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--out", default=None, help="folder for the PNGs (default: <checkpoint>/evaluation)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="top-k classes for PNG/JPEG files")
-    p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--top-k", type=positive_int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_predict)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
 
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified")
     p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")

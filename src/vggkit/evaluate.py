@@ -1,20 +1,33 @@
-"""`vggkit evaluate`: test accuracy, per-class accuracy, confusion matrix and misclassified examples."""
+"""`vggkit evaluate`: accuracy (top-1, and top-5 with more than 5 classes), per-class accuracy, confusion
+matrix and the misclassified images (true class, predicted class, confidence) of a run's test or
+validation split, or of every image in a folder of class sub-folders.
+
+The run's splits are made again from its config (data, seed, val_size, skip_bad), so they are the
+images the run held out: for an image folder too, as long as the folder is unchanged (load.py).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .atomic import atomic_write
 from .checkpoint import load_model
 from .config import TrainConfig, load_config
-from .data import load_data
+from .data import Dataset, load_data, stratified_indices
+from .data.folder import load_labelled_folder
+from .data.load import TEST_LIMIT_SALT, is_folder
+from .errors import VggkitError
 from .pipeline import BatchLoader
-from .preprocess import settings_from_meta
+from .preprocess import fit_size, settings_from_meta
 from .rundir import evaluation_dir, find_config
-from .runtime import pick_device, speed_settings
-from .steps import evaluate_loader
+from .runtime import autocast, pick_device, speed_settings
+
+SPLITS = ("test", "val")
+TOP_K = 5  # reported where there are more classes than this
+GRID = 36  # misclassified images shown, most confident first
 
 
 def run_config_for(path: Path) -> TrainConfig:
@@ -23,10 +36,15 @@ def run_config_for(path: Path) -> TrainConfig:
     return load_config(found) if found else TrainConfig(precision="fp32")
 
 
-def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, device: str = "auto",
-             batch_size: int = 512, out_dir: str | Path | None = None, test_limit: int | None = None,
-             log=print) -> dict:
-    """Evaluate a run (its best checkpoint), a checkpoint directory or a weights file on the test set."""
+def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
+             device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
+             test_limit: int | None = None, skip_bad: bool | None = None, log=print) -> dict:
+    """Evaluate a run (its best checkpoint), a checkpoint directory or a weights file.
+
+    split: "test" (default) or "val" of the run's data (or of the named dataset `data`);
+    data = a folder: every image of its class sub-folders (the model's classes), no split.
+    test_limit: at most that many images (class-balanced, seeded).
+    """
     path = Path(path)
     config = run_config_for(path)
     torch_device = pick_device(device)
@@ -34,37 +52,105 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     speed = speed_settings(config, torch_device)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    splits = load_data(data or meta.get("dataset", config.data), data_dir=data_dir or config.data_dir, val_size=0,
-                       seed=config.seed, allow_sample=bool(meta.get("is_sample")), test_limit=test_limit, log=log)
-    if splits.test is None or not len(splits.test):
-        from .errors import VggkitError
-        raise VggkitError(f"{splits.name} has no test split to evaluate on; give a dataset with test images")
-    loader = BatchLoader(splits.test, batch_size, device=torch_device, channels_last=speed.channels_last,
-                         **settings_from_meta(meta))
-    loss, acc, predicted = evaluate_loader(model, loader, speed, torch_device, want_predictions=True)
-    labels = torch.as_tensor(splits.test.labels)
-    classes = meta["classes"]
+    skip_bad = config.skip_bad if skip_bad is None else skip_bad
+    dataset, name = evaluation_set(config, meta, data=data, data_dir=data_dir, split=split, limit=test_limit,
+                                   skip_bad=skip_bad, log=log)
+    loader = BatchLoader(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
+                         out_channels=meta["model"]["in_channels"], **settings_from_meta(meta))
+    loss, predicted, in_top_k, confidence = _score(model, loader, speed, torch_device, TOP_K)
+    result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
+    out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
+    _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
+    return result | {"out_dir": str(out_dir)}
+
+
+def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
+                   limit: int | None, skip_bad: bool, log) -> tuple[Dataset, str]:
+    """(the images to evaluate on, named "test", "val" or by the folder), at the model's image size and channels."""
+    if split not in (None, *SPLITS):
+        raise VggkitError(f"unknown split {split!r}; choose {' or '.join(SPLITS)}")
+    shape = dict(image_size=fit_size(meta), channels=meta["model"]["in_channels"])
+    if data is not None and is_folder(data):
+        if split is not None:
+            raise VggkitError(f"--split picks a split of the run's data, while --data {data} evaluates every image "
+                              "in that folder; drop one of them")
+        dataset = load_labelled_folder(Path(data).expanduser(), meta["classes"], skip_bad, log, **shape)
+        if limit is not None and limit < len(dataset):
+            dataset = dataset.subset(stratified_indices(dataset.labels, limit, config.seed, TEST_LIMIT_SALT))
+        return dataset, str(data)
+    split = split or "test"
+    splits = load_data(data or meta.get("dataset", config.data), data_dir=data_dir or config.data_dir,
+                       val_size=0 if split == "test" else config.val_size, seed=config.seed,
+                       allow_sample=bool(meta.get("is_sample")), skip_bad=skip_bad,
+                       test_limit=limit if split == "test" else None, log=log, **shape)
+    dataset = splits.test if split == "test" else splits.val
+    if dataset is None or not len(dataset):
+        other = "--split val" if split == "test" else "--split test"
+        raise VggkitError(f"{splits.name} has no {split} split to evaluate on; use {other}, or --data FOLDER")
+    if split == "val" and limit is not None and limit < len(dataset):
+        dataset = dataset.subset(stratified_indices(dataset.labels, limit, config.seed, TEST_LIMIT_SALT))
+    return dataset, split
+
+
+@torch.no_grad()
+def _score(model, loader, speed, device, k: int):
+    """(mean loss, predicted labels, whether the label is in the top k, confidence of the prediction), on the CPU."""
+    model.eval()
+    loss_sum, predicted, in_top_k, confidence = 0.0, [], [], []
+    for x, y in loader:
+        with autocast(device, speed):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        probabilities = logits.softmax(1)
+        top = logits.argmax(1)  # as training's evaluation counts (a tie goes to the first class)
+        predicted.append(top.cpu())
+        confidence.append(probabilities.gather(1, top[:, None])[:, 0].cpu())
+        in_top_k.append((logits.topk(min(k, logits.shape[1]), 1).indices == y[:, None]).any(1).cpu())
+    count = sum(len(p) for p in predicted)
+    return loss_sum / max(count, 1), torch.cat(predicted), torch.cat(in_top_k), torch.cat(confidence)
+
+
+def _summary(dataset: Dataset, classes: list[str], name: str, loss: float, predicted: torch.Tensor,
+             in_top_k: torch.Tensor, confidence: torch.Tensor) -> dict:
+    """The result dict: accuracy, top-k, per class, confusion, the misclassified images (most confident first)."""
+    labels = torch.as_tensor(dataset.labels)
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
-    per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(classes)}
+    counts = confusion.sum(1)
+    per_class = {c: float(confusion[i, i] / counts[i]) if counts[i] else None for i, c in enumerate(classes)}
+    wrong = torch.nonzero(predicted != labels).flatten()
+    wrong = wrong[torch.argsort(confidence[wrong], descending=True, stable=True)].tolist()
+    misclassified = [{"index": i, "path": dataset.paths[i] if dataset.paths else None,
+                      "true": classes[int(labels[i])], "predicted": classes[int(predicted[i])],
+                      "confidence": round(float(confidence[i]), 4)} for i in wrong]
+    acc = int((predicted == labels).sum()) / max(len(labels), 1)
+    result = {"split": name, "acc": acc, "loss": loss, "count": len(labels),
+              f"top{TOP_K}_acc": int(in_top_k.sum()) / max(len(labels), 1) if len(classes) > TOP_K else None,
+              "per_class": per_class, "confusion": confusion.tolist(), "classes": classes,
+              "predictions": predicted.tolist(), "misclassified": misclassified}
+    if name == "test":  # the names of the keys before --split and --data FOLDER
+        result |= {"test_acc": acc, "test_loss": loss}
+    return result
 
-    out_dir = Path(out_dir) if out_dir else evaluation_dir(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_confusion(confusion, classes, out_dir / "confusion.png")
-    wrong = torch.nonzero(predicted != labels).flatten()[:36].tolist()
-    _plot_misclassified(splits.test.images[wrong], labels[wrong].tolist(), predicted[wrong].tolist(), classes,
-                        out_dir / "misclassified.png")
-    return {"test_acc": acc, "test_loss": loss, "count": len(labels), "per_class": per_class,
-            "confusion": confusion.tolist(), "classes": classes, "predictions": predicted.tolist(),
-            "out_dir": str(out_dir)}
+
+def _default_out_dir(path: Path, name: str) -> Path:
+    """<checkpoint>/evaluation for the test split, evaluation-val, evaluation-<folder name> otherwise."""
+    return evaluation_dir(path, None if name == "test" else name if name in SPLITS else Path(name).expanduser().resolve().name)
 
 
 def format_report(result: dict) -> str:
     classes, confusion = result["classes"], result["confusion"]
     width = max(len(c) for c in classes)
-    lines = [f"test accuracy {result['test_acc']:.4f} ({result['count']} images), loss {result['test_loss']:.4f}",
+    what = {"test": "test", "val": "validation"}.get(result["split"], f"{result['split']}:")
+    top_k = result.get(f"top{TOP_K}_acc")
+    lines = [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
+             + (f", top-{TOP_K} accuracy {top_k:.4f}" if top_k is not None else ""),
              "", "per-class accuracy:"]
-    lines += [f"  {c:<{width}}  {a:.4f}" for c, a in result["per_class"].items()]
+    lines += [f"  {c:<{width}}  {a:.4f}" if a is not None else f"  {c:<{width}}  (no images)"
+              for c, a in result["per_class"].items()]
     lines += ["", "confusion matrix (rows: true, columns: predicted):",
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
@@ -91,16 +177,18 @@ def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def _plot_misclassified(images: np.ndarray, true: list[int], predicted: list[int], classes: list[str], path: Path):
+def _plot_misclassified(dataset: Dataset, wrong: list[dict], classes: list[str], path: Path) -> None:
+    """A grid of misclassified images, titled true class, predicted class and confidence."""
     plt = _pyplot()
     cols = 6
-    rows = max(1, -(-len(true) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), dpi=100, squeeze=False)
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.0), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, t, p in zip(axes.flat, images, true, predicted):
-        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
-        ax.set_title(f"{classes[t]}\n→ {classes[p]}", fontsize=7)
+    for ax, item in zip(axes.flat, wrong):
+        image = dataset.images[item["index"]]
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {item['true']}\n→ {item['predicted']} {item['confidence']:.0%}", fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

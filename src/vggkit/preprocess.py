@@ -1,43 +1,73 @@
 """The one preprocessing of images before the network, for training, evaluation, predict and export.
 
+An image file of another size than the training images is first fitted to their stored size,
+`image_size` (data/image.py: centre crop to its aspect ratio, then bilinear resize of the 8-bit
+image), as the image folder loader fits mixed sizes; then, here:
 uint8 N x C x H x W -> float -> normalize ((x/255 - mean)/std, per channel) -> resize to the
 input size: bilinear, align_corners=False (pixel centres), antialiased when shrinking. Normalizing
 first is exact (bilinear weights sum to 1, with or without antialiasing) and cheaper when the
 stored images are smaller than the input. The same resize is PIL's Image.resize(..., BILINEAR)
 on float ("F" mode) images, which is how the README's onnxruntime snippet reproduces it.
 
-The interpolation is recorded in checkpoint metadata (preprocess_meta) and in exported models, so
-a file says how to feed it; metadata without it (older checkpoints) means this one.
+All of it is recorded in checkpoint metadata (preprocess_meta) and in exported models, so a file
+says how to feed it. Metadata without "resize" (older checkpoints) means "plain": no fit, every
+image straight to the input size, its aspect ratio not kept.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .data.image import FIT
 from .errors import VggkitError
 
 INTERPOLATION = "bilinear"
 ANTIALIAS = "when shrinking"
+_INTERPOLATION = {"interpolation": INTERPOLATION, "antialias": ANTIALIAS, "align_corners": False}
+PLAIN = "plain"  # what metadata without "resize" means: no fit, straight to the input size
+RESIZES = (FIT, PLAIN)
 
 
-def preprocess_meta() -> dict:
-    """The interpolation keys to store with a model's metadata (train.py merges them into meta)."""
-    return {"interpolation": INTERPOLATION, "antialias": ANTIALIAS, "align_corners": False}
+def preprocess_meta(image_size: tuple[int, int] | None = None) -> dict:
+    """The preprocessing keys to store with a model's metadata (train.py merges them into meta).
+
+    image_size: (height, width) of the training images as stored (DataSplits.image_size); other
+    images are fitted to it. Without it, images are fitted to the input size.
+    """
+    meta = {**_INTERPOLATION, "resize": FIT}
+    if image_size is not None:
+        meta["image_size"] = [int(n) for n in image_size]
+    return meta
 
 
 def interpolation_of(meta: dict) -> dict:
-    """The interpolation keys of a model's metadata (defaults where missing); unknown values are an error."""
-    stored = {key: meta.get(key, value) for key, value in preprocess_meta().items()}
-    if stored != preprocess_meta():
+    """The resampling a model's metadata records: interpolation, resize and (for a fit) image_size,
+    each with what its absence meant before it was recorded; unknown values are an error."""
+    interpolation = {key: meta.get(key, value) for key, value in _INTERPOLATION.items()}
+    stored = interpolation | {"resize": meta.get("resize", PLAIN)}
+    if interpolation != _INTERPOLATION or stored["resize"] not in RESIZES:
         raise VggkitError(f"the model was trained with a resize this vggkit does not know ({stored}); "
                           "use the vggkit version that trained it")
+    size = meta.get("image_size", meta.get("input_size"))
+    if stored["resize"] == FIT and size is not None:
+        stored["image_size"] = list(_pair(size))
     return stored
+
+
+def fit_size(meta: dict) -> tuple[int, int] | None:
+    """(height, width) images are fitted to before the preprocessing (image.fit), or None: not fitted."""
+    size = interpolation_of(meta).get("image_size")
+    return None if size is None else tuple(size)
 
 
 def settings_from_meta(meta: dict) -> dict:
     """input_size, mean and std of a model's metadata, as Preprocess and BatchLoader take them."""
     interpolation_of(meta)
     return {"input_size": meta["input_size"], "mean": meta["mean"], "std": meta["std"]}
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(n) for n in size)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

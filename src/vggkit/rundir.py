@@ -81,9 +81,10 @@ def export_dir(path: str | Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint
 
 
-def evaluation_dir(path: str | Path) -> Path:
-    """Where `vggkit evaluate` writes its plots for the checkpoint at `path`."""
-    return find_checkpoint(path) / EVALUATION
+def evaluation_dir(path: str | Path, name: str | None = None) -> Path:
+    """Where `vggkit evaluate` writes its plots for the checkpoint at `path`: evaluation/ for the
+    test split, evaluation-<name>/ for another split or folder."""
+    return find_checkpoint(path) / (EVALUATION if name is None else f"{EVALUATION}-{name}")
 
 
 def config_path(run_dir: str | Path) -> Path:

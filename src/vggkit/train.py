@@ -329,7 +329,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     optimizer = make_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
-            "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta()}
+            "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(splits.image_size)}
     return Trainer(config, run, rank, world_size, device, speed, allocator, splits, train_loader, val_loader,
                    test_loader, model, optimizer, scaler, meta, started, log, on_step)
 

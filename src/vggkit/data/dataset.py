@@ -4,7 +4,7 @@ Images are uint8 arrays N x H x W x C (C = 1 grayscale, 3 RGB), labels int64.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +16,7 @@ class Dataset:
     images: np.ndarray  # uint8, N x H x W x C
     labels: np.ndarray  # int64, N
     classes: list[str]
+    paths: list[str] | None = field(default=None, repr=False)  # the image files, for datasets read from files
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -26,7 +27,8 @@ class Dataset:
 
     def subset(self, indices) -> "Dataset":
         indices = np.asarray(indices, dtype=np.int64)
-        return Dataset(self.images[indices], self.labels[indices], self.classes)
+        paths = None if self.paths is None else [self.paths[i] for i in indices]
+        return Dataset(self.images[indices], self.labels[indices], self.classes, paths)
 
 
 @dataclass
@@ -42,6 +44,11 @@ class DataSplits:
     std: tuple[float, ...]
     flips_safe: bool = True  # False where a mirrored image is another class or no image at all (digits)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) the images are stored at: what other images are fitted to (image.fit)."""
+        return tuple(int(n) for n in self.train.images.shape[1:3])
+
     def describe(self) -> str:
         """One line for logs: sizes, image shape, origin."""
         _, h, w, c = self.train.images.shape
@@ -51,17 +58,26 @@ class DataSplits:
                 f"{h}x{w}x{c}, {len(self.classes)} classes, from {self.source}{note}")
 
 
-def stratified_indices(labels: np.ndarray, n: int, seed: int, salt: int = 0) -> np.ndarray:
-    """n sorted indices drawn per class in proportion to class frequency (largest remainder), seeded."""
+def stratified_indices(labels: np.ndarray, n: int, seed: int, salt: int = 0, held_out: bool = False) -> np.ndarray:
+    """n sorted indices drawn per class in proportion to class frequency (largest remainder), seeded.
+
+    held_out: a held-out split's rule on top: every class gives at least one image and keeps at
+    least one (where it has two); in a corner where that leaves no room the part is a little smaller.
+    """
     labels = np.asarray(labels)
     if n <= 0:
         return np.empty(0, dtype=np.int64)
     if n >= len(labels):
         return np.arange(len(labels), dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / len(labels)
+    floor = np.minimum(counts - 1, 1) if held_out else np.zeros_like(counts)
+    spare = counts - floor
+    quota = spare * max(n - floor.sum(), 0) / max(spare.sum(), 1)
     take = np.floor(quota).astype(np.int64)
-    take[np.argsort(-(quota - take), kind="stable")[: n - take.sum()]] += 1
+    room = take < spare - held_out
+    by_remainder = [i for i in np.argsort(-(quota - take), kind="stable") if room[i]]
+    take[by_remainder[: max(n - floor.sum() - take.sum(), 0)]] += 1
+    take += floor
     rng = np.random.default_rng([seed & 0xFFFFFFFF, salt])
     order = np.argsort(labels, kind="stable")
     groups = np.split(order, np.cumsum(counts)[:-1])
@@ -69,9 +85,9 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int, salt: int = 0) -> 
     return np.sort(np.concatenate(picked))
 
 
-def split_off(dataset: Dataset, n: int, seed: int, salt: int = 1) -> tuple[Dataset, Dataset]:
+def split_off(dataset: Dataset, n: int, seed: int, salt: int = 1, held_out: bool = False) -> tuple[Dataset, Dataset]:
     """(rest, part): a stratified part of n images and the rest, disjoint."""
-    part = stratified_indices(dataset.labels, n, seed, salt)
+    part = stratified_indices(dataset.labels, n, seed, salt, held_out)
     rest = np.setdiff1d(np.arange(len(dataset)), part, assume_unique=True)
     return dataset.subset(rest), dataset.subset(part)
 

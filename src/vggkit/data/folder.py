@@ -1,38 +1,57 @@
-"""Image folders: one sub-folder of PNG/JPEG images per class, or train/ with optional val/ and test/ trees.
+"""Image folders: one sub-folder of images per class, or train/ with optional val/ and test/ trees.
 
-Without test/ there is no test split; without val/ the validation split is carved from train
-(see load.py). Grayscale images stay one channel unless some image is in color (then all are
-RGB). Images of different sizes are resized (bilinear) to the most common size, with a note in the log.
+Without test/ a test split is carved from the training images, without val/ a validation split
+(see load.py). Pixels as image.py reads them: grayscale images stay one channel unless some image
+is in color (then all are RGB). Images of different sizes are fitted (image.fit: centre crop to the
+aspect ratio, bilinear resize) to the median height and the median width, which is the common size
+whenever most images share one; a note in the log says how many. Each file is opened twice: once
+for its size (header only), once for its pixels, so only the fitted pixels are ever held.
 """
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import VggkitError
 from .dataset import Dataset
+from .image import IMAGE_KINDS, ImageTooLarge, fit, image_files, natural_channels, open_image, pixels_of, shown_size
 from .named import datasets_with_files_in
 from .registry import REGISTRY
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
+def load_folder(root: Path, skip_bad: bool, log, image_size: tuple[int, int] | None = None,
+                channels: int | None = None) -> tuple[dict[str, Dataset], list[str]]:
+    """Datasets per tree ("train" and, if present, "val"/"test") with shared classes.
 
-def load_folder(root: Path, skip_bad: bool, log) -> tuple[dict[str, Dataset], list[str]]:
-    """Datasets per tree ("train" and, if present, "val"/"test") with shared classes."""
+    image_size (h, w) / channels: what to bring every image to (a model's); default: decided from the images.
+    """
     trees = _trees(root)
     classes = _classes(trees["train"])
     files = {split: _labelled_files(tree, classes, trees["train"]) for split, tree in trees.items()}
-    pixels = _read_all(files, root, skip_bad, log)
+    images = _read_images(files, classes, root, skip_bad, log, image_size, channels)
     for split in trees:
-        present = {label for _, label in pixels[split]}
-        wanted = {label for _, label in files[split]}
-        if wanted - present:
-            empty = ", ".join(classes[i] for i in sorted(wanted - present))
-            raise VggkitError(f"no readable images left for class(es) {empty} in {trees[split]}; add some")
-    return _stack(pixels, classes, root, log), classes
+        _check_classes_left(files[split], images[split], classes, trees[split])
+    return images, classes
+
+
+def load_labelled_folder(root: Path, classes: list[str], skip_bad: bool, log, image_size: tuple[int, int] | None = None,
+                         channels: int | None = None) -> Dataset:
+    """Every image of root's class sub-folders, labelled by the given classes (a model's; a subset may be present)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VggkitError(f"{root}: no such folder; give a folder with one sub-folder of images per class")
+    names = [d.name for d in _class_dirs(root)]
+    strangers = [n for n in names if n not in classes]
+    if not names or strangers:
+        found = f"its sub-folders {', '.join(strangers)} are not" if strangers else "it has no sub-folders named after"
+        trees = [n for n in ("test", "val", "train") if n in strangers]
+        fix = (f"give one of its trees, e.g. {root / trees[0]}" if trees and trees[0] not in classes
+               else f"give a folder with one sub-folder per class, e.g. {root / classes[0]}/001.png")
+        raise VggkitError(f"{root}: {found} classes of the model ({', '.join(classes)}); {fix}")
+    files = _labelled_files(root, classes, root)
+    return _read_images({"all": files}, classes, root, skip_bad, log, image_size, channels)["all"]
 
 
 def _trees(root: Path) -> dict[str, Path]:
@@ -51,7 +70,10 @@ def _classes(train: Path) -> list[str]:
         hint = (f" (it holds files of {' or '.join(named)}: use the dataset's name with --data-dir)" if named
                 else "")
         raise VggkitError(f"{train} has no class sub-folders{hint}; expected one sub-folder of "
-                          f"PNG/JPEG images per class, e.g. {train}/cat/001.png")
+                          f"{IMAGE_KINDS} images per class, e.g. {train}/cat/001.png")
+    if len(classes) == 1:
+        raise VggkitError(f"{train} has one class sub-folder ({classes[0]}); a classifier needs at least two: "
+                          "add a sub-folder of images for each other class")
     return classes
 
 
@@ -60,79 +82,106 @@ def _labelled_files(tree: Path, classes: list[str], train: Path) -> list[tuple[P
     for d in _class_dirs(tree):
         if d.name not in classes:
             raise VggkitError(f"{d} is not a class of {train} ({', '.join(classes)}); rename or remove it")
-        images = _image_files(d)
+        images = image_files(d)
         if not images:
-            raise VggkitError(f"{d} holds no PNG/JPEG images; add some or remove the folder")
+            raise VggkitError(f"{d} holds no {IMAGE_KINDS} images; add some or remove the folder")
         files += [(p, classes.index(d.name)) for p in images]
     return files
-
-
-def _image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
 
 
 def _class_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_all(files: dict[str, list[tuple[Path, int]]], root: Path, skip_bad: bool,
-              log) -> dict[str, list[tuple[np.ndarray, int]]]:
-    """Pixels per split, in file order; unreadable files raise, or are skipped with a log line."""
-    from PIL import Image, UnidentifiedImageError
-
-    pixels: dict[str, list[tuple[np.ndarray, int]]] = {split: [] for split in files}
-    bad = []
-    for split, items in files.items():
-        for path, label in items:
-            try:
-                pixels[split].append((_read_image(path), label))
-            except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
-                bad.append(str(path.relative_to(root)))
-    if bad:
-        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        if not skip_bad:
-            raise VggkitError(f"{len(bad)} unreadable image(s) in {root}: {names}; remove or replace them, "
-                              "or skip them with skip_bad=True (--skip-bad)")
-        log(f"skipped {len(bad)} unreadable image(s) in {root}: {names}")
-    return pixels
+def _check_classes_left(files: list[tuple[Path, int]], dataset: Dataset, classes: list[str], tree: Path) -> None:
+    empty = sorted({label for _, label in files} - set(dataset.labels.tolist()))
+    if empty:
+        names = ", ".join(classes[i] for i in empty)
+        raise VggkitError(f"no readable images left for class(es) {names} in {tree}; add some")
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Pixels H x W x C (C = 1 for grayscale modes, else 3); raises OSError/ValueError-like errors."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        gray = im.mode in _GRAY_MODES
-        array = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
-    return array[..., None] if gray else array
+@dataclass
+class _Probe:
+    """What a file's header says: its shown size and whether it is grayscale."""
+    path: Path
+    label: int
+    size: tuple[int, int]
+    channels: int
 
 
-def _stack(pixels: dict[str, list[tuple[np.ndarray, int]]], classes: list[str], root: Path,
-           log) -> dict[str, Dataset]:
-    """One Dataset per split, every image at the most common size and the same number of channels."""
-    sizes = Counter(a.shape[:2] for items in pixels.values() for a, _ in items)
-    (h, w), _ = sizes.most_common(1)[0]
-    total = sum(sizes.values())
-    if len(sizes) > 1:
-        log(f"note: {total - sizes[(h, w)]} of {total} images in {root} are not {w}x{h} (the most common size); "
-            "resized them to it")
-    channels = max(a.shape[2] for items in pixels.values() for a, _ in items)
-    datasets = {}
-    for split, items in pixels.items():
-        arrays = [_fit(a, h, w, channels) for a, _ in items]
-        labels = np.array([label for _, label in items], dtype=np.int64)
-        datasets[split] = Dataset(np.stack(arrays), labels, classes)
+def _read_images(files: dict[str, list[tuple[Path, int]]], classes: list[str], root: Path, skip_bad: bool, log,
+                 image_size, channels) -> dict[str, Dataset]:
+    """One Dataset per split, every image at one size and channel count; unreadable files raise or are skipped."""
+    bad: list[str] = []
+    probes = {split: _probe_all(items, root, bad) for split, items in files.items()}
+    every = [p for items in probes.values() for p in items]
+    if not every:
+        _report_bad(bad, root, skip_bad, log)
+        raise VggkitError(f"no readable images in {root}; add some")
+    size = tuple(image_size) if image_size is not None else _median_size(every)
+    channels = channels or max(p.channels for p in every)
+    _note_resized(every, size, root, log, image_size is not None)
+    datasets = {split: _fitted(items, size, channels, classes, root, bad) for split, items in probes.items()}
+    _report_bad(bad, root, skip_bad, log)
     return datasets
 
 
-def _fit(array: np.ndarray, h: int, w: int, channels: int) -> np.ndarray:
-    from PIL import Image
+def _probe_all(items: list[tuple[Path, int]], root: Path, bad: list[str]) -> list[_Probe]:
+    from PIL import UnidentifiedImageError
 
-    if array.shape[:2] != (h, w):
-        im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-        array = np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8).reshape(h, w, -1)
-    if array.shape[2] != channels:
-        array = np.repeat(array, channels, axis=2)  # gray -> RGB, as PIL's convert does
-    return array
+    probes = []
+    for path, label in items:
+        try:
+            with open_image(path) as image:
+                probes.append(_Probe(path, label, shown_size(image), natural_channels(image)))
+        except ImageTooLarge:
+            bad.append(f"{path.relative_to(root)} (too large)")
+        except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+            bad.append(str(path.relative_to(root)))
+    return probes
+
+
+def _median_size(probes: list[_Probe]) -> tuple[int, int]:
+    """The lower median of the heights and of the widths: the common size when most images share one."""
+    heights = sorted(p.size[0] for p in probes)
+    widths = sorted(p.size[1] for p in probes)
+    middle = (len(probes) - 1) // 2
+    return heights[middle], widths[middle]
+
+
+def _note_resized(probes: list[_Probe], size: tuple[int, int], root: Path, log, given: bool) -> None:
+    others = sum(p.size != size for p in probes)
+    if others:
+        what = "the size the model was trained on" if given else "the median size"
+        log(f"note: {others} of {len(probes)} images in {root} are not {size[1]}x{size[0]} ({what}); centre-cropped "
+            "them to its aspect ratio and resized them to it")
+
+
+def _fitted(probes: list[_Probe], size: tuple[int, int], channels: int, classes: list[str], root: Path,
+            bad: list[str]) -> Dataset:
+    """The pixels of the probed files at size and channels, in file order; unreadable ones added to bad."""
+    from PIL import UnidentifiedImageError
+
+    images = np.empty((len(probes), *size, channels), dtype=np.uint8)
+    kept = []
+    for i, probe in enumerate(probes):
+        try:
+            with open_image(probe.path) as image:
+                images[i] = fit(pixels_of(image, channels), size)
+            kept.append(i)
+        except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+            bad.append(str(probe.path.relative_to(root)))
+    if len(kept) < len(probes):
+        images = images[kept]
+    labels = np.array([probes[i].label for i in kept], dtype=np.int64)
+    return Dataset(images, labels, classes, paths=[str(probes[i].path) for i in kept])
+
+
+def _report_bad(bad: list[str], root: Path, skip_bad: bool, log) -> None:
+    if not bad:
+        return
+    names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if not skip_bad:
+        raise VggkitError(f"{len(bad)} unreadable image(s) in {root}: {names}; remove or replace them, "
+                          "or skip them with skip_bad=True (--skip-bad)")
+    log(f"skipped {len(bad)} unreadable image(s) in {root}: {names}")
