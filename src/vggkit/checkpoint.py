@@ -49,14 +49,16 @@ def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict |
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    remove_stale_temporaries(directory)
+    remove_stale_temporaries(directory.parent)
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """The temporary copies of `directory` that a kill during an earlier save left behind.
-    Only the run's one training process (it holds the run's lock) saves there, so none is in use."""
-    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+def remove_stale_temporaries(checkpoints: Path) -> None:
+    """Remove the temporary checkpoint directories (.last.*.tmp, .best.*.tmp) that a kill during an
+    earlier save left behind. Only the run's one training process (it holds the run's lock) saves
+    there, so none is in use; a folder holding anything but checkpoint files is left alone."""
+    for stale in checkpoints.glob(".*.tmp"):
+        if stale.is_dir() and not stale.is_symlink() and {p.name for p in stale.iterdir()} <= {WEIGHTS, STATE}:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def all_finite(tensors) -> bool:
@@ -73,6 +75,7 @@ def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {"vggkit": json.dumps({"model": model.config(), **meta})}
     save_file(tensors, str(path), metadata=header)
+    honour_umask(path)  # safetensors creates the file 0600
 
 
 def read_meta(path: str | Path) -> dict:

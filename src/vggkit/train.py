@@ -315,8 +315,8 @@ def diverged(t: Trainer, loop: LoopState, problem: str) -> TrainingDiverged:
         outcome = (f"no checkpoint was saved; lower the learning rate and start again: the same command with "
                    f"{lower} --overwrite")
     else:
-        outcome = (f"nothing was saved after it: the last good checkpoint {kept} is kept; lower the learning rate "
-                   f"and start again, e.g. {lower} with --overwrite (or another --name)")
+        outcome = (f"the last good checkpoint {kept} is kept; lower the learning rate and start again, "
+                   f"e.g. {lower} --overwrite (or another --name)")
     return TrainingDiverged(f"{problem} at epoch {loop.epoch}, step {loop.step} (lr {lr:.3g}); {outcome}")
 
 
