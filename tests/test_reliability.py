@@ -158,15 +158,16 @@ def start_trainer(tmp_path, config: dict, at_step: int, resume=None) -> subproce
     return proc
 
 
-def test_a_second_training_is_refused_while_the_first_completes(tmp_path):
+def test_a_second_training_is_refused_while_the_first_completes(tmp_path, capsys):
     first = start_trainer(tmp_path, tiny(tmp_path, epochs=2), at_step=STEPS_PER_EPOCH + 1)  # after a checkpoint
     try:
         run = tmp_path / "run"
-        for second in (["--out", tmp_path, "--name", "run", "--overwrite"], ["--out", tmp_path, "--name", "run"],
-                       ["--resume", run]):
-            done = vggkit_command("train", *TINY_FLAGS, *second)
-            assert done.returncode == 2, done.stderr
-            assert f"{run} is in use: process {first.pid} is training there" in one_line(done.stderr)
+        in_use = f"{run} is in use: process {first.pid} is training there"
+        second = vggkit_command("train", *TINY_FLAGS, "--out", tmp_path, "--name", "run", "--overwrite")
+        assert second.returncode == 2 and in_use in one_line(second.stderr)
+        for attempt in (["--out", tmp_path, "--name", "run"], ["--resume", run]):  # from this process
+            code, err = cli(capsys, "train", *TINY_FLAGS, *attempt)
+            assert code == 2 and in_use in one_line(err)
         (tmp_path / "go").touch()
         assert first.wait(timeout=300) == 0
     finally:
