@@ -1,4 +1,5 @@
 """The run directory: creating, refusing and replacing runs, finding checkpoints, resume config rules."""
+import os
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from vggkit import TrainConfig
 from vggkit.config import save_config
 from vggkit.errors import VggkitError
-from vggkit.rundir import (RunDir, config_path, evaluation_dir, export_dir, find_checkpoint, find_config,
-                           has_resumable_checkpoint)
+from vggkit.rundir import (LOCK, MARKER, RunDir, RunInUse, RunLock, check_run_name, config_path, evaluation_dir,
+                           export_dir, find_checkpoint, find_config, has_resumable_checkpoint)
 
 
 def saved_run(tmp_path, **config) -> RunDir:
@@ -59,6 +60,15 @@ def test_resume_takes_a_whole_train_config_of_the_same_run(tmp_path):
         run.resumed_config(TrainConfig(lr=0.2))
 
 
+@pytest.mark.parametrize("epochs", [-3, 0])
+def test_resume_overrides_are_validated_like_a_new_run(tmp_path, epochs):
+    run = saved_run(tmp_path)
+    before = run.config_path.read_bytes()
+    with pytest.raises(VggkitError, match="epochs must be positive"):
+        run.resumed_config({"epochs": epochs})
+    assert run.config_path.read_bytes() == before
+
+
 def test_only_a_run_directory_can_be_resumed(tmp_path):
     with pytest.raises(VggkitError, match="is not a vggkit run .* give the run directory to resume"):
         RunDir.existing(tmp_path)
@@ -72,16 +82,92 @@ def test_a_new_run_is_named_after_the_preset_and_the_time(tmp_path):
     assert run.path.parent == tmp_path and run.path.name.startswith("d2l-20") and not run.path.exists()
 
 
-def test_an_existing_run_is_refused_or_replaced(tmp_path):
+def test_an_existing_run_is_refused_or_replaced_only_when_claimed(tmp_path):
     config = TrainConfig(out=str(tmp_path), name="taken")
     (tmp_path / "taken").mkdir()
     assert RunDir.create(config, overwrite=False).path == tmp_path / "taken"  # empty: free to use
-    (tmp_path / "taken" / "config.toml").write_text("precious")
+    run = RunDir.create(config, overwrite=False)
+    run.claim(overwrite=False)
+    run.unlock()
+    assert (run.path / MARKER).is_file() and run.is_run()
+    save_config(config, run.config_path)
+    checkpoint(run.last)
     with pytest.raises(VggkitError, match="already holds a run; use --resume .* --overwrite"):
         RunDir.create(config, overwrite=False)
-    assert (tmp_path / "taken" / "config.toml").read_text() == "precious"
-    RunDir.create(config, overwrite=True)
-    assert not (tmp_path / "taken").exists()
+    replaced = RunDir.create(config, overwrite=True)
+    assert run.last.is_dir()  # create only checks: nothing is deleted before the data is loaded
+    replaced.claim(overwrite=True)
+    replaced.unlock()
+    assert sorted(p.name for p in run.path.iterdir()) == [LOCK, MARKER]
+
+
+def test_a_run_without_checkpoint_points_to_overwrite_not_resume(tmp_path):
+    config = TrainConfig(out=str(tmp_path), name="empty")
+    RunDir.create(config, overwrite=False).claim(overwrite=False)
+    with pytest.raises(VggkitError, match="saved no checkpoint; use --overwrite") as error:
+        RunDir.create(config, overwrite=False)
+    assert "--resume" not in str(error.value)
+    with pytest.raises(VggkitError, match="start it again with --overwrite"):
+        RunDir(tmp_path / "empty").last_checkpoint()
+
+
+def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "config.toml").write_text("precious")
+    (folder / "checkpoints").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(VggkitError, match="already exists and is not a vggkit run .* choose another --name"):
+            RunDir.create(TrainConfig(out=str(tmp_path), name="thesis"), overwrite=overwrite)
+        with pytest.raises(VggkitError, match="is not a vggkit run"):
+            RunDir(folder).claim(overwrite=overwrite)
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK, "checkpoints", "config.toml"]
+    assert (folder / "config.toml").read_text() == "precious"
+
+
+def test_a_run_from_before_the_marker_is_recognised(tmp_path):
+    run = saved_run(tmp_path)
+    assert not run.is_run()  # a config alone is not enough
+    checkpoint(run.last)
+    assert run.is_run()
+    run.claim(overwrite=True)
+    assert not run.last.exists() and (run.path / MARKER).is_file()
+
+
+def test_overwrite_removes_a_link_inside_the_run_not_what_it_points_to(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    run = RunDir(tmp_path / "run")
+    run.claim(overwrite=False)
+    (run.path / "link").symlink_to(outside, target_is_directory=True)
+    run.unlock()
+    run.claim(overwrite=True)
+    assert not (run.path / "link").exists() and (outside / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "/abs", "a/b", "a\\b", ""])
+def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
+    with pytest.raises(VggkitError, match="is not a plain name; give a folder name without"):
+        RunDir.create(TrainConfig(out=str(tmp_path), name=name), overwrite=False)
+    check_run_name("vgg-11_run.2")
+
+
+def test_a_locked_run_is_refused_naming_the_holder_and_free_again_after(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert RunLock.holder(run.path) is None and not run.path.exists()  # asking creates nothing
+    run.claim(overwrite=False)
+    assert RunLock.holder(run.path) == os.getpid() and (run.path / LOCK).read_text() == f"{os.getpid()}\n"
+    for attempt in (lambda: RunDir.create(TrainConfig(out=str(tmp_path), name="run"), overwrite=True),
+                    lambda: RunDir(run.path).lock(), lambda: RunDir(run.path).claim(overwrite=True)):
+        with pytest.raises(RunInUse, match=f"in use: process {os.getpid()} is training there") as error:
+            attempt()
+        assert error.value.pid == os.getpid()
+    run.unlock()
+    assert RunLock.holder(run.path) is None
+    again = RunDir(run.path)
+    again.lock()
+    again.unlock()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -282,12 +282,11 @@ def test_train_bad_input(capsys, argv, needle):
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
-    run = tmp_path / "taken"
-    run.mkdir()
-    (run / "config.toml").write_text("precious")
+    history = train(tiny(tmp_path, name="taken", epochs=1), progress="none", log=lambda *a: None)
+    before = {p: p.read_bytes() for p in history.run_dir.rglob("*") if p.is_file()}
     code, _, err = run_cli(capsys, "train", "--out", tmp_path, "--name", "taken", "--data", SAMPLE)
-    assert code == 2 and "already holds a run" in err and "--resume" in err
-    assert (run / "config.toml").read_text() == "precious"
+    assert code == 2 and "already holds a run" in err and "--resume" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in history.run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):

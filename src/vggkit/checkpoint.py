@@ -4,7 +4,8 @@ A checkpoint is a directory holding the weights (plus the model config and prepr
 metadata) and, for training checkpoints, the training state (optimizer, schedule, RNG, epoch,
 step; loads with torch.load(weights_only=True)); rundir.py names the files and knows where
 checkpoints lie in a run. A directory is written beside its final name and swapped in with
-renames, so a kill at any moment leaves a complete checkpoint.
+renames, so a kill at any moment leaves a complete checkpoint (and at worst a stale temporary
+directory, removed by the next save). Weights that are not finite are never loaded as a model.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .atomic import atomic_write, atomic_write_text, fsync_dir  # noqa: F401  (re-exported)
+from .atomic import atomic_write, atomic_write_text, fsync_dir, honour_umask  # noqa: F401  (re-exported)
 from .errors import VggkitError
 from .model import VGG
 from .rundir import STATE, WEIGHTS, previous, weights_file
@@ -31,6 +32,7 @@ def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict |
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
+        honour_umask(tmp)
         save_weights(tmp / WEIGHTS, model, meta)
         if state is not None:
             torch.save(state, tmp / STATE)
@@ -47,12 +49,33 @@ def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict |
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_temporaries(directory.parent)
+
+
+def remove_stale_temporaries(checkpoints: Path) -> None:
+    """Remove the temporary checkpoint directories (.last.*.tmp, .best.*.tmp) that a kill during an
+    earlier save left behind. Only the run's one training process (it holds the run's lock) saves
+    there, so none is in use; a folder holding anything but checkpoint files is left alone."""
+    for stale in checkpoints.glob(".*.tmp"):
+        if stale.is_dir() and not stale.is_symlink() and {p.name for p in stale.iterdir()} <= {WEIGHTS, STATE}:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point value is finite: one fused reduction (the max-norm of each
+    tensor: NaN or inf where any element is), one device sync."""
+    tensors = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
 def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {"vggkit": json.dumps({"model": model.config(), **meta})}
     save_file(tensors, str(path), metadata=header)
+    honour_umask(path)  # safetensors creates the file 0600
 
 
 def read_meta(path: str | Path) -> dict:
@@ -79,4 +102,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VG
     except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0]
         raise VggkitError(f"cannot load weights from {weights}: {first}") from None
+    if not all_finite(state.values()):
+        bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        raise VggkitError(f"{weights} holds NaN or infinite weights ({len(bad)} tensors, first {bad[0]}): "
+                          "it comes from a diverged training; train again with a lower --lr")
     return model.to(device).eval(), meta

@@ -9,7 +9,7 @@ The loop calls every logger, on rank 0 only, at these points:
     epoch(row)               an epoch ended; its checkpoint is saved (the row: train/val/test
                              loss and accuracy, lr, seconds, images_per_s, elapsed)
     interrupted(stop)        SIGINT/SIGTERM: the checkpoint to resume from is saved
-    diverged(epoch, step)    the loss became NaN or infinite (TrainingDiverged follows)
+    diverged(epoch, step)    the loss or the weights became NaN or infinite (TrainingDiverged follows)
     end(summary)             training finished (RunEnd)
 
 `default_loggers` lists the standard ones; `train(..., loggers=[...])` adds more.

@@ -6,9 +6,14 @@ train() opens the run (new or resumed), sets up a Trainer (what the run works wi
 LoopState (where it is), then `for epoch: train_one_epoch(); end_epoch()` and finish(). A stop
 request (SIGINT/SIGTERM) ends it through interrupt(). Everything the run tells the world goes
 through its loggers (loggers.py); its files are named by rundir.py.
+
+The run directory is locked for the whole run; a new one is written only once the data is loaded.
+Weights are saved only when they and their loss are finite (check_saveable): a diverged run
+never leaves a NaN model behind as its last or best checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import signal
@@ -21,8 +26,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import distributed as dist
-from .checkpoint import save_checkpoint
-from .config import TrainConfig, resolve_config, save_config
+from .checkpoint import all_finite, save_checkpoint
+from .config import RECIPES, TrainConfig, resolve_config, save_config
 from .data import load_data
 from .errors import VggkitError
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
@@ -42,7 +47,7 @@ PROGRESS_EVERY = 20  # steps between reads of the running loss (each one waits f
 
 
 class TrainingDiverged(VggkitError):
-    """The loss became NaN or infinite."""
+    """The loss or the weights became NaN or infinite."""
 
 
 @dataclass
@@ -164,23 +169,32 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         if rank != 0:  # only rank 0 speaks and writes
             log, progress = (lambda *a, **k: None), "none"
         run, config, state = open_run(config, resume, overwrite, world_size)
-        t = set_up(config, run, settings, log, on_step, started)
-        loop = restore(t, state) if state is not None else LoopState(fresh_sums(t), History(run.path))
-        t.step_model = parallel_and_compiled(t, loop.step)
-        if t.main:
-            show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
-            t.loggers = Loggers([*default_loggers(run, log, show_bar), *(loggers or ())])
-        start(t, loop, resumed=state is not None)
+        try:
+            t = set_up(config, run, settings, log, on_step, started)
+            if state is None:  # the data is loaded and checked: now the run directory may be written
+                dist.from_main(lambda: run.claim(overwrite))
+            loop = restore(t, state) if state is not None else LoopState(fresh_sums(t), History(run.path))
+            t.step_model = parallel_and_compiled(t, loop.step)
+            if t.main:
+                show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+                t.loggers = Loggers([*default_loggers(run, log, show_bar), *(loggers or ())])
+            start(t, loop, resumed=state is not None)
+            return run_epochs(t, loop)
+        finally:
+            run.unlock()
 
-        with StopRequest() as stop:
-            for epoch in range(loop.epoch, config.epochs + 1):
-                trained = train_one_epoch(t, loop, stop)
-                if trained is None:
-                    return interrupt(t, loop, stop)
-                end_epoch(t, loop, trained)
-                if dist.agree_stop(stop) is not None and epoch < config.epochs:  # all ranks agree
-                    return interrupt(t, loop, stop)
-        return finish(t, loop)
+
+def run_epochs(t: Trainer, loop: LoopState) -> History:
+    """The epochs from loop.epoch on, then finish(); or interrupt() on a stop request."""
+    with StopRequest() as stop:
+        for epoch in range(loop.epoch, t.config.epochs + 1):
+            trained = train_one_epoch(t, loop, stop)
+            if trained is None:
+                return interrupt(t, loop, stop)
+            end_epoch(t, loop, trained)
+            if dist.agree_stop(stop) is not None and epoch < t.config.epochs:  # all ranks agree
+                return interrupt(t, loop, stop)
+    return finish(t, loop)
 
 
 def train_one_epoch(t: Trainer, loop: LoopState, stop: StopRequest) -> EpochRun | None:
@@ -215,10 +229,7 @@ def step_metrics(t: Trainer, loop: LoopState, lr: float, images: int, epoch_star
     """The epoch's running loss, accuracy and speed (one device sync); TrainingDiverged if the loss is not finite."""
     loss_sum, correct, count = loop.sums.tolist()
     if not math.isfinite(loss_sum):
-        t.loggers.diverged(loop.epoch, loop.step)
-        raise TrainingDiverged(
-            f"loss became {loss_sum / max(count, 1)} at epoch {loop.epoch}, step {loop.step} (lr {lr:.3g}); "
-            f"lower the learning rate, e.g. --lr {t.config.lr / 10:g}; the last good checkpoint is kept")
+        raise diverged(t, loop, f"loss became {loss_sum / max(count, 1)}")
     images_per_s = images * t.world_size / max(time.perf_counter() - epoch_start, 1e-9)
     return {"loss": loss_sum / count, "acc": correct / count, "images_per_s": images_per_s, "lr": lr}
 
@@ -229,6 +240,7 @@ def end_epoch(t: Trainer, loop: LoopState, trained: EpochRun) -> None:
     loop.train_images += trained.images * t.world_size
     dist.all_reduce_sum(loop.sums)
     row = epoch_row(t, loop, trained)
+    check_saveable(t, loop, row.get("val_loss", row.get("test_loss")))
     loop.history.epochs.append(row)
     score = row.get("val_acc", row["train_acc"])
     is_best = score > loop.best_val
@@ -259,6 +271,7 @@ def interrupt(t: Trainer, loop: LoopState, stop: StopRequest) -> History:
     mid_epoch = loop.batch > 0
     if mid_epoch:
         dist.all_reduce_sum(loop.sums)  # saved global: the resumed run continues the epoch's sums
+        check_saveable(t, loop, None)
         save_last(t, loop, t.meta)
     epoch = loop.epoch if mid_epoch else loop.epoch - 1
     t.loggers.interrupted(Interruption(signal.Signals(stop.signal).name, epoch, loop.step, mid_epoch))
@@ -278,6 +291,42 @@ def finish(t: Trainer, loop: LoopState) -> History:
     return history
 
 
+def check_saveable(t: Trainer, loop: LoopState, loss: float | None) -> None:
+    """Before a checkpoint is written: TrainingDiverged unless the weights are finite (one fused
+    reduction) and so is their loss: `loss` (the epoch's validation or test loss, measured on
+    these weights), or else that of one training batch. Finite weights can still give NaN outputs
+    (a huge learning rate leaves weights of 1e27), hence the loss. Every rank calls it alike."""
+    if not all_finite(t.model.state_dict().values()):
+        raise diverged(t, loop, "the weights became NaN or infinite")
+    if loss is None:
+        first_batch = list(itertools.islice(t.train_loader.iter_from(0), 1))
+        loss = evaluate_loader(t.model, first_batch, t.speed, t.device)[0]
+    if not math.isfinite(loss):
+        raise diverged(t, loop, f"the loss of the current weights is {loss}")
+
+
+def diverged(t: Trainer, loop: LoopState, problem: str) -> TrainingDiverged:
+    """The error that ends a diverged run, saying truthfully what was kept and what to do next."""
+    t.loggers.diverged(loop.epoch, loop.step)
+    lr = lr_at(t.config, max(loop.step - 1, 0), t.total_steps)
+    lower = f"--lr {lower_lr(t.config):g}"
+    kept = t.run.resumable_checkpoint()
+    if kept is None:
+        outcome = (f"no checkpoint was saved; lower the learning rate and start again: the same command with "
+                   f"{lower} --overwrite")
+    else:
+        outcome = (f"the last good checkpoint {kept} is kept; lower the learning rate and start again, "
+                   f"e.g. {lower} --overwrite (or another --name)")
+    return TrainingDiverged(f"{problem} at epoch {loop.epoch}, step {loop.step} (lr {lr:.3g}); {outcome}")
+
+
+def lower_lr(config: TrainConfig) -> float:
+    """A learning rate to suggest after a divergence: a tenth, but no more than the recipe's own
+    (a tenth of 1e30 would diverge as well)."""
+    recipe_lr = RECIPES.get(config.preset, {}).get("lr", TrainConfig.lr)
+    return min(config.lr / 10, recipe_lr)
+
+
 def save_last(t: Trainer, loop: LoopState, meta: dict) -> None:
     """The checkpoint to resume from: weights, optimizer, RNG and loop.epoch/batch (rank 0 writes it)."""
     if t.main:
@@ -292,11 +341,17 @@ def open_run(config, resume, overwrite: bool, world_size: int) -> tuple[RunDir, 
     """The run directory, the config and, when resuming, the saved training state."""
     if resume is not None:
         run = RunDir.existing(resume)
-        return run, run.resumed_config(config), run.read_state()
+        dist.from_main(run.lock)  # held until train() returns: one process trains in a run at a time
+        try:
+            return run, run.resumed_config(config), run.read_state()
+        except BaseException:
+            run.unlock()
+            raise
     if not isinstance(config, TrainConfig):
         config = resolve_config(overrides=dict(config or {}))
     dist.check_batch_size(config.batch_size, world_size)
-    path = dist.agree_run_dir(lambda: RunDir.create(config, overwrite).path)  # rank 0 names it for all ranks
+    # rank 0 names and checks it for all ranks; it is claimed (locked, written) once the data is loaded
+    path = dist.agree_run_dir(lambda: RunDir.create(config, overwrite).path)
     return RunDir(path), config, None
 
 
@@ -385,7 +440,6 @@ def parallel_and_compiled(t: Trainer, step: int) -> torch.nn.Module:
 def start(t: Trainer, loop: LoopState, resumed: bool) -> None:
     """Write the run's config and tell the loggers the run begins."""
     if t.main:
-        t.run.path.mkdir(parents=True, exist_ok=True)
         save_config(t.config, t.run.config_path)
     splits = t.splits
     t.loggers.start(RunStart(
