@@ -1,6 +1,7 @@
 """`vggkit predict`: top-k classes for image files, preprocessed as the model was trained."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,19 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     except FileNotFoundError:
         raise VggkitError(f"image {path} does not exist; check the path") from None
+    except Image.DecompressionBombError as e:
+        raise VggkitError(f"image {path} is too large to open safely ({e}); shrink it, or raise "
+                          "PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
     except (UnidentifiedImageError, OSError) as e:
         raise VggkitError(f"{path} is not a readable image ({type(e).__name__}); give PNG or JPEG files") from None
+    for warning in caught:  # Pillow's warnings (a large image, a damaged chunk) do not say which file
+        warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=2)
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
