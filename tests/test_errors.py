@@ -32,6 +32,11 @@ TINY_RUN = ["--data", "fashion-mnist-sample", "--arch", "1x8", "--input-size", "
             "--precision", "fp32", "--threads", "2", "--quiet"]
 
 
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("VGGKIT_DEBUG", raising=False)  # these tests are about what users see
+
+
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -112,6 +117,7 @@ def test_summary_refuses_absurd_layers(capsys, argv, needle):
     ("threads = 0", "threads must be positive, got 0"),
     ('arch = "1x99999999999999999999"', "at most 65,536 channels"),
     ("bogus = 1", "unknown config key 'bogus'"),
+    ("preset = [1]", "unknown preset [1]; choose one of fast"),
     ("train = 5", "train must be a table"),
 ])
 def test_config_file_values_are_checked(tmp_path, capsys, toml, needle):
@@ -329,7 +335,7 @@ def good_model_meta():
 
 @pytest.mark.parametrize("model_meta,needle", [
     ({**good_model_meta(), "colour": "blue"}, "unknown model argument 'colour'; VGG takes arch"),
-    ({**good_model_meta(), "fc_width": 48_000}, "the second dense layer would have 2,304,000,000 weights (9 GiB"),
+    ({**good_model_meta(), "fc_width": 48_000}, "the second dense layer would have 2,304,000,000 weights (8.58 GiB"),
     ({**good_model_meta(), "arch": "1x99999999999999999999"}, "at most 65,536 channels"),
     ({**good_model_meta(), "dropout": "half"}, "dropout must be in [0, 1)"),
     ({**good_model_meta(), "batch_norm": "no"}, "batch_norm must be True or False"),
@@ -403,6 +409,9 @@ def test_channel_statistics_that_do_not_fit_say_so_truly(tmp_path, capsys):
         Preprocess(28, [0.1, 0.2, 0.3], [1.0], channels=1)
     with pytest.raises(VggkitError, match=r"std has 2 values for 3-channel images; it takes 1 or 3 values$"):
         Preprocess(28, [0.1], [1.0, 2.0], channels=3)
+    from vggkit.features import FeatureExtractor
+    with pytest.raises(VggkitError, match=r"mean and std need 1 value \(one per input channel\)"):
+        FeatureExtractor(tiny_model(), ["block1"], mean=[0.1, 0.2, 0.3], std=[1.0])
     save_checkpoint(tmp_path / "c", tiny_model(), {**META, "mean": [0.1, 0.2, 0.3]})
     Image.new("L", (28, 28)).save(tmp_path / "x.png")
     code, _, err = run_cli(capsys, "predict", tmp_path / "c", tmp_path / "x.png")

@@ -79,6 +79,7 @@ TRAIN_HELP = {
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
+    "threads": "CPU threads, 1 to 1024 (default: torch's, one per core; 0 is refused)", "seed": "0 to 2**64-1",
 }
 
 
@@ -254,7 +255,7 @@ def _add_debug_flag(parser: argparse.ArgumentParser, sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; whatever goes wrong becomes one line on stderr and an exit code (errors.py)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
-    debug = _debug(argv)
+    debug = debug_requested(argv)
     try:
         with warnings.catch_warnings():
             if not debug:
@@ -268,12 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         line, code = user_message(error)
         print(line, file=sys.stderr)
         return code
-
-
-def _debug(argv: list[str]) -> bool:
-    # read before parsing, so that an error while parsing also shows its traceback
-    options = argv[:argv.index("--")] if "--" in argv else argv
-    return debug_requested() or "--debug" in options
 
 
 def _run(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import VggkitError
+from .specs import parse_arch
 
 
 DEFAULT_RECIPE = "fast"
@@ -108,8 +109,7 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     """The recipe `preset`, then the TOML file's keys, then explicit overrides (None values are ignored)."""
     from_file = _read_toml(file) if file else {}
     preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or DEFAULT_RECIPE
-    if preset not in RECIPES:
-        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
+    _check_preset(preset)
     values = {**RECIPES[preset], **from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values["preset"] = preset
     unknown = sorted(set(values) - set(FIELD_TYPES))
@@ -139,14 +139,17 @@ def validate(config: TrainConfig) -> None:
     file-read and resumed configs alike."""
     for f in fields(TrainConfig):
         _check_type(f.name, getattr(config, f.name), f.type)
-    if config.preset not in RECIPES:
-        raise VggkitError(f"unknown preset {config.preset!r}; choose one of {', '.join(RECIPES)}")
+    _check_preset(config.preset)
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise VggkitError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     _check_ranges(config)
-    from .specs import parse_arch
     parse_arch(config.arch, config.ratio)  # a typo in the blocks is said before any data is loaded
+
+
+def _check_preset(preset) -> None:
+    if not isinstance(preset, str) or preset not in RECIPES:
+        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
 
 
 def _check_type(name: str, value, declared: str) -> None:

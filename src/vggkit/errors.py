@@ -15,9 +15,11 @@ class VggkitError(ValueError):
     """Bad input from the user. The CLI prints it as one line and exits with code 2."""
 
 
-def debug_requested() -> bool:
-    """VGGKIT_DEBUG=1 (or true/yes/on): let tracebacks through."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """Let tracebacks through: VGGKIT_DEBUG=1 (or true/yes/on), or --debug among the options in argv
+    (read before parsing, so that an error while parsing shows its traceback too)."""
+    options = (argv[:argv.index("--")] if "--" in argv else argv) if argv else []
+    return "--debug" in options or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def user_message(error: BaseException) -> tuple[str, int]:

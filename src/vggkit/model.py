@@ -247,7 +247,8 @@ def check_layer_sizes(arch: Arch, in_channels: int, pooled: tuple[int, int], fc_
                ("the output layer", fc_width * num_classes, "use a smaller fc_width")]
     for name, weights, fix in layers:
         if weights > MAX_LAYER_WEIGHTS:
-            raise VggkitError(f"{name} would have {weights:,} weights ({weights * 4 / 2**30:,.0f} GiB in float32), more "
+            count = f"{weights:,}" if weights < 10**15 else f"{weights:.1e}"
+            raise VggkitError(f"{name} would have {count} weights ({weights * 4 / 2**30:,.3g} GiB in float32), more "
                               f"than the {MAX_LAYER_WEIGHTS:,} a layer may have; {fix}")
 
 

@@ -75,7 +75,7 @@ def _rank_error(error: BaseException) -> int:
         first = first.split(". This is typically caused")[0]
         print(f"vggkit: error: rank {rank} lost contact with the other ranks ({first}); stopping", file=sys.stderr)
         return LOST_PEER_EXIT
-    if debug_requested():
+    if debug_requested(sys.argv[1:]):
         import traceback
         traceback.print_exception(error, file=sys.stderr)
         return 1
