@@ -25,8 +25,8 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
     except FileNotFoundError:
         raise VggkitError(f"image {path} does not exist; check the path") from None
     except Image.DecompressionBombError as e:
-        raise VggkitError(f"image {path} is too large to open safely ({e}); shrink it, or raise "
-                          "PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
+        raise VggkitError(f"image {path} is too large to open safely ({str(e).rstrip('.')}); "
+                          "shrink it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise VggkitError(f"{path} is not a readable image ({type(e).__name__}); give PNG or JPEG files") from None
     for warning in caught:  # Pillow's warnings (a large image, a damaged chunk) do not say which file
