@@ -3,8 +3,10 @@ splits made again from the run's config, any folder of class sub-folders, top-5,
 import importlib
 import json
 import shutil
+import tomllib
 
 import numpy as np
+import tomli_w
 import pytest
 import torch
 from PIL import Image
@@ -166,7 +168,9 @@ def test_cli_evaluate_bad_input(run, tmp_path, capsys, case, needle):
     else:
         weights = tmp_path / "weights"
         shutil.copytree(run_dir / "checkpoints" / "best", weights)
-        (tmp_path / "config.toml").write_text(f'[train]\ndata = "{folder}"\nval_size = 0\n')
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+        config["train"]["val_size"] = 0  # a complete run config (partial ones are refused) without validation
+        (tmp_path / "config.toml").write_text(tomli_w.dumps(config))
         args = ["evaluate", str(weights), "--split", "val"]
     assert main(args) == 2
     err = capsys.readouterr().err

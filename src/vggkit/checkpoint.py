@@ -78,6 +78,9 @@ def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
     honour_umask(path)  # safetensors creates the file 0600
 
 
+REQUIRED_META = ("model",)  # what rebuilds the network; the rest has defaults (export.preprocessing)
+
+
 def read_meta(path: str | Path) -> dict:
     """The JSON metadata stored with the weights (model config, classes, preprocessing, ...)."""
     weights = weights_file(path)
@@ -88,14 +91,25 @@ def read_meta(path: str | Path) -> dict:
         raise VggkitError(f"{weights} is not a readable safetensors file ({e}); point to a vggkit checkpoint") from None
     if "vggkit" not in header:
         raise VggkitError(f"{weights} has no vggkit metadata; it was not written by vggkit (see vggkit.convert)")
-    return json.loads(header["vggkit"])
+    try:
+        meta = json.loads(header["vggkit"])
+    except ValueError as e:
+        raise VggkitError(f"{weights} has damaged vggkit metadata (not JSON: {e}); use another checkpoint") from None
+    missing = [key for key in REQUIRED_META if key not in meta] if isinstance(meta, dict) else ["all"]
+    if missing or not isinstance(meta["model"], dict):
+        raise VggkitError(f"{weights} has incomplete vggkit metadata (missing {', '.join(missing) or 'model'}); "
+                          "use another checkpoint")
+    return meta
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, dict]:
     """Rebuild the network stored at `path` (run dir, checkpoint dir or weights file); returns (model, meta)."""
     weights = weights_file(path)
     meta = read_meta(weights)
-    model = VGG(**meta["model"])
+    try:
+        model = VGG.from_config(meta["model"])
+    except VggkitError as e:
+        raise VggkitError(f"{weights}: {e}") from None
     try:
         state = load_file(str(weights))
         model.load_state_dict(state)

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 
-from .errors import VggkitError
+from .errors import DEBUG_ENV, VggkitError, debug_requested, user_message
 from .optim import OPTIMIZER_STATES, SCHEDULES, TRAINING_OPTIMIZERS
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +85,7 @@ TRAIN_HELP = {
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
+    "threads": "CPU threads, 1 to 1024 (default: torch's, one per core; 0 is refused)", "seed": "0 to 2**64-1",
 }
 
 
@@ -266,20 +272,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+    _add_debug_flag(parser, sub)
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser, sub) -> None:
+    """--debug before or after the command: tracebacks instead of one-line errors (main reads it)."""
+    help_text = f"show tracebacks and raw warnings (also: {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=help_text)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=help_text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; whatever goes wrong becomes one line on stderr and an exit code (errors.py)."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    debug = debug_requested(argv)
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = list(argv) if argv is not None else sys.argv[1:]
-        return args.func(args)
-    except VggkitError as e:
-        print(f"vggkit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vggkit: interrupted", file=sys.stderr)
-        return 130
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _note
+            return _run(argv)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except BaseException as error:  # noqa: BLE001  the one place where exceptions meet the user
+        if debug or isinstance(error, SystemExit):
+            raise
+        line, code = user_message(error)
+        print(line, file=sys.stderr)
+        return code
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    code = args.func(args)
+    sys.stdout.flush()  # here, not at exit: a closed pipe is then a BrokenPipeError main() handles
+    return code
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning from a library (Pillow, torch) as one line; the full one with --debug."""
+    text = " ".join(str(message).split()) or category.__name__
+    print(f"vggkit: note: {text}", file=sys.stderr)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (`vggkit summary --json | head`): stop quietly, as a Unix
+    tool killed by SIGPIPE does, and point stdout at /dev/null so that the interpreter's last flush
+    does not raise a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
+        pass
+    return SIGPIPE_EXIT
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@ TOML file and then by flags; saved with the run. Architecture presets (vgg11, ..
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
+from .specs import parse_arch
 
 
 DEFAULT_RECIPE = "fast"
@@ -107,8 +110,7 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     """The recipe `preset`, then the TOML file's keys, then explicit overrides (None values are ignored)."""
     from_file = _read_toml(file) if file else {}
     preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or DEFAULT_RECIPE
-    if preset not in RECIPES:
-        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
+    _check_preset(preset)
     values = {**RECIPES[preset], **from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values["preset"] = preset
     unknown = sorted(set(values) - set(FIELD_TYPES))
@@ -119,33 +121,117 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     return config
 
 
+# Ranges, field by field (types come from TrainConfig's annotations; every float must be finite).
+POSITIVE = ("epochs", "batch_size", "input_size", "ratio", "fc_width", "lr", "limit", "test_limit", "threads")
+AT_LEAST_ZERO = ("val_size", "crop_padding", "weight_decay")
+FRACTIONS = ("momentum", "label_smoothing", "erasing", "dropout", "warmup")  # in [0, 1)
+MAX_THREADS = 1024  # torch starts that many threads at once: beyond this, a typo
+SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
+# Examples for the messages where TrainConfig's default is None.
+EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "test_limit": 1000, "threads": 4,
+            "name": "my-run"}
+LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image"}
+TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
 def validate(config: TrainConfig) -> None:
+    """Check every field: its declared type (bool is not int, numbers are finite), its range or
+    choices, and the architecture. A VggkitError names the field and a valid value. Used for new,
+    file-read and resumed configs alike."""
+    for f in fields(TrainConfig):
+        _check_type(f.name, getattr(config, f.name), f.type)
+    _check_preset(config.preset)
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise VggkitError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
-    for key in ("lr", "epochs", "batch_size", "input_size", "ratio", "fc_width"):
+    _check_ranges(config)
+    parse_arch(config.arch, config.ratio)  # a typo in the blocks is said before any data is loaded
+
+
+def _check_preset(preset) -> None:
+    if not isinstance(preset, str) or preset not in RECIPES:
+        raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
+
+
+def _check_type(name: str, value, declared: str) -> None:
+    kind, *others = declared.split(" | ")
+    if value is None:
+        if "None" in others:
+            return
+        raise VggkitError(f"{name} must be {TYPE_NAMES[kind]}; e.g. {_example(name)}")
+    fits = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
+    if not fits:
+        raise VggkitError(f"{name} must be {TYPE_NAMES[kind]}, got {_toml(value)} ({type(value).__name__}); "
+                          f"e.g. {_example(name)}")
+    if kind == "float" and not math.isfinite(value):
+        raise VggkitError(f"{name} must be a finite number, got {value}; e.g. {_example(name)}")
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for key in POSITIVE:
         value = getattr(config, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise VggkitError(f"{key} must be positive, got {value!r}; e.g. --{key.replace('_', '-')} "
-                              f"{getattr(TrainConfig, key)}")
-    for key in ("momentum", "weight_decay", "label_smoothing", "erasing", "dropout", "warmup"):
+        if value is not None and not value > 0:
+            raise VggkitError(f"{key} must be positive, got {value!r}; e.g. {_flag_example(key)}"
+                              + (f" (or leave it out: {LEFT_OUT[key]})" if key in LEFT_OUT else ""))
+    for key in AT_LEAST_ZERO:
         value = getattr(config, key)
-        if not isinstance(value, (int, float)) or not 0 <= value < (1 if key != "weight_decay" else float("inf")):
-            raise VggkitError(f"{key} must be in [0, 1), got {value!r}")
-    if config.val_size is not None and config.val_size < 0:
-        raise VggkitError(f"val_size must be 0 or more, got {config.val_size}")
+        if value is not None and value < 0:
+            raise VggkitError(f"{key} must be 0 or more, got {value!r}; e.g. {_flag_example(key)}")
+    for key in FRACTIONS:
+        value = getattr(config, key)
+        if not 0 <= value < 1:
+            raise VggkitError(f"{key} must be in [0, 1), got {value!r}; e.g. {_flag_example(key)}")
+    if config.threads is not None and config.threads > MAX_THREADS:
+        raise VggkitError(f"threads must be at most {MAX_THREADS}, got {config.threads} "
+                          f"(or leave it out: {LEFT_OUT['threads']})")
+    low, high = SEED_RANGE
+    if not low <= config.seed <= high:
+        raise VggkitError(f"seed must be in [{low}, 2**64 - 1] (torch's range), got {config.seed}; "
+                          f"e.g. {_flag_example('seed')}")
+
+
+def _example(name: str) -> str:
+    """A valid setting of `name` as a TOML line: where wrong types come from."""
+    return f"{name} = {_toml(_example_value(name))}"
+
+
+def _flag_example(name: str) -> str:
+    return f"--{name.replace('_', '-')} {_example_value(name)}"
+
+
+def _example_value(name: str):
+    return EXAMPLES.get(name, getattr(TrainConfig, name, None))
+
+
+def _toml(value) -> str:
+    """A value as TOML writes it (strings quoted, booleans lower case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
 def _read_toml(path: str | Path) -> dict:
+    """The table of config keys in a TOML file ([train], or the top level)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise VggkitError(f"config file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise VggkitError(f"config file {path} is a folder; give a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise VggkitError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise VggkitError(f"config file {path} is not valid TOML ({e})") from None
-    return data.get("train", data)
+    table = data.get("train", data)
+    if not isinstance(table, dict):
+        raise VggkitError(f"config file {path}: train must be a table ([train] followed by key = value lines)")
+    return table
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
@@ -157,8 +243,17 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> TrainConfig:
+    """A run's saved config.toml: every key that save_config writes, each valid."""
     values = _read_toml(path)
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    required = [f.name for f in fields(TrainConfig) if "None" not in f.type]
+    missing = [key for key in required if key not in values]
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r} key"
+        raise VggkitError(f"{path} is not a vggkit run config ({what}); restore the file or start a new run")
+    config = TrainConfig(**values)
     try:
-        return TrainConfig(**values)
-    except TypeError as e:
-        raise VggkitError(f"{path} is not a vggkit run config ({e})") from None
+        validate(config)
+    except VggkitError as e:
+        raise VggkitError(f"{path} is damaged: {e}; fix the file or start a new run") from None
+    return config

@@ -77,8 +77,8 @@ class FeatureExtractor(nn.Module):
             raise VggkitError("give both mean and std (the weights' normalisation) or neither")
         for values in (mean, std):
             if values is not None and len(values) not in (1, model.in_channels):
-                raise VggkitError(f"mean and std need 1 or {model.in_channels} values (one per input channel), "
-                                  f"got {list(values)}")
+                need = "1 value" if model.in_channels == 1 else f"1 or {model.in_channels} values"  # not "1 or 1"
+                raise VggkitError(f"mean and std need {need} (one per input channel), got {list(values)}")
         self.normalize = mean is not None
         shape = (1, -1, 1, 1)
         self.register_buffer("mean", torch.tensor(mean or [0.0], dtype=torch.float32).view(shape), persistent=False)

@@ -8,6 +8,7 @@ input size run at another. Neither has parameters: the state dict is the same fo
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -102,44 +103,37 @@ class VGG(nn.Module):
         init: str = "xavier",
         scale_fc: bool = False,
         head_pool: str = "none",
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            raise VggkitError(f"unknown model argument{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, sorted(unknown)))}; VGG takes {', '.join(ARGUMENTS)}")
         if in_channels is None:
             in_channels = PRESET_IN_CHANNELS.get(arch, 3) if isinstance(arch, str) else 3
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("fc_width", fc_width)):
-            if not isinstance(value, int) or value < 1:
-                raise VggkitError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= dropout < 1:
-            raise VggkitError(f"dropout must be in [0, 1), got {dropout}")
-        if init not in INITS:
-            raise VggkitError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-        if head_pool not in HEAD_POOLS:
-            raise VggkitError(f"unknown head_pool {head_pool!r}; choose one of {', '.join(HEAD_POOLS)}")
+        _check_arguments(in_channels=in_channels, num_classes=num_classes, fc_width=fc_width, dropout=dropout,
+                         batch_norm=batch_norm, init=init, scale_fc=scale_fc, head_pool=head_pool)
         self.arch = parse_arch(arch, ratio)
-        self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if min(self.input_size) < 1:
-            raise VggkitError(f"input size must be positive, got {input_size}")
+        self.input_size = _pair(input_size)
         self.in_channels, self.num_classes = in_channels, num_classes
         if scale_fc:
             fc_width = max(1, fc_width // ratio)
         self.fc_width, self.dropout, self.batch_norm = fc_width, dropout, batch_norm
         self.init, self.head_pool = init, head_pool
         self.frozen_blocks = 0  # set by freeze_blocks; not part of config(): a training choice
+        height, width = feature_size(self.arch, self.input_size)
+        pooled = POOLED_SIZE if head_pool == "adaptive" else (height, width)
+        check_layer_sizes(self.arch, in_channels, pooled, fc_width, num_classes)
 
         blocks, channels = [], in_channels
         for num_convs, out_channels in self.arch:
             blocks.append(vgg_block(num_convs, channels, out_channels, batch_norm))
             channels = out_channels
         self.features = nn.Sequential(*blocks)
-        height, width = feature_size(self.arch, self.input_size)
-        if head_pool == "adaptive":
-            self.avgpool = StaticAdaptiveAvgPool2d((height, width))
-            height, width = POOLED_SIZE
-        else:
-            self.avgpool = nn.Identity()
+        self.avgpool = StaticAdaptiveAvgPool2d((height, width)) if head_pool == "adaptive" else nn.Identity()
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels * height * width, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(channels * pooled[0] * pooled[1], fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(fc_width, num_classes),
         )
@@ -152,6 +146,17 @@ class VGG(nn.Module):
             "input_size": list(self.input_size), "fc_width": self.fc_width, "dropout": self.dropout,
             "batch_norm": self.batch_norm, "init": self.init, "head_pool": self.head_pool,
         }
+
+    @classmethod
+    def from_config(cls, config) -> "VGG":
+        """The network config() describes (as checkpoint metadata stores it). Every key that shapes
+        the weights must be there: a missing one would silently become a default."""
+        if not isinstance(config, dict):
+            raise VggkitError(f"the model description must be a table of VGG arguments, got {config!r}")
+        missing = [key for key in REBUILD_KEYS if key not in config]
+        if missing:
+            raise VggkitError(f"the model description has no {', '.join(missing)}; VGG.config() writes every one")
+        return cls(**config)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The output of the last block (before the head pool)."""
@@ -190,6 +195,61 @@ class VGG(nn.Module):
         for block in self.features[:self.frozen_blocks]:
             block.eval()
         return self
+
+
+ARGUMENTS = ("arch", "ratio", "in_channels", "num_classes", "input_size", "fc_width", "dropout", "batch_norm", "init",
+             "scale_fc", "head_pool")
+# What from_config needs (dropout, init and head_pool leave the weights' names and shapes as they are).
+REBUILD_KEYS = ("arch", "in_channels", "num_classes", "input_size", "fc_width", "batch_norm")
+# 8 GiB of float32 weights in one layer: ~20x VGG-16's largest (103M), the bound where a number
+# (a typo, damaged metadata) is refused before torch is asked for the memory.
+MAX_LAYER_WEIGHTS = 2**31
+
+
+def _check_arguments(*, in_channels, num_classes, fc_width, dropout, batch_norm, init, scale_fc, head_pool) -> None:
+    """Types and ranges of VGG's arguments other than the architecture (specs.parse_arch) and input size."""
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("fc_width", fc_width)):
+        if not _is_int(value) or value < 1:
+            raise VggkitError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise VggkitError(f"dropout must be in [0, 1), got {dropout!r}")
+    for name, value in (("batch_norm", batch_norm), ("scale_fc", scale_fc)):
+        if not isinstance(value, bool):
+            raise VggkitError(f"{name} must be True or False, got {value!r}")
+    for name, value, allowed in (("init", init, INITS), ("head_pool", head_pool, HEAD_POOLS)):
+        if not isinstance(value, str) or value not in allowed:
+            raise VggkitError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _pair(input_size) -> tuple[int, int]:
+    """input_size as (height, width): an int for a square, or two ints."""
+    size = (input_size, input_size) if _is_int(input_size) else input_size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_int(v) for v in size) or min(size) < 1:
+        raise VggkitError(f"input size must be a positive integer or a (height, width) pair, got {input_size!r}")
+    return tuple(size)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_layer_sizes(arch: Arch, in_channels: int, pooled: tuple[int, int], fc_width: int, num_classes: int) -> None:
+    """Refuse a network with a layer of more than MAX_LAYER_WEIGHTS weights, naming the layer and a fix."""
+    layers, channels = [], in_channels
+    for i, (num_convs, out_channels) in enumerate(arch, start=1):
+        for j in range(1, num_convs + 1):
+            layers.append((f"convolution {j} of block {i}", channels * out_channels * 9, "use fewer channels"))
+            channels = out_channels
+    flat = channels * pooled[0] * pooled[1]
+    layers += [("the first dense layer", flat * fc_width, "use a smaller input size or fc_width, or fewer channels "
+                "in the last block"),
+               ("the second dense layer", fc_width * fc_width, "use a smaller fc_width"),
+               ("the output layer", fc_width * num_classes, "use a smaller fc_width")]
+    for name, weights, fix in layers:
+        if weights > MAX_LAYER_WEIGHTS:
+            count = f"{weights:,}" if weights < 10**15 else f"{weights:.1e}"
+            raise VggkitError(f"{name} would have {count} weights ({weights * 4 / 2**30:,.3g} GiB in float32), more "
+                              f"than the {MAX_LAYER_WEIGHTS:,} a layer may have; {fix}")
 
 
 def _xavier_layer(m: nn.Module) -> None:

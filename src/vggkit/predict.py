@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,12 +31,19 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            array = pixels_of(image, channels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Image.open(path) as image:
+                array = pixels_of(image, channels)
     except FileNotFoundError:
         raise VggkitError(f"image {path} does not exist; check the path") from None
+    except Image.DecompressionBombError as e:
+        raise VggkitError(f"image {path} is too large to open safely ({str(e).rstrip('.')}); "
+                          "shrink it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise VggkitError(f"{path} is not a readable image ({type(e).__name__}); give PNG or JPEG files") from None
+    for warning in caught:  # Pillow's warnings (a large image, a damaged chunk) do not say which file
+        warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=2)
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 

@@ -111,5 +111,6 @@ def _per_channel(name: str, values, channels: int) -> torch.Tensor:
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:
-        raise VggkitError(f"{name} has {len(values)} values for {channels}-channel images; give 1 or {channels}")
+        need = "1 value" if channels == 1 else f"1 or {channels} values"  # not "1 or 1"
+        raise VggkitError(f"{name} has {len(values)} values for {channels}-channel images; it takes {need}")
     return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)

@@ -24,6 +24,11 @@ PRESETS["d2l-vgg11"] = PRESETS["vgg11"]
 # Defaults that go with a preset name when the caller gives none.
 PRESET_IN_CHANNELS = {"d2l-vgg11": 1}
 
+# Far beyond any VGG (at most 4 convolutions of 512 channels a block), short of what the machine
+# cannot hold: an absurd number is a typo, said before torch tries to allocate it.
+MAX_CHANNELS = 65_536
+MAX_CONVS_PER_BLOCK = 64
+
 _BLOCK = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
 
 
@@ -38,6 +43,11 @@ def parse_arch(arch: str | Sequence[Sequence[int]], ratio: int = 1) -> Arch:
             raise VggkitError(
                 f"block {i} is {num_convs}x{channels}: convolutions and channels must be positive; "
                 "write blocks as NUMxCHANNELS, e.g. 2x64"
+            )
+        if num_convs > MAX_CONVS_PER_BLOCK or channels > MAX_CHANNELS:
+            raise VggkitError(
+                f"block {i} is {num_convs}x{channels}: a block may have at most {MAX_CONVS_PER_BLOCK} convolutions "
+                f"of at most {MAX_CHANNELS:,} channels (VGG has up to 4 of 512); e.g. 2x512"
             )
         if channels // ratio == 0:
             raise VggkitError(

@@ -71,9 +71,11 @@ def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | Non
     train, val, test = src.train, src.val, src.test
     if val is None:
         n_val = src.default_val if val_size is None else int(val_size)
+        if not len(train):  # no val_size helps: say so rather than "use a smaller val_size"
+            raise VggkitError(f"{src.name} has no training images ({src.source}); check its files")
         if n_val >= len(train):
             raise VggkitError(f"val_size {n_val:,} leaves no training images ({src.name} has {len(train):,}); "
-                              "use a smaller val_size")
+                              f"use a val_size below {len(train):,}")
         train, val = split_off(train, n_val, seed, VAL_SALT, held_out=src.held_out_val and val_size is None)
     if limit is not None and limit < len(train):
         train = train.subset(stratified_indices(train.labels, limit, seed, LIMIT_SALT))

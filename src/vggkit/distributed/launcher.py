@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..errors import VggkitError
+from ..errors import VggkitError, debug_requested, user_message
 from ..runtime import in_main_thread
 from .collectives import MainRankError, world
 from .global_batch import check_batch_size
@@ -75,9 +75,13 @@ def _rank_error(error: BaseException) -> int:
         first = first.split(". This is typically caused")[0]
         print(f"vggkit: error: rank {rank} lost contact with the other ranks ({first}); stopping", file=sys.stderr)
         return LOST_PEER_EXIT
-    import traceback
-    traceback.print_exception(error, file=sys.stderr)
-    return 1
+    if debug_requested(sys.argv[1:]):
+        import traceback
+        traceback.print_exception(error, file=sys.stderr)
+        return 1
+    line, code = user_message(error)  # as the CLI says it in one process
+    print(line, file=sys.stderr)
+    return code
 
 
 def is_collective_failure(error: BaseException) -> bool:
