@@ -47,6 +47,7 @@ from ..runtime import ProcessSettings, Speed, autocast, pick_device, speed_setti
 from ..specs import format_arch
 from ..steps import train_step
 from ..optim import make_optimizer
+from ..model import set_kernels
 
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 DEFAULT_WARMUP = 2
@@ -75,6 +76,7 @@ class BenchSettings:
     compile: str = "auto"
     allocator: str = "auto"  # auto (retain freed memory on CPU, see allocator.py), retain or default
     threads: int | None = None
+    kernels: str = "auto"  # auto|fast|plain: fused pool+ReLU (vggkit.kernels) or the network as it was
     # how to measure
     steps: int | None = None  # steps per timed run; None: runs of about `run_seconds`
     warmup: int | None = None  # None: DEFAULT_WARMUP steps
@@ -87,7 +89,7 @@ class BenchSettings:
     seed: int = 0
 
     CONFIG_FIELDS = ("preset", "arch", "ratio", "input_size", "batch_size", "device", "precision", "channels_last",
-                     "compile", "allocator", "threads", "seed")
+                     "compile", "allocator", "threads", "kernels", "seed")
 
     def check(self) -> None:
         for name in ("steps", "warmup", "runs", "threads", "in_channels"):
@@ -150,6 +152,7 @@ class VggkitSteps:
                              shuffle=True, seed=seed, drop_last=True, augment=augment,
                              channels_last=speed.channels_last)
         self.model = _vggkit_model(config, dataset.channels, device, speed, relu_inplace)
+        self.kernels = set_kernels(self.model, speed.kernels)  # what the blocks really run
         self.optimizer = make_optimizer(config, self.model)
         self.step_model = torch.compile(self.model) if speed.compile else self.model
         self.scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
@@ -166,7 +169,12 @@ class VggkitSteps:
         self.model.train(training)
 
     def train_step(self) -> int:
-        x, y = next(self.train_batches)
+        return self.step_on(*self.next_batch())
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.train_batches)
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor) -> int:
         train_step(self.step_model, self.optimizer, self.scaler, self.speed, x, y, self.sums, self._loss)
         return len(y)
 
@@ -230,6 +238,7 @@ class Measurement:
         result = self._describe(arch, report, data_note)
         load_before, cpu_before = load_average(), cpu_snapshot()
         vggkit = VggkitSteps(config, self.speed, self.device, dataset, settings.seed, settings.relu_inplace)
+        result["kernels"] = vggkit.kernels
         textbook = TextbookSteps(config, self.device, dataset, settings.seed) if settings.compare else None
         plan = self._warm_up(vggkit)
         result["first_step_seconds"] = round(plan.first_step_seconds, 3)

@@ -15,6 +15,7 @@ import torch
 from .. import allocator as alloc
 from ..config import TrainConfig
 from ..data import Dataset
+from ..model import set_kernels
 
 TEXTBOOK_LR = 0.05
 TEXTBOOK_SETTINGS = f"fp32, NCHW, eager; per-sample PIL resize + ToTensor; SGD lr {TEXTBOOK_LR}; default allocator"
@@ -66,6 +67,7 @@ class TextbookSteps:
         torch.manual_seed(seed)
         self.device = device
         self.model = config.build_model(dataset.channels, 10).to(device)
+        set_kernels(self.model, "plain")  # the book's network: every layer in order, PyTorch's ops
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=TEXTBOOK_LR)
         self.loss = torch.nn.CrossEntropyLoss()
         self.batches = TextbookBatches(dataset, config.batch_size, config.input_size, seed)
