@@ -228,3 +228,23 @@ def _graph(fn):
             seen.append(node)
             todo.extend(next_fn for next_fn, _ in node.next_functions)
     return seen
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_fused_optimizer_step_equals_the_plain_one(optimizer):
+    from vggkit.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = VGG("1x4,1x8", in_channels=1, input_size=8, fc_width=8, num_classes=3, batch_norm=True)
+    plain = copy.deepcopy(model)
+    fast = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "fast"}), model)
+    slow = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "plain"}), plain)
+    assert fast.param_groups[0]["fused"] and not slow.param_groups[0]["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for net, opt in ((model, fast), (plain, slow)):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
