@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from vggkit.bench import format_profile, profile
 from vggkit.bench.profile import GROUPS, group_of, group_times
@@ -21,7 +22,8 @@ def test_ops_are_grouped_by_themselves_or_what_encloses_them():
     pool_backward = event("aten::max_pool2d_with_indices_backward")
     data = event("vggkit.data")
     cases = {
-        "convolution": [event("aten::mkldnn_convolution"), event("autograd::engine::evaluate_function: ConvolutionBackward0")],
+        "convolution": [event("aten::mkldnn_convolution"),
+                        event("autograd::engine::evaluate_function: ConvolutionBackward0")],
         "pooling": [event("aten::fill_", pool_backward), event("vggkit::max_pool_relu"), event("MaxPoolReLUBackward")],
         "activations": [event("aten::clamp_min", event("aten::relu")), event("aten::threshold_backward")],
         "normalization": [event("aten::native_batch_norm"), event("NativeBatchNormBackward0")],
@@ -57,3 +59,17 @@ def test_cli_prints_the_table(capsys):
     assert "plain pool+ReLU" in out
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kernels"] == "plain"
+
+
+def test_the_textbook_loop_keeps_the_plain_network():
+    import numpy as np
+
+    from vggkit.bench.textbook import TextbookSteps
+    from vggkit.config import resolve_config
+    from vggkit.data import Dataset
+
+    images, labels = np.zeros((4, 28, 28, 1), dtype=np.uint8), np.arange(4) % 2
+    config = resolve_config(overrides={"arch": "1x4", "batch_size": 2, "kernels": "fast"})
+    textbook = TextbookSteps(config, torch.device("cpu"), Dataset(images, labels, ["a", "b"]), seed=0)
+    assert [block.kernels for block in textbook.model.features] == ["plain"]
+    assert textbook.train_step() == 2

@@ -169,7 +169,8 @@ def cmd_bench(args) -> int:
     from .bench import BenchSettings, bench, format_bench, format_profile, profile
 
     keys = ("arch", "ratio", "input_size", "in_channels", "batch_size", "device", "precision", "channels_last", "compile",
-            "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator", "kernels")
+            "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator",
+            "kernels")
     settings = BenchSettings(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak)
     measure, text = (profile, format_profile) if args.profile else (bench, format_bench)
     result = measure(settings, log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels as cpu_kernels
 from .errors import VggkitError
 from .specs import PRESET_IN_CHANNELS, Arch, format_arch, parse_arch
 
@@ -73,8 +73,8 @@ class VGGBlock(nn.Sequential):
         *body, relu, pool = self
         for layer in body:
             x = layer(x)
-        if self.kernels == "fused" and kernels.fusable(x):
-            return kernels.max_pool_relu(x)
+        if self.kernels == "fused" and cpu_kernels.fusable(x):
+            return cpu_kernels.max_pool_relu(x)
         return relu(pool(x))
 
     def extra_repr(self) -> str:
@@ -93,7 +93,7 @@ def set_kernels(model: nn.Module, mode: str) -> str:
     process then says why once on stderr). The state dict is the same in every mode."""
     if mode not in KERNELS:
         raise VggkitError(f"unknown kernels mode {mode!r}; choose one of {', '.join(KERNELS)}")
-    if mode == "fused" and not kernels.available():
+    if mode == "fused" and not cpu_kernels.available():
         mode = "reordered"
     for block in model.modules():
         if isinstance(block, VGGBlock):

@@ -7,11 +7,12 @@
     print(format_bench(result))
 
 vggkit's path is the real training step of train.py: speed_settings (autocast precision,
-channels-last, compile), the BatchLoader (uint8 images on the device, whole-batch resize, the
-recipe's flip/crop/erasing), make_optimizer, cross-entropy with the recipe's label smoothing,
-denormals flushed to zero on CPU, plus the CPU allocator setting of allocator.py. The textbook
-loop (the d2l book's) is in textbook.py, the measured peak in peak.py, the text in
-report.py.
+channels-last, compile, kernels: `kernels="plain"` times the network and optimizer step as they
+were before the fused pool+ReLU and the fused optimizer step), the BatchLoader (uint8 images on
+the device, whole-batch resize, the recipe's flip/crop/erasing), make_optimizer, cross-entropy
+with the recipe's label smoothing, denormals flushed to zero on CPU, plus the CPU allocator
+setting of allocator.py. The textbook loop (the d2l book's) is in textbook.py, the measured peak
+in peak.py, the text in report.py, `--profile` (a step's time by group of ops) in profile.py.
 
 FLOPs: one image's forward pass costs 2 x MACs (cost.summary); a training step counts 3 x that
 (forward, gradient of the activations, gradient of the weights). The first convolution needs no
@@ -233,8 +234,8 @@ class Measurement:
 
     def run(self) -> dict:
         settings, config = self.settings, self.config
-        dataset, data_note = _dataset(settings, config)
-        arch, report = _cost(config, dataset.channels)
+        dataset, data_note = bench_dataset(settings, config)
+        arch, report = cost_report(config, dataset.channels)
         result = self._describe(arch, report, data_note)
         load_before, cpu_before = load_average(), cpu_snapshot()
         vggkit = VggkitSteps(config, self.speed, self.device, dataset, settings.seed, settings.relu_inplace)
@@ -359,7 +360,7 @@ def _comparison(result: dict, rates: Rates, base_rates: Rates, base_plan: Plan, 
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
-def _dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str]:
+def bench_dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str]:
     """The images to train on, and a note saying what they are."""
     if settings.data is None:
         n = config.batch_size * 4
@@ -380,7 +381,7 @@ def _dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str
         f", resized to {config.input_size})" if (h, w) != (config.input_size,) * 2 else ")")
 
 
-def _cost(config: TrainConfig, channels: int) -> tuple[str, Report]:
+def cost_report(config: TrainConfig, channels: int) -> tuple[str, Report]:
     """The architecture as a string, and the cost report of one batch (on the meta device: no memory)."""
     with torch.device("meta"):
         model = config.build_model(channels, NUM_CLASSES)

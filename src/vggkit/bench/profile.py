@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 from ..runtime import ProcessSettings, pick_device, speed_settings
-from .measure import DEFAULT_WARMUP, BenchSettings, VggkitSteps, _cost, _dataset
+from .measure import DEFAULT_WARMUP, BenchSettings, VggkitSteps, bench_dataset, cost_report
 
 PROFILE_STEPS = 5
 DATA_RANGE = "vggkit.data"
@@ -44,8 +44,8 @@ def profile(settings: BenchSettings | None = None, *, log=None, **changes) -> di
     with ProcessSettings() as process:
         allocator = process.apply(config, device)
         speed = speed_settings(config, device)
-        dataset, data_note = _dataset(settings, config)
-        arch, _ = _cost(config, dataset.channels)
+        dataset, data_note = bench_dataset(settings, config)
+        arch, _ = cost_report(config, dataset.channels)
         steps = VggkitSteps(config, speed, device, dataset, settings.seed, settings.relu_inplace)
         warmup, count = settings.warmup or DEFAULT_WARMUP, settings.steps or PROFILE_STEPS
         log(f"profile: {warmup} warm-up steps, then {count} profiled")

@@ -1,8 +1,9 @@
 """The textbook loop that `vggkit bench --compare` measures vggkit against: the d2l book's training
 loop for VGG on Fashion-MNIST. Its data pipeline resizes each image on its own (PIL bilinear, then
 ToTensor, as transforms.Resize + ToTensor in a DataLoader, here in the main process) and stacks the
-batch; its step is float32, NCHW and eager (SGD lr 0.05, cross-entropy) on the same network, with
-glibc's allocator and denormal floats as a fresh Python process has them.
+batch; its step is float32, NCHW and eager (SGD lr 0.05, cross-entropy) on the same network (every
+layer in order, PyTorch's ops: kernels "plain"), with glibc's allocator and denormal floats as a
+fresh Python process has them.
 """
 from __future__ import annotations
 
