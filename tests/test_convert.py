@@ -205,3 +205,20 @@ def test_pickled_objects_are_refused_naming_what_was_found(tmp_path):
         load_standard(tmp_path / "pickled.pth")
     message = str(info.value)
     assert "a pickled torch.nn.modules.linear.Linear, which needs pickle code" in message and "\n" not in message
+
+
+def test_block_layouts_share_the_standard_state_dict():
+    """The reordered blocks (ReLU after the pool) and the plain ones map to the same torchvision keys."""
+    from vggkit.model import set_kernels
+
+    torch.manual_seed(0)
+    model = VGG("1x4,2x8", in_channels=1, num_classes=3, input_size=16, fc_width=8, batch_norm=True)
+    reordered = to_standard(model)
+    set_kernels(model, "plain")
+    plain = to_standard(model)
+    assert list(reordered) == list(plain) and all(torch.equal(reordered[k], plain[k]) for k in plain)
+    again = from_standard(plain)
+    assert again.features[0].kernels == "reordered"
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(again(x), model.eval()(x), atol=1e-6, rtol=0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vggkit import VGG, VggkitError, parse_arch, vgg_block
+from vggkit.model import VGGBlock, set_kernels
 
 # Parameter counts of the standard implementations (torchvision vgg11 ... vgg19_bn), 3x224x224, 1000 classes.
 STANDARD_PARAMS = {
@@ -189,3 +190,72 @@ def test_frozen_blocks_get_no_gradient_and_keep_batch_norm_in_eval():
     assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(VggkitError, match="cannot freeze 4 blocks of 3; give 0 to 3"):
         model.freeze_blocks(4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block layout: the last ReLU after the pool ("reordered", the default) vs every layer in order ("plain")
+
+def plain_copy(model):
+    """The same network computed as before the reorder: every block's layers in order."""
+    import copy
+
+    old = copy.deepcopy(model)
+    assert set_kernels(old, "plain") == "plain"
+    return old
+
+
+def test_reordered_and_plain_layouts_compute_the_same():
+    torch.manual_seed(0)
+    model = small_vgg(dropout=0.0, input_size=(20, 26))  # odd sizes: 10x13 after block 1
+    old = plain_copy(model)
+    assert model.features[0].kernels == "reordered"
+    x = torch.randn(3, 3, 20, 26)
+    new_out, old_out = model(x), old(x)
+    torch.testing.assert_close(new_out, old_out, rtol=0, atol=1e-6)
+    new_out.square().sum().backward()
+    old_out.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), old.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_old_state_dicts_load_into_either_layout():
+    torch.manual_seed(0)
+    model = small_vgg().eval()
+    old = plain_copy(model)
+    assert list(model.state_dict()) == list(old.state_dict())
+    fresh = small_vgg().eval()
+    fresh.load_state_dict(old.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), old(x), rtol=0, atol=1e-6)
+
+
+def test_reordered_block_pools_before_its_last_relu():
+    block = vgg_block(2, 3, 4)
+    assert isinstance(block, VGGBlock) and "kernels=reordered" in repr(block)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    assert type(block(x).grad_fn).__name__ == "ReluBackward0"  # the ReLU ran last, on the pooled values
+    block.kernels = "plain"
+    assert type(block(x).grad_fn).__name__ == "MaxPool2DWithIndicesBackward0"
+    assert torch.equal(block[:3](x), block[2](block[1](block[0](x))))  # a slice is its layers in order
+
+
+def test_hooks_and_scripting_see_the_standard_layout():
+    torch.manual_seed(0)
+    model = small_vgg().eval()
+    seen = []
+    handle = model.features[0][-2].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    handle.remove()
+    assert seen == [(2, 4, 32, 32)]  # the last ReLU's output before the pool, as in torchvision's VGG
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(model)(x), expected)
+
+
+def test_set_kernels_checks_the_mode():
+    model = small_vgg()
+    assert set_kernels(model, "plain") == "plain" and all(b.kernels == "plain" for b in model.features)
+    with pytest.raises(VggkitError, match="unknown kernels mode 'fast'; choose one of reordered, fused, plain"):
+        set_kernels(model, "fast")

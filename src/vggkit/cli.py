@@ -84,6 +84,7 @@ TRAIN_HELP = {
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
+    "kernels": "fast: pool before the last ReLU, fused C++ kernels on CPU (auto: fast); plain: the network as it was",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
     "threads": "CPU threads, 1 to 1024 (default: torch's, one per core; 0 is refused)", "seed": "0 to 2**64-1",
 }
@@ -178,14 +179,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchSettings, bench
-    from .bench import format_bench
+    from .bench import BenchSettings, bench, format_bench, format_profile, profile
 
     keys = ("arch", "ratio", "input_size", "in_channels", "batch_size", "device", "precision", "channels_last", "compile",
-            "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator")
+            "steps", "warmup", "compare", "threads", "preset", "runs", "data", "data_dir", "allocator",
+            "kernels")
     settings = BenchSettings(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak)
-    result = bench(settings, log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
-    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    measure, text = (profile, format_profile) if args.profile else (bench, format_bench)
+    result = measure(settings, log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
+    print(json.dumps(result, indent=2) if args.json else text(result))
     return 0
 
 
@@ -267,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--allocator", choices=["auto", "retain", "default"], default="auto", help="CPU malloc (allocator.py)")
+    p.add_argument("--kernels", choices=["auto", "fast", "plain"], default="auto", help=TRAIN_HELP["kernels"])
+    p.add_argument("--profile", action="store_true",
+                   help="profile a few training steps instead: time per step by convolution, pooling, ... data, other")
     p.add_argument("--compare", action="store_true", help="also time the textbook loop (fp32, NCHW, per-sample resize)")
     p.add_argument("--no-peak", action="store_true", help="skip the convolution/matmul peak probes")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")

@@ -61,6 +61,7 @@ class TrainConfig:
     compile: str = "auto"  # auto|on|off
     allocator: str = "auto"  # auto|retain|default: CPU malloc, see allocator.py
     threads: int | None = None
+    kernels: str = "auto"  # auto|fast|plain: fused pool+ReLU on CPU (vggkit.kernels) or the plain network
     # run
     seed: int = 0
     out: str = "runs"
@@ -102,6 +103,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "allocator": ("auto", "retain", "default"),
     "init": ("xavier", "kaiming"),
+    "kernels": ("auto", "fast", "plain"),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import kernels as cpu_kernels
 from .errors import VggkitError
 from .specs import PRESET_IN_CHANNELS, Arch, format_arch, parse_arch
 
 
-def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: bool = False) -> nn.Sequential:
+def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: bool = False) -> VGGBlock:
     """num_convs x (3x3 conv, padding 1 [, batch norm], ReLU), then a 2x2 max-pool, stride 2."""
     layers: list[nn.Module] = []
     for _ in range(num_convs):
@@ -28,7 +29,77 @@ def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: b
         layers.append(nn.ReLU(inplace=True))
         in_channels = out_channels
     layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-    return nn.Sequential(*layers)
+    return VGGBlock(*layers)
+
+
+KERNELS = ("reordered", "fused", "plain")  # how a block computes its last ReLU and its pool; see VGGBlock
+
+
+class VGGBlock(nn.Sequential):
+    """A VGG block, [conv, (bn), ReLU] x n then the max-pool, in the standard layout (state dict,
+    torchvision indices, named features, export), computed in one of three ways (`kernels`):
+
+    - "reordered" (the default): the last ReLU runs after the pool. They commute (max(relu(x)) =
+      relu(max(x)); gradients agree except at exact zero ties), and the ReLU then touches a quarter
+      of the values;
+    - "fused": as "reordered", with pool and ReLU in one pass of the C++ kernels (vggkit.kernels)
+      when training on the CPU; elsewhere (inference, other devices, no kernels) PyTorch's ops;
+    - "plain": every layer in order, exactly nn.Sequential.
+    TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
+    layers in order, so they see the tensors the standard layout names.
+    """
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        self.kernels = "reordered"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not self._reorders():
+            for layer in self:
+                x = layer(x)
+            return x
+        return self._pool_first(x)
+
+    @torch.jit.unused
+    def _reorders(self):  # no annotations: TorchScript cannot read postponed ones on an unused method
+        if self.kernels == "plain" or torch.jit.is_tracing() or len(self) < 2:
+            return False
+        relu, pool = self[-2], self[-1]  # not so in a slice of a block, say
+        if not (isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (relu, pool)) and not _global_hooks()
+
+    @torch.jit.unused
+    def _pool_first(self, x):
+        *body, relu, pool = self
+        for layer in body:
+            x = layer(x)
+        if self.kernels == "fused" and cpu_kernels.fusable(x):
+            return cpu_kernels.max_pool_relu(x)
+        return relu(pool(x))
+
+    def extra_repr(self) -> str:
+        return f"kernels={self.kernels}"
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def set_kernels(model: nn.Module, mode: str) -> str:
+    """Set how every VGGBlock of `model` computes its pool and last ReLU (KERNELS, see VGGBlock);
+    returns the mode set: "fused" becomes "reordered" where the C++ kernels cannot be had (the
+    process then says why once on stderr). The state dict is the same in every mode."""
+    if mode not in KERNELS:
+        raise VggkitError(f"unknown kernels mode {mode!r}; choose one of {', '.join(KERNELS)}")
+    if mode == "fused" and not cpu_kernels.available():
+        mode = "reordered"
+    for block in model.modules():
+        if isinstance(block, VGGBlock):
+            block.kernels = mode
+    return mode
 
 
 HEAD_POOLS = ("none", "adaptive")

@@ -21,27 +21,28 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class OptimizerKind:
-    build: Callable[[list[dict], TrainConfig], torch.optim.Optimizer]  # (param groups, config)
+    build: Callable[..., torch.optim.Optimizer]  # (param groups, config, **torch options)
     state_tensors: int  # per parameter, each of the parameter's size
     trainable: bool = True  # False: a name only the memory estimate knows
 
 
-def _sgd(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+def _sgd(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
     from torch.optim import SGD
 
-    return SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    return SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
+               **options)
 
 
-def _adam(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+def _adam(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
     from torch.optim import Adam
 
-    return Adam(groups, lr=config.lr)
+    return Adam(groups, lr=config.lr, **options)
 
 
-def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
     from torch.optim import AdamW
 
-    return AdamW(groups, lr=config.lr)
+    return AdamW(groups, lr=config.lr, **options)
 
 
 OPTIMIZERS: dict[str, OptimizerKind] = {
@@ -60,7 +61,16 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return OPTIMIZERS[config.optimizer].build(groups, config)
+    return OPTIMIZERS[config.optimizer].build(groups, config, **_fused_step(config, model))
+
+
+def _fused_step(config: TrainConfig, model: torch.nn.Module) -> dict:
+    """torch.optim's fused step (one kernel over all parameters instead of a loop of ops) on CPU and
+    CUDA, unless config.kernels is "plain" (the step as it was); same results."""
+    devices = {p.device.type for p in model.parameters()}
+    if getattr(config, "kernels", "plain") == "plain" or not devices or not devices <= {"cpu", "cuda"}:
+        return {}
+    return {"fused": True}
 
 
 def _constant(config: TrainConfig, progress: float) -> float:

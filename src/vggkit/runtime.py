@@ -46,6 +46,7 @@ class Speed:
     amp_dtype: torch.dtype | None  # autocast dtype, None = float32
     channels_last: bool
     compile: bool
+    kernels: str = "reordered"  # how the blocks pool: model.KERNELS, set on a model by model.set_kernels
 
     @property
     def precision(self) -> str:
@@ -56,8 +57,8 @@ class Speed:
 
 
 def speed_settings(config, device: torch.device) -> Speed:
-    """Precision, memory format and compilation for `config` (anything with precision,
-    channels_last and compile fields: a TrainConfig) on `device`."""
+    """Precision, memory format, compilation and kernels for `config` (anything with precision,
+    channels_last and compile fields and maybe kernels: a TrainConfig) on `device`."""
     precision = config.precision
     if precision == "auto":
         # bf16 autocast: ~2x on AVX-512-BF16 CPUs and on Ampere+ GPUs, same accuracy (BENCHMARKS.md)
@@ -74,7 +75,20 @@ def speed_settings(config, device: torch.device) -> Speed:
     channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type in ("cpu", "cuda"))
     # torch.compile measured slower for this network on CPU; on CUDA only when asked
     use_compile = config.compile == "on"
-    return Speed(amp, channels_last, use_compile)
+    return Speed(amp, channels_last, use_compile, block_kernels(getattr(config, "kernels", "auto"), device))
+
+
+KERNEL_CHOICES = {"auto": "fused", "fast": "fused", "plain": "plain"}  # the setting -> model.KERNELS
+
+
+def block_kernels(setting: str, device: torch.device) -> str:
+    """The blocks' mode for the `kernels` setting: "plain" is the network as it was (every layer in
+    order, PyTorch's ops); "fast" and "auto" pool before the last ReLU, with the fused C++ kernels on
+    the CPU (the only device they exist for)."""
+    if setting not in KERNEL_CHOICES:
+        raise VggkitError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {setting!r}")
+    mode = KERNEL_CHOICES[setting]
+    return mode if mode != "fused" or device.type == "cpu" else "reordered"
 
 
 class ProcessSettings:

@@ -31,6 +31,7 @@ from .config import RECIPES, TrainConfig, resolve_config, save_config
 from .data import load_data
 from .errors import VggkitError
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
+from .model import set_kernels
 from .optim import lr_at, make_optimizer, set_lr
 from .pipeline import Augment, BatchLoader
 from .rundir import RunDir
@@ -391,6 +392,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
 
 def build_model(config: TrainConfig, splits: DataSplits, device: torch.device, speed: Speed, world_size: int):
     model = config.build_model(splits.train.channels, len(splits.classes)).to(device)
+    set_kernels(model, speed.kernels)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1 and config.batch_norm:

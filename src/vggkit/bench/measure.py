@@ -7,11 +7,12 @@
     print(format_bench(result))
 
 vggkit's path is the real training step of train.py: speed_settings (autocast precision,
-channels-last, compile), the BatchLoader (uint8 images on the device, whole-batch resize, the
-recipe's flip/crop/erasing), make_optimizer, cross-entropy with the recipe's label smoothing,
-denormals flushed to zero on CPU, plus the CPU allocator setting of allocator.py. The textbook
-loop (the d2l book's) is in textbook.py, the measured peak in peak.py, the text in
-report.py.
+channels-last, compile, kernels: `kernels="plain"` times the network and optimizer step as they
+were before the fused pool+ReLU and the fused optimizer step), the BatchLoader (uint8 images on
+the device, whole-batch resize, the recipe's flip/crop/erasing), make_optimizer, cross-entropy
+with the recipe's label smoothing, denormals flushed to zero on CPU, plus the CPU allocator
+setting of allocator.py. The textbook loop (the d2l book's) is in textbook.py, the measured peak
+in peak.py, the text in report.py, `--profile` (a step's time by group of ops) in profile.py.
 
 FLOPs: one image's forward pass costs 2 x MACs (cost.summary); a training step counts 3 x that
 (forward, gradient of the activations, gradient of the weights). The first convolution needs no
@@ -47,6 +48,7 @@ from ..runtime import ProcessSettings, Speed, autocast, pick_device, speed_setti
 from ..specs import format_arch
 from ..steps import train_step
 from ..optim import make_optimizer
+from ..model import set_kernels
 
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 DEFAULT_WARMUP = 2
@@ -75,6 +77,7 @@ class BenchSettings:
     compile: str = "auto"
     allocator: str = "auto"  # auto (retain freed memory on CPU, see allocator.py), retain or default
     threads: int | None = None
+    kernels: str = "auto"  # auto|fast|plain: fused pool+ReLU (vggkit.kernels) or the network as it was
     # how to measure
     steps: int | None = None  # steps per timed run; None: runs of about `run_seconds`
     warmup: int | None = None  # None: DEFAULT_WARMUP steps
@@ -87,7 +90,7 @@ class BenchSettings:
     seed: int = 0
 
     CONFIG_FIELDS = ("preset", "arch", "ratio", "input_size", "batch_size", "device", "precision", "channels_last",
-                     "compile", "allocator", "threads", "seed")
+                     "compile", "allocator", "threads", "kernels", "seed")
 
     def check(self) -> None:
         for name in ("steps", "warmup", "runs", "threads", "in_channels"):
@@ -150,6 +153,7 @@ class VggkitSteps:
                              shuffle=True, seed=seed, drop_last=True, augment=augment,
                              channels_last=speed.channels_last)
         self.model = _vggkit_model(config, dataset.channels, device, speed, relu_inplace)
+        self.kernels = set_kernels(self.model, speed.kernels)  # what the blocks really run
         self.optimizer = make_optimizer(config, self.model)
         self.step_model = torch.compile(self.model) if speed.compile else self.model
         self.scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
@@ -166,7 +170,12 @@ class VggkitSteps:
         self.model.train(training)
 
     def train_step(self) -> int:
-        x, y = next(self.train_batches)
+        return self.step_on(*self.next_batch())
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.train_batches)
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor) -> int:
         train_step(self.step_model, self.optimizer, self.scaler, self.speed, x, y, self.sums, self._loss)
         return len(y)
 
@@ -225,11 +234,12 @@ class Measurement:
 
     def run(self) -> dict:
         settings, config = self.settings, self.config
-        dataset, data_note = _dataset(settings, config)
-        arch, report = _cost(config, dataset.channels)
+        dataset, data_note = bench_dataset(settings, config)
+        arch, report = cost_report(config, dataset.channels)
         result = self._describe(arch, report, data_note)
         load_before, cpu_before = load_average(), cpu_snapshot()
         vggkit = VggkitSteps(config, self.speed, self.device, dataset, settings.seed, settings.relu_inplace)
+        result["kernels"] = vggkit.kernels
         textbook = TextbookSteps(config, self.device, dataset, settings.seed) if settings.compare else None
         plan = self._warm_up(vggkit)
         result["first_step_seconds"] = round(plan.first_step_seconds, 3)
@@ -350,7 +360,7 @@ def _comparison(result: dict, rates: Rates, base_rates: Rates, base_plan: Plan, 
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
-def _dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str]:
+def bench_dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str]:
     """The images to train on, and a note saying what they are."""
     if settings.data is None:
         n = config.batch_size * 4
@@ -371,7 +381,7 @@ def _dataset(settings: BenchSettings, config: TrainConfig) -> tuple[Dataset, str
         f", resized to {config.input_size})" if (h, w) != (config.input_size,) * 2 else ")")
 
 
-def _cost(config: TrainConfig, channels: int) -> tuple[str, Report]:
+def cost_report(config: TrainConfig, channels: int) -> tuple[str, Report]:
     """The architecture as a string, and the cost report of one batch (on the meta device: no memory)."""
     with torch.device("meta"):
         model = config.build_model(channels, NUM_CLASSES)

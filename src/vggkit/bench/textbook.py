@@ -1,8 +1,9 @@
 """The textbook loop that `vggkit bench --compare` measures vggkit against: the d2l book's training
 loop for VGG on Fashion-MNIST. Its data pipeline resizes each image on its own (PIL bilinear, then
 ToTensor, as transforms.Resize + ToTensor in a DataLoader, here in the main process) and stacks the
-batch; its step is float32, NCHW and eager (SGD lr 0.05, cross-entropy) on the same network, with
-glibc's allocator and denormal floats as a fresh Python process has them.
+batch; its step is float32, NCHW and eager (SGD lr 0.05, cross-entropy) on the same network (every
+layer in order, PyTorch's ops: kernels "plain"), with glibc's allocator and denormal floats as a
+fresh Python process has them.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from .. import allocator as alloc
 from ..config import TrainConfig
 from ..data import Dataset
+from ..model import set_kernels
 
 TEXTBOOK_LR = 0.05
 TEXTBOOK_SETTINGS = f"fp32, NCHW, eager; per-sample PIL resize + ToTensor; SGD lr {TEXTBOOK_LR}; default allocator"
@@ -66,6 +68,7 @@ class TextbookSteps:
         torch.manual_seed(seed)
         self.device = device
         self.model = config.build_model(dataset.channels, 10).to(device)
+        set_kernels(self.model, "plain")  # the book's network: every layer in order, PyTorch's ops
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=TEXTBOOK_LR)
         self.loss = torch.nn.CrossEntropyLoss()
         self.batches = TextbookBatches(dataset, config.batch_size, config.input_size, seed)

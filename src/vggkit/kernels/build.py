@@ -1,0 +1,145 @@
+"""Build the C++ kernels at first use and load them; the build is cached per machine.
+
+The library lands in <cache>/vggkit/kernels/<torch version>-<hash>, <cache> being $XDG_CACHE_HOME
+or ~/.cache; the hash covers the source, the compiler flags, Python's version and the CPU (the
+build targets the CPU it runs on). torch.utils.cpp_extension builds it with ninja (a vggkit
+dependency) and the C++ compiler ($CXX, else c++); a later process finds it built and only loads
+it. Processes building at once wait on torch's lock file in that folder.
+
+Where the library cannot be had (VGGKIT_KERNELS=plain, no compiler, a failed build) the process
+says so once on stderr and vggkit uses PyTorch's own ops.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("max_pool_relu.cpp")
+SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vggkit" / "kernels"
+
+
+def compiler() -> str:
+    return os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "c++")
+
+
+def compiler_flags() -> list[str]:
+    if sys.platform == "win32":
+        return ["/O2"]
+    flags = ["-O3"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-march=native")  # AVX-512 / AVX2 for the loops over channels; hence the CPU in the hash
+    return flags
+
+
+def cpu_fingerprint() -> str:
+    """The CPU's name and instruction-set flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+class KernelLibrary:
+    """The C++ kernels of one source file: built or loaded on the first `available()` call, which
+    remembers the outcome for the process (`reason` says why they are unavailable)."""
+
+    def __init__(self, source: Path = SOURCE):
+        self.source = Path(source)
+        self.reason: str | None = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                self.reason = self._load()
+                if self.reason:
+                    note(f"fast CPU kernels unavailable ({self.reason}); using PyTorch's own ops")
+        return self.reason is None
+
+    def digest(self) -> str:
+        parts = [self.source.read_bytes(), " ".join(compiler_flags()).encode(), torch.__version__.encode(),
+                 sys.version.split()[0].encode(), cpu_fingerprint().encode()]
+        return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+    def build_dir(self) -> Path:
+        return cache_root() / f"{torch.__version__}-{self.digest()}"
+
+    def _load(self) -> str | None:
+        """None once the library is loaded, else why not."""
+        if os.environ.get(SWITCH, "").lower() == "plain":
+            return f"{SWITCH}=plain"
+        if shutil.which(compiler()) is None:
+            return f"no C++ compiler: {compiler()} not found; install one (e.g. g++) or set CXX"
+        try:
+            return self._build_and_load()
+        except Exception as e:  # a failed build or load of any kind: the plain path still works
+            return f"build failed: {_first_error(str(e)) or type(e).__name__}"
+
+    def _build_and_load(self) -> None:
+        from torch.utils import cpp_extension
+
+        name = f"vggkit_kernels_{self.digest()}"
+        folder = self.build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob(f"{name}.*")):
+            note("building the fast CPU kernels (once per machine and PyTorch version, about a minute)")
+        with _ninja_on_path(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's compiler-version and ABI warnings
+            cpp_extension.load(name=name, sources=[str(self.source)], extra_cflags=compiler_flags(),
+                               build_directory=str(folder), is_python_module=False, verbose=False)
+        return None
+
+
+def _first_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower()]  # a compiler's "file:line:col: error: ..."
+    line = (errors or lines or [""])[0]
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+@contextmanager
+def _ninja_on_path():
+    """torch's builder runs `ninja` from PATH; the ninja package's copy lies beside a venv's python,
+    which is not on PATH when the venv is not activated."""
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        folders.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([*folders, before])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+_noted: set[str] = set()
+
+
+def note(text: str) -> None:
+    """One line on stderr, once per process."""
+    if text not in _noted:
+        _noted.add(text)
+        print(f"vggkit: note: {text}", file=sys.stderr)
+
+
+LIBRARY = KernelLibrary()

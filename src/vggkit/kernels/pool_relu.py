@@ -1,0 +1,45 @@
+"""relu(max_pool2d(x, 2, 2)) as one autograd function on the C++ kernels (max_pool_relu.cpp).
+
+PyTorch's max-pool backward fills the whole input gradient with zeros, then scatters the output
+gradient through int64 indices; the ReLU costs two more passes. Here the forward is one pass that
+also keeps one byte per output (where the max was, or that the ReLU blocked it), and the backward
+writes each input-gradient value once from that byte. Results equal PyTorch's (ties and NaN alike).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import build
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+class MaxPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y, code = torch.ops.vggkit.max_pool_relu(x)
+        ctx.save_for_backward(code)
+        ctx.input_size = tuple(x.shape[-2:])
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (code,) = ctx.saved_tensors
+        return torch.ops.vggkit.max_pool_relu_backward(grad, code, *ctx.input_size)
+
+
+def fusable(x: torch.Tensor) -> bool:
+    """Whether the fused kernels take x: a 4-D CPU tensor of a supported dtype that autograd tracks
+    (inference and other devices keep PyTorch's ops), outside torch.compile, with the library built."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES and x.requires_grad
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling() and build.LIBRARY.available())
+
+
+def max_pool_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(x, 2, 2)): the fused kernels where `fusable(x)`, else PyTorch's ops."""
+    if fusable(x):
+        return MaxPoolReLU.apply(x)
+    return torch.relu(F.max_pool2d(x, 2, 2))

@@ -1,0 +1,250 @@
+"""The fused max-pool + ReLU kernels (vggkit.kernels) against PyTorch's relu(max_pool2d(x, 2, 2)):
+forward equal, gradients equal, in float32 and bfloat16, NCHW and channels-last, odd sizes, ties,
+negative-only windows and NaN; the fallback where the kernels cannot be built; a whole training
+step of the fused network against the plain one. The C++ library is built once per session (a
+minute the first time on a machine, then cached); without a compiler those tests are skipped."""
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vggkit import kernels
+from vggkit.config import resolve_config
+from vggkit.errors import VggkitError
+from vggkit.kernels import build
+from vggkit.model import VGG, set_kernels
+from vggkit.runtime import block_kernels
+
+NAN = float("nan")
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """The C++ kernels, built (or loaded from the cache) once for this module."""
+    if os.environ.get(build.SWITCH, "").lower() == "plain":
+        pytest.skip(f"{build.SWITCH}=plain: this run tests the plain path only")
+    if shutil.which(build.compiler()) is None:
+        pytest.skip(f"no C++ compiler ({build.compiler()}) to build the fast CPU kernels")
+    assert kernels.available(), build.LIBRARY.reason
+    return kernels.MaxPoolReLU.apply
+
+
+def reference(x):
+    return torch.relu(F.max_pool2d(x, 2, 2))
+
+
+def awkward_input(shape, dtype, memory_format, seed=0):
+    """Small integers (many ties, zeros, negative-only windows), a few NaN, an all -inf window."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 3, shape, generator=g).to(dtype)
+    x.view(-1)[torch.randperm(x.numel(), generator=g)[:5]] = NAN
+    x[0, 0, :2, :2] = -float("inf")
+    x[0, -1, :2, :2] = torch.tensor([[1.0, NAN], [2.0, NAN]])  # the last NaN of a window takes the gradient
+    return x.contiguous(memory_format=memory_format)
+
+
+def forward_and_grads(fn, x, grad):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+@pytest.mark.parametrize("precision", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 16, 8, 10), (3, 5, 7, 9), (1, 32, 3, 2)], ids=["even", "odd", "tiny"])
+def test_forward_and_gradients_equal_pytorchs(fused, layout, precision, shape):
+    x = awkward_input(shape, DTYPES[precision], FORMATS[layout])
+    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(x.dtype)
+    y, gx = forward_and_grads(fused, x, grad)
+    y_ref, gx_ref = forward_and_grads(reference, x, grad)
+    assert_same(y, y_ref)
+    assert_same(gx, gx_ref)  # each input gradient is one output gradient or 0: no rounding, even in bf16
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=FORMATS[layout])
+    assert gx.is_contiguous(memory_format=FORMATS[layout])
+    if shape[2] % 2:
+        assert not gx[:, :, -1].any()  # the row MaxPool2d drops gets no gradient
+
+
+def test_gradient_of_a_non_contiguous_output_gradient(fused):
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 3, 3, 8).permute(0, 3, 1, 2)  # neither layout's strides match x's
+    assert_same(forward_and_grads(fused, x, grad)[1], forward_and_grads(reference, x, grad)[1])
+
+
+def test_gradcheck_in_float64(fused):
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)  # continuous: no ties
+    assert torch.autograd.gradcheck(fused, (x,))
+    x_nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(fused, (x_nhwc,))
+
+
+def test_empty_output_gives_a_zero_gradient(fused):
+    x = torch.randn(2, 4, 1, 5, requires_grad=True)
+    y = fused(x)
+    y.sum().backward()
+    assert y.shape == (2, 4, 0, 2) and x.grad.shape == x.shape and not x.grad.any()
+
+
+def test_max_pool_relu_fuses_only_where_autograd_runs_on_the_cpu(fused):
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    assert type(kernels.max_pool_relu(x).grad_fn).__name__ == "MaxPoolReLUBackward"
+    with torch.no_grad():
+        assert_same(kernels.max_pool_relu(x), reference(x))
+    assert not kernels.fusable(x.detach()) and not kernels.fusable(x.half())
+    assert not kernels.fusable(torch.randn(4, 6, 6, requires_grad=True))  # 3-D: PyTorch's ops
+    assert not kernels.fusable(torch.randn(2, 4, 6, 6, device="meta", requires_grad=True))
+
+
+def test_kernels_setting_resolves_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert block_kernels("auto", cpu) == block_kernels("fast", cpu) == "fused"
+    assert block_kernels("auto", cuda) == block_kernels("fast", cuda) == "reordered"
+    assert block_kernels("plain", cpu) == block_kernels("plain", cuda) == "plain"
+    with pytest.raises(VggkitError, match="kernels must be one of auto, fast, plain"):
+        block_kernels("turbo", cpu)
+    assert resolve_config().kernels == "auto"
+    with pytest.raises(VggkitError, match="kernels must be one of auto, fast, plain, got 'turbo'"):
+        resolve_config(overrides={"kernels": "turbo"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the kernels cannot be had
+
+
+@pytest.fixture
+def fresh_notes(monkeypatch):
+    monkeypatch.setattr(build, "_noted", set())
+
+
+def test_switched_off_library_says_why_once(monkeypatch, capsys, fresh_notes):
+    monkeypatch.setenv(build.SWITCH, "plain")
+    library = build.KernelLibrary()
+    assert not library.available() and not library.available()
+    assert library.reason == "VGGKIT_KERNELS=plain"
+    err = capsys.readouterr().err
+    assert err == "vggkit: note: fast CPU kernels unavailable (VGGKIT_KERNELS=plain); using PyTorch's own ops\n"
+
+
+def test_missing_compiler_is_named(monkeypatch, capsys, fresh_notes):
+    monkeypatch.delenv(build.SWITCH, raising=False)
+    monkeypatch.setenv("CXX", "/no/such/c++")
+    library = build.KernelLibrary()
+    assert not library.available()
+    assert "no C++ compiler: /no/such/c++ not found" in library.reason
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_failed_build_falls_back_to_pytorchs_ops(monkeypatch, tmp_path, capsys, fresh_notes):
+    """A compiler that fails (`false`) in an empty cache: the build fails, the model still trains."""
+    if shutil.which("false") is None:
+        pytest.skip("no `false` command to stand in for a broken compiler")
+    monkeypatch.delenv(build.SWITCH, raising=False)
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    broken = build.KernelLibrary()
+    monkeypatch.setattr(build, "LIBRARY", broken)
+    model = VGG("1x4,1x8", in_channels=1, input_size=8, fc_width=8, num_classes=3)
+    assert set_kernels(model, "fused") == "reordered"
+    assert broken.reason.startswith("build failed")
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    assert not kernels.fusable(x)
+    assert_same(kernels.max_pool_relu(x), reference(x))
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "unavailable" in line]
+    assert len(notes) == 1 and notes[0].startswith("vggkit: note: fast CPU kernels unavailable (build failed")
+
+
+def test_compile_error_is_reported_in_one_line(monkeypatch, tmp_path, fresh_notes):
+    if shutil.which(build.compiler()) is None:
+        pytest.skip(f"no C++ compiler ({build.compiler()})")
+    monkeypatch.delenv(build.SWITCH, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = tmp_path / "broken.cpp"
+    source.write_text("#error broken on purpose\n")
+    library = build.KernelLibrary(source)
+    assert not library.available()
+    assert library.reason.startswith("build failed: ") and "broken on purpose" in library.reason
+    assert "\n" not in library.reason
+
+
+def test_cache_folder_names_torch_and_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = build.KernelLibrary().build_dir()
+    assert folder.parent == tmp_path / "vggkit" / "kernels"
+    assert folder.name.startswith(torch.__version__ + "-")
+    other = tmp_path / "other.cpp"
+    other.write_text("// another source\n")
+    assert build.KernelLibrary(other).build_dir() != folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+def step(model, x, y, precision):
+    """Loss and parameter gradients of one training step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_training_step_fused_equals_plain(fused, precision, batch_norm):
+    torch.manual_seed(0)
+    model = VGG("1x8,2x16", in_channels=1, input_size=16, fc_width=32, num_classes=5, dropout=0.0,
+                batch_norm=batch_norm).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model)
+    assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
+    x = torch.randn(8, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (8,))
+    loss, grads = step(model, x, y, precision)
+    loss_plain, grads_plain = step(plain, x, y, precision)
+    assert torch.equal(loss, loss_plain)  # max(relu(x)) = relu(max(x)) exactly
+    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
+    calls = [type(fn).__name__ for fn in _graph(model(x).sum().grad_fn)]
+    assert calls.count("MaxPoolReLUBackward") == 2 and "MaxPool2DWithIndicesBackward0" not in calls
+
+
+def _graph(fn):
+    seen, todo = [], [fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_fused_optimizer_step_equals_the_plain_one(optimizer):
+    from vggkit.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = VGG("1x4,1x8", in_channels=1, input_size=8, fc_width=8, num_classes=3, batch_norm=True)
+    plain = copy.deepcopy(model)
+    fast = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "fast"}), model)
+    slow = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "plain"}), plain)
+    assert fast.param_groups[0]["fused"] and not slow.param_groups[0]["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for net, opt in ((model, fast), (plain, slow)):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
