@@ -14,7 +14,7 @@ from vggkit.rundir import (RunDir, config_path, evaluation_dir, export_dir, find
 def saved_run(tmp_path, **config) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    save_config(TrainConfig(**{"epochs": 3, "lr": 0.1, **config}), run.config_path)
+    save_config(TrainConfig(**{"epochs": 3, "lr": 0.1, "batch_size": 256, **config}), run.config_path)  # as decided
     return run
 
 

@@ -16,13 +16,14 @@ DEFAULT_RECIPE = "fast"
 
 @dataclass
 class TrainConfig:
-    """Every field of a training run. The defaults are the `fast` recipe: VGG blocks for native 28x28
-    input, bf16 + channels-last on CPU, one-cycle SGD, flip/crop, label smoothing."""
+    """Every field of a training run. The defaults are the `fast` recipe: small VGG blocks, bf16 +
+    channels-last on CPU, one-cycle SGD, crop, label smoothing. The FROM_THE_DATA fields are None
+    unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 8, 5,000, flip on)."""
     preset: str = DEFAULT_RECIPE  # the recipe the run started from
     # model
     arch: str = "1x32,2x64,2x128"
     ratio: int = 1
-    input_size: int = 28
+    input_size: int | None = None
     fc_width: int = 256
     dropout: float = 0.0
     batch_norm: bool = True
@@ -30,18 +31,18 @@ class TrainConfig:
     # data
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    val_size: int | None = None  # None: the dataset's default (5,000 for Fashion-MNIST)
+    val_size: int | None = None
     normalize: bool = True
     crop_padding: int = 2
-    flip: bool = True
+    flip: bool | None = None
     erasing: float = 0.0
     limit: int | None = None  # cap on training images (quick runs, tests)
     test_limit: int | None = None
     skip_bad: bool = False
     allow_sample: bool = True  # fall back to the bundled sample when the dataset can't be had
     # optimisation
-    epochs: int = 8
-    batch_size: int = 256
+    epochs: int | None = None
+    batch_size: int | None = None
     lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -75,6 +76,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+
+# Left None, these are decided from the data when the run starts (decide.py); given (flag, TOML or
+# recipe), they are taken as they are.
+FROM_THE_DATA = ("input_size", "batch_size", "epochs", "val_size", "flip")
 
 # A recipe: the fields it sets on top of TrainConfig's defaults.
 RECIPES: dict[str, dict] = {
@@ -125,9 +130,12 @@ def validate(config: TrainConfig) -> None:
             raise VggkitError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     for key in ("lr", "epochs", "batch_size", "input_size", "ratio", "fc_width"):
         value = getattr(config, key)
+        if value is None and key in FROM_THE_DATA:
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise VggkitError(f"{key} must be positive, got {value!r}; e.g. --{key.replace('_', '-')} "
-                              f"{getattr(TrainConfig, key)}")
+            example = getattr(TrainConfig, key)
+            fix = f"e.g. --{key.replace('_', '-')} {example}" if example is not None else "or leave it out to decide it from the data"
+            raise VggkitError(f"{key} must be positive, got {value!r}; {fix}")
     for key in ("momentum", "weight_decay", "label_smoothing", "erasing", "dropout", "warmup"):
         value = getattr(config, key)
         if not isinstance(value, (int, float)) or not 0 <= value < (1 if key != "weight_decay" else float("inf")):
