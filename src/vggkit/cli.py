@@ -85,24 +85,19 @@ TRAIN_HELP = {
     "allow_sample": "train on the bundled Fashion-MNIST sample when the data set cannot be had",
     "epochs": "passes over the training set", "batch_size": "images per step",
     "lr": "learning rate (peak for onecycle)", "optimizer": _either(TRAINING_OPTIMIZERS),
-    "momentum": "SGD momentum", "nesterov": "Nesterov momentum", "weight_decay": "L2 weight decay (not on biases, batch norm)",
+    "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 weight decay (not on biases, batch norm)",
     "schedule": _either(SCHEDULES), "warmup": "fraction of the steps rising to the peak lr (onecycle)",
     "label_smoothing": "label smoothing of the loss", "drop_last": "drop each epoch's last, incomplete batch",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
-    "threads": "CPU threads (default: PyTorch's, one per core)", "seed": "seed of the splits, the initialisation and the batches",
+    "threads": "CPU threads (default: PyTorch's, one per core)",
+    "seed": "seed of the splits, the initialisation and the batches",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
     "eval_every_epoch_on_test": "also test after every epoch (else only the best checkpoint, at the end)",
 }
-# How decide.py fills the config.FROM_THE_DATA fields, for --help (its module docstring has the details).
-FROM_THE_DATA_HELP = {
-    "input_size": "the images' own size, at least 16", "val_size": "10%, at most 5,000",
-    "flip": "on for flip-safe data sets only", "epochs": "8, more for small sets",
-    "batch_size": "256, smaller for small sets",
-}
-
 
 TRAIN_DESCRIPTION = (
     "Train a VGG on a named data set or a folder of your images. Each value comes from the recipe "
@@ -115,6 +110,7 @@ TRAIN_DESCRIPTION = (
 def _train_flag_help(name: str) -> str:
     """The field's help line, then its default and the other recipes' values, e.g. "(default: 0.1; d2l: 0.05)"."""
     from .config import FROM_THE_DATA, RECIPES, TrainConfig
+    from .decide import RULES
 
     def shown(value) -> str:
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value)
@@ -126,7 +122,7 @@ def _train_flag_help(name: str) -> str:
 
         text = text.format(names=", ".join([*REGISTRY, SAMPLE]))
     if name in FROM_THE_DATA:
-        text += f" (default: from the data, {FROM_THE_DATA_HELP[name]}"
+        text += f" (default: from the data, {RULES[name]}"
     elif default is not None:
         text += f" (default: {shown(default)}"
     else:

@@ -134,7 +134,8 @@ def validate(config: TrainConfig) -> None:
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             example = getattr(TrainConfig, key)
-            fix = f"e.g. --{key.replace('_', '-')} {example}" if example is not None else "or leave it out to decide it from the data"
+            fix = (f"e.g. --{key.replace('_', '-')} {example}" if example is not None
+                   else "or leave it out to decide it from the data")
             raise VggkitError(f"{key} must be positive, got {value!r}; {fix}")
     for key in ("momentum", "weight_decay", "label_smoothing", "erasing", "dropout", "warmup"):
         value = getattr(config, key)

@@ -1,7 +1,8 @@
 """What `vggkit train --data ANY` decides from the data: the config.FROM_THE_DATA fields left None.
 
-A value given by a flag, a TOML file or the recipe (d2l, best) is kept; only a value that cannot
-train at all (a batch larger than the training set, so an epoch of no step) is an error.
+A value given by a flag, a TOML file or the recipe (d2l, best) is kept. A run that could not make
+a step is refused in one line: a given batch larger than the training set (drop_last), or fewer
+training images than the smallest batch decided here.
 
     val_size    10% of the training images (of --limit's when given), at most 5,000; a val/ tree as it is
     input_size  the images' own size (the longer side), at least 16 and 2**(blocks + 1) (a last
@@ -34,6 +35,13 @@ MIN_BATCH, MAX_BATCH = 8, 256
 MIN_STEPS_PER_EPOCH = 32
 MIN_EPOCHS, MAX_EPOCHS = 8, 40  # at most the best recipe's: past that a small set is only memorised
 MIN_TOTAL_STEPS = 1000
+
+# The rules in a few words, for --help.
+RULES = {
+    "val_size": f"{VAL_FRACTION:.0%}, at most {MAX_VAL:,}", "input_size": f"the images' own size, at least {MIN_INPUT}",
+    "batch_size": f"{MAX_BATCH}, smaller for small sets", "epochs": f"{MIN_EPOCHS}, more for small sets",
+    "flip": "on for flip-safe data sets only",
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ def decide_val_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str | N
     if config.val_size is not None:
         if config.val_size >= facts.images:
             raise VggkitError(f"val_size {config.val_size:,} leaves no training images ({facts.name} has "
-                              f"{facts.images:,}); use a smaller --val-size, or leave it out to decide it from the data")
+                              f"{facts.images:,}); use a smaller --val-size, or leave it out to decide it "
+                              "from the data")
         return config.val_size, None
     pool = facts.images if config.limit is None else min(facts.images, config.limit)
     size = min(int(pool * VAL_FRACTION), MAX_VAL)
@@ -111,13 +120,15 @@ def decide_input_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str]:
     return size, "native" if h == w else f"{images}, the longer side"
 
 
-def decide_batch_size(config: TrainConfig, facts: DataFacts, train_images: int, world_size: int) -> tuple[int, str | None]:
+def decide_batch_size(config: TrainConfig, facts: DataFacts, train_images: int,
+                      world_size: int) -> tuple[int, str | None]:
     """The configured batch if an epoch has a step with it; else a power of two (see the module docstring)."""
     if config.batch_size is not None:
         if config.drop_last and config.batch_size > train_images:
             raise VggkitError(
-                f"batch size {config.batch_size:,} is more than the {train_images:,} training images of {facts.name}, "
-                f"so an epoch would have no step; use --batch-size {_power_of_two_up_to(train_images)} or less, "
+                f"batch size {config.batch_size:,} is more than the {train_images:,} training images of "
+                f"{facts.name}, so an epoch would have no step; use --batch-size {_power_of_two_up_to(train_images)} "
+                "or less, "
                 "or leave it out to decide it from the data")
         return config.batch_size, None
     if train_images < MIN_BATCH:

@@ -63,7 +63,7 @@ class RunEnd:
     seconds: float = 0.0
     images_per_s: float = 0.0
     device: torch.device | None = None
-    best: dict | None = None  # the row of the epoch saved as checkpoints/best, with its test_acc where there is a test split
+    best: dict | None = None  # the row of the epoch saved as checkpoints/best, with its test_acc (if a test split)
 
 
 class Logger:

@@ -361,7 +361,8 @@ def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainCon
     """The data, the config's FROM_THE_DATA fields decided from it (decide.py), then the validation
     split and the limit carved as decided; nothing is written before this has checked the data."""
     splits = load_data(config.data, data_dir=config.data_dir, val_size=0, seed=config.seed,
-                       allow_sample=config.allow_sample, skip_bad=config.skip_bad, test_limit=config.test_limit, log=log)
+                       allow_sample=config.allow_sample, skip_bad=config.skip_bad, test_limit=config.test_limit,
+                       log=log)
     config, decisions = decide(config, splits, world_size)
     dist.check_batch_size(config.batch_size, world_size)
     return config, carve(splits, config.val_size, config.limit, config.seed), decisions
