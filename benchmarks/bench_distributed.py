@@ -101,9 +101,10 @@ def collective_times(numel: int) -> tuple[float, float]:
 def model_size() -> int:
     import torch
     from vggkit.config import resolve_config
+    from vggkit.decide import LIKE_FASHION_MNIST, decide
 
     with torch.device("meta"):
-        model = resolve_config("fast").build_model(in_channels=1, num_classes=10)
+        model = decide(resolve_config("fast"), LIKE_FASHION_MNIST)[0].build_model(in_channels=1, num_classes=10)
     return sum(t.numel() for t in model.parameters())
 
 

@@ -49,6 +49,7 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
 
     from vggkit import allocator
     from vggkit.config import resolve_config
+    from vggkit.decide import LIKE_FASHION_MNIST, decide
     from vggkit.cost import summary
     from vggkit.data import Dataset
     from vggkit.model import VGG
@@ -59,7 +60,7 @@ def worker(name: str, allocator_mode: str, steps: int) -> dict:
     from vggkit.optim import make_optimizer
 
     preset, overrides = CONFIGS[name]
-    config = resolve_config(overrides={"preset": preset, **overrides})
+    config = decide(resolve_config(overrides={"preset": preset, **overrides}), LIKE_FASHION_MNIST)[0]
     device = pick_device("cpu")
     speed = speed_settings(config, device)
     if allocator_mode == "retain":

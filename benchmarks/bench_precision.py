@@ -52,11 +52,13 @@ def cross_eval(spec: dict, run_dir) -> dict:
     from vggkit.checkpoint import load_model
     from vggkit.config import resolve_config
     from vggkit.data import load_data
+    from vggkit.decide import LIKE_FASHION_MNIST, decide
     from vggkit.pipeline import BatchLoader
     from vggkit.runtime import Speed
     from vggkit.steps import evaluate_loader
 
     config = resolve_config(overrides={k: v for k, v in spec.items() if k != "precision"})
+    config = decide(config, LIKE_FASHION_MNIST)[0]  # what the run decided on Fashion-MNIST
     splits = load_data(config.data, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
                        test_limit=config.test_limit, log=lambda *a, **k: None)
     model, meta = load_model(Path(run_dir) / "checkpoints" / "last")

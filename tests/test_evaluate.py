@@ -13,6 +13,7 @@ from PIL import Image
 
 from vggkit.checkpoint import read_meta, save_checkpoint
 from vggkit.cli import main
+from vggkit.config import load_config
 from vggkit.data import load_data
 from vggkit.errors import VggkitError
 from vggkit.evaluate import evaluate, format_report
@@ -72,7 +73,8 @@ def test_test_split_is_the_runs_held_out_split(run):
 def test_val_split(run):
     run_dir, _ = run
     result = evaluate(run_dir, split="val", log=lambda *a: None)
-    assert result["split"] == "val" and result["count"] == 7 and "test_acc" not in result
+    val_size = load_config(run_dir / "config.toml").val_size  # decided from the data: 10% of the 63 left after test
+    assert result["split"] == "val" and result["count"] == val_size == 6 and "test_acc" not in result
     assert result["acc"] == pytest.approx(read_meta(run_dir)["val_acc"], abs=1e-9)
     assert result["out_dir"].endswith("evaluation-val")
 
@@ -139,7 +141,7 @@ def test_cli_evaluate(run, tmp_path, capsys):
     run_dir, _ = run
     assert main(["evaluate", str(run_dir), "--split", "val", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["split"] == "val" and out["count"] == 7 and "predictions" not in out
+    assert out["split"] == "val" and out["count"] == 6 and "predictions" not in out  # 10% of the 63 left after test
     other = drawn_folder(tmp_path / "more", per_class=2)
     assert main(["evaluate", str(run_dir), "--data", str(other)]) == 0
     text = capsys.readouterr().out

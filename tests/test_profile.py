@@ -69,7 +69,7 @@ def test_the_textbook_loop_keeps_the_plain_network():
     from vggkit.data import Dataset
 
     images, labels = np.zeros((4, 28, 28, 1), dtype=np.uint8), np.arange(4) % 2
-    config = resolve_config(overrides={"arch": "1x4", "batch_size": 2, "kernels": "fast"})
+    config = resolve_config(overrides={"arch": "1x4", "batch_size": 2, "input_size": 28, "kernels": "fast"})
     textbook = TextbookSteps(config, torch.device("cpu"), Dataset(images, labels, ["a", "b"]), seed=0)
     assert [block.kernels for block in textbook.model.features] == ["plain"]
     assert textbook.train_step() == 2

@@ -78,12 +78,18 @@ def test_run_writes_every_file_and_tells_every_logger(tmp_path):
 
     assert lines[0] == "vggkit: fashion-mnist (bundled sample (500 train + 100 test images per class of " \
         "Fashion-MNIST)) [bundled sample: accuracy not comparable to published figures]"
-    assert lines[1].startswith("device: cpu (fp32, channels-last, 2 threads") and \
-        lines[1].endswith(f"train 1000, val 200, test 500 images; 27,802 parameters; run dir {run}")
-    assert lines[2].startswith("epoch 1/2, train loss ") and ", val acc " in lines[2] and " img/s)" in lines[2]
-    assert lines[4] == f"loss {history.epochs[-1]['train_loss']:.3f}, train acc " \
+    assert lines[1] == "data: train 1,000, val 200, test 500 images; input 28x28 (native); batch 100, " \
+        "10 steps per epoch, 2 epochs; augment: crop 2, flip"
+    assert lines[2].startswith("device: cpu (fp32, channels-last, 2 threads") and \
+        lines[2].endswith(f"; 27,802 parameters; run dir {run}")
+    assert lines[3].startswith("epoch 1/2, train loss ") and ", val acc " in lines[3] and " img/s)" in lines[3]
+    best = max(reversed(history.epochs), key=lambda row: row["val_acc"])  # of equals, the later
+    assert history.best == best
+    assert lines[5] == f"best checkpoint (what evaluate, predict and export use): epoch {best['epoch']} of 2 " \
+        f"by val acc {best['val_acc']:.4f}; test acc {best['test_acc']:.4f}"
+    assert lines[6] == f"last epoch: loss {history.epochs[-1]['train_loss']:.3f}, train acc " \
         f"{history.epochs[-1]['train_acc']:.3f}, test acc {history.test_acc:.3f}"
-    assert lines[5].endswith(f"examples/sec on cpu; total {history.seconds:.1f} s; run dir {run}") and len(lines) == 6
+    assert lines[7].endswith(f"examples/sec on cpu; total {history.seconds:.1f} s; run dir {run}") and len(lines) == 8
 
     calls = recorder.calls
     assert calls[0] == ("start", False, 2, 10) and calls[1] == ("epoch_start", 1, 0)

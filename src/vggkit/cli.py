@@ -70,24 +70,72 @@ def _either(names) -> str:
     return f"{', '.join(others)} or {last}" if others else last
 
 
+# One help line per TrainConfig field; add_train_args appends each one's default (the `fast` recipe's,
+# "from the data" for config.FROM_THE_DATA) and what the other recipes set it to.
 TRAIN_HELP = {
     "arch": "blocks: preset name or NUMxCHANNELS,... (e.g. 1x32,2x64,2x128)",
-    "ratio": "divide every conv width by R", "input_size": "images are resized to this size",
-    "data": "fashion-mnist, mnist or a folder with one sub-folder per class",
+    "ratio": "divide every conv width by R",
+    "input_size": "images are resized to SIZE x SIZE",
+    "fc_width": "width of the two hidden dense layers", "dropout": "dropout before each dense layer",
+    "batch_norm": "batch norm after every conv", "init": "weight initialisation: xavier or kaiming",
+    "data": "{names}, or a folder with one sub-folder of images per class",
     "data_dir": "where the dataset's files are (default: $VGGKIT_DATA/<name>, then ~/.cache/vggkit/<name>)",
-    "val_size": "validation images carved from the training set (0: none)",
-    "crop_padding": "random crop with this padding (0: off)", "erasing": "random erasing probability",
-    "limit": "use at most N training images", "test_limit": "use at most N test images",
+    "val_size": "validation images carved from the training set, 0 for none",
+    "normalize": "subtract the training set's mean, divide by its std, per channel",
+    "crop_padding": "random crop with this padding (0: off)",
+    "flip": "random horizontal flips",
+    "erasing": "random erasing probability",
+    "limit": "use at most N training images (default: all)", "test_limit": "use at most N test images (default: all)",
     "skip_bad": "skip unreadable images (listed in the log) instead of stopping",
-    "optimizer": _either(TRAINING_OPTIMIZERS), "schedule": _either(SCHEDULES),
+    "allow_sample": "train on the bundled Fashion-MNIST sample when the data set cannot be had",
+    "epochs": "passes over the training set", "batch_size": "images per step",
+    "lr": "learning rate (peak for onecycle)", "optimizer": _either(TRAINING_OPTIMIZERS),
+    "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 weight decay (not on biases, batch norm)",
+    "schedule": _either(SCHEDULES), "warmup": "fraction of the steps rising to the peak lr (onecycle)",
+    "label_smoothing": "label smoothing of the loss", "drop_last": "drop each epoch's last, incomplete batch",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "kernels": "fast: pool before the last ReLU, fused C++ kernels on CPU (auto: fast); plain: the network as it was",
+    "threads": "CPU threads, 1 to 1024 (default: PyTorch's, one per core)",
+    "seed": "seed of the splits, the initialisation and the batches, 0 to 2**64-1",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
-    "threads": "CPU threads, 1 to 1024 (default: torch's, one per core; 0 is refused)", "seed": "0 to 2**64-1",
+    "eval_every_epoch_on_test": "also test after every epoch (else only the best checkpoint, at the end)",
 }
+
+TRAIN_DESCRIPTION = (
+    "Train a VGG on a named data set or a folder of your images. Each value comes from the recipe "
+    "(--preset), then a --config TOML file, then the flags. Values marked 'from the data' are decided "
+    "when the data is loaded (input size, batch size, epochs, validation split, flips; the run's "
+    "'data:' line says what was decided) unless a flag, the TOML file or the recipe gives them; the "
+    "run's config.toml keeps the values used.")
+
+
+def _train_flag_help(name: str) -> str:
+    """The field's help line, then its default and the other recipes' values, e.g. "(default: 0.1; d2l: 0.05)"."""
+    from .config import FROM_THE_DATA, RECIPES, TrainConfig
+    from .decide import RULES
+
+    def shown(value) -> str:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value)
+
+    default = getattr(TrainConfig, name)
+    text = TRAIN_HELP[name]
+    if name == "data":
+        from .data import REGISTRY, SAMPLE
+
+        text = text.format(names=", ".join([*REGISTRY, SAMPLE]))
+    if name in FROM_THE_DATA:
+        text += f" (default: from the data, {RULES[name]}"
+    elif default is not None:
+        text += f" (default: {shown(default)}"
+    else:
+        return text  # it says what None means
+    others = [f"{recipe}: {shown(values[name])}" for recipe, values in RECIPES.items()
+              if name in values and values[name] != default]
+    return (text + "".join(f"; {other}" for other in others) + ")").replace("%", "%%")  # argparse formats %
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -96,23 +144,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     from .config import CHOICES, DEFAULT_RECIPE, RECIPES, TrainConfig
 
     p.add_argument("--preset", choices=list(RECIPES), default=None, help=f"base recipe (default: {DEFAULT_RECIPE})")
-    p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--nproc", type=positive_int, default=None, help="launch N processes on this machine (torchrun)")
+    p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level; "
+                   "default: none)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR (default: a new run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name (default: off)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (default: off)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="launch N processes on this machine (torchrun; default: 1, this process)")
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, help_line = "--" + f.name.replace("_", "-"), _train_flag_help(f.name)
         kind = f.type.split(" | ")[0]
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=TRAIN_HELP.get(f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_line)
         elif f.name in ("lr",):
-            p.add_argument(flag, type=positive_float, default=None, help="learning rate (peak for onecycle)")
+            p.add_argument(flag, type=positive_float, default=None, help=help_line)
         else:
             convert = {"int": int, "float": float, "str": str}[kind]
-            p.add_argument(flag, type=convert, default=None, choices=CHOICES.get(f.name), help=TRAIN_HELP.get(f.name))
+            p.add_argument(flag, type=convert, default=None, choices=CHOICES.get(f.name), help=help_line)
 
 
 def cmd_train(args) -> int:
@@ -229,7 +279,10 @@ def add_predict_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .config import RECIPES
 
+    from . import __version__
+
     parser = _Parser(prog="vggkit", description="Define, cost, train fast and ship VGG-style networks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("summary", help="cost report: shapes, parameters, MACs, memory")
@@ -243,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as one JSON document")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)")
+    p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)",
+                       description=TRAIN_DESCRIPTION)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -19,13 +19,14 @@ DEFAULT_RECIPE = "fast"
 
 @dataclass
 class TrainConfig:
-    """Every field of a training run. The defaults are the `fast` recipe: VGG blocks for native 28x28
-    input, bf16 + channels-last on CPU, one-cycle SGD, flip/crop, label smoothing."""
+    """Every field of a training run. The defaults are the `fast` recipe: small VGG blocks, bf16 +
+    channels-last on CPU, one-cycle SGD, crop, label smoothing. The FROM_THE_DATA fields are None
+    unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 8, 5,000, flip on)."""
     preset: str = DEFAULT_RECIPE  # the recipe the run started from
     # model
     arch: str = "1x32,2x64,2x128"
     ratio: int = 1
-    input_size: int = 28
+    input_size: int | None = None
     fc_width: int = 256
     dropout: float = 0.0
     batch_norm: bool = True
@@ -33,18 +34,18 @@ class TrainConfig:
     # data
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    val_size: int | None = None  # None: the dataset's default (5,000 for Fashion-MNIST)
+    val_size: int | None = None
     normalize: bool = True
     crop_padding: int = 2
-    flip: bool = True
+    flip: bool | None = None
     erasing: float = 0.0
     limit: int | None = None  # cap on training images (quick runs, tests)
     test_limit: int | None = None
     skip_bad: bool = False
     allow_sample: bool = True  # fall back to the bundled sample when the dataset can't be had
     # optimisation
-    epochs: int = 8
-    batch_size: int = 256
+    epochs: int | None = None
+    batch_size: int | None = None
     lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -79,6 +80,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+
+# Left None, these are decided from the data when the run starts (decide.py); given (flag, TOML or
+# recipe), they are taken as they are.
+FROM_THE_DATA = ("input_size", "batch_size", "epochs", "val_size", "flip")
 
 # A recipe: the fields it sets on top of TrainConfig's defaults.
 RECIPES: dict[str, dict] = {
@@ -131,8 +136,9 @@ MAX_THREADS = 1024  # torch starts that many threads at once: beyond this, a typ
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
 # Examples for the messages where TrainConfig's default is None.
 EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "test_limit": 1000, "threads": 4,
-            "name": "my-run"}
-LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image"}
+            "name": "my-run", "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True}
+LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image",
+            **{key: "decided from the data" for key in FROM_THE_DATA}}
 TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 

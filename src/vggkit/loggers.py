@@ -42,6 +42,10 @@ class RunStart:
     world_size: int
     images: tuple[int, int, int]  # train, val, test
     parameters: int
+    input_size: int = 0  # the side the network sees
+    batch_size: int = 0
+    augment: tuple[str, ...] = ()  # the training augmentations, e.g. ("crop 2", "flip")
+    decisions: dict = field(default_factory=dict)  # decide.py's notes, field -> why (val_size, input_size, ...)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class RunEnd:
     seconds: float = 0.0
     images_per_s: float = 0.0
     device: torch.device | None = None
+    best: dict | None = None  # the row of the epoch saved as checkpoints/best, with its test_acc (if a test split)
 
 
 class Logger:
@@ -135,11 +140,11 @@ class ConsoleLogger(Logger):
         self.run_dir, self.epochs = info.run.path, info.epochs
         sample = " [bundled sample: accuracy not comparable to published figures]" if info.is_sample else ""
         self.log(f"vggkit: {info.dataset} ({info.source}){sample}")
+        self.log(data_line(info))
         cpu = f", {info.threads} threads, {info.allocator} allocator" if info.device.type == "cpu" else ""
         processes = f", {info.world_size} processes" if info.world_size > 1 else ""
-        train, val, test = info.images
-        self.log(f"device: {info.device} ({info.speed}{cpu}){processes}; train {train}, val {val}, test {test} images; "
-                 f"{info.parameters:,} parameters; run dir {self.run_dir}")
+        self.log(f"device: {info.device} ({info.speed}{cpu}){processes}; {info.parameters:,} parameters; "
+                 f"run dir {self.run_dir}")
 
     def epoch(self, row):
         parts = [f"epoch {row['epoch']}/{self.epochs}", f"train loss {row['train_loss']:.4f}",
@@ -156,12 +161,35 @@ class ConsoleLogger(Logger):
         self.log(f"{stop.signal}: saved a checkpoint {where}; resume with: vggkit train --resume {self.run_dir}")
 
     def end(self, summary):
+        if summary.best is not None:
+            self.log(best_line(summary.best, summary.rows[-1]["epoch"]))
         if summary.rows:
-            last = summary.rows[-1]
-            self.log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}"
+            last = summary.rows[-1]  # the textbook's closing line, of the last epoch
+            self.log(f"last epoch: loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}"
                      + (f", test acc {summary.test_acc:.3f}" if summary.test_acc is not None else ""))
         self.log(f"{summary.images_per_s:.1f} examples/sec on {summary.device}; total {summary.seconds:.1f} s; "
                  f"run dir {self.run_dir}")
+
+
+def data_line(info: RunStart) -> str:
+    """The header line of what the run trains on and how; (why) after each value decided from the data."""
+    def why(key: str) -> str:
+        return f" ({info.decisions[key]})" if info.decisions.get(key) else ""
+
+    train, val, test = info.images
+    return (f"data: train {train:,}, val {val:,}{why('val_size')}, test {test:,} images; "
+            f"input {info.input_size}x{info.input_size}{why('input_size')}; "
+            f"batch {info.batch_size}{why('batch_size')}, {info.batches} steps per epoch, "
+            f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}")
+
+
+def best_line(best: dict, last_epoch: int) -> str:
+    """The closing line about checkpoints/best: its epoch, what chose it, its test accuracy."""
+    chosen_by = f"val acc {best['val_acc']:.4f}" if "val_acc" in best else \
+        f"train acc {best['train_acc']:.4f} (no validation split)"
+    test = f"test acc {best['test_acc']:.4f}" if "test_acc" in best else "no test split"
+    return (f"best checkpoint (what evaluate, predict and export use): epoch {best['epoch']} of {last_epoch} "
+            f"by {chosen_by}; {test}")
 
 
 class ProgressBar(Logger):
@@ -251,28 +279,44 @@ class EventLog(Logger):
 
 
 class CurvesPlot(Logger):
-    """The run's curves at the end, the textbook's plot: train loss, train acc, val and test acc against epoch."""
+    """The run's curves at the end: loss (left) and accuracy (right) against epoch, the best checkpoint's
+    epoch marked on both."""
+
+    CURVES = {"loss": ("train_loss", "val_loss", "test_loss"), "accuracy": ("train_acc", "val_acc", "test_acc")}
+    STYLES = {"train": "-", "val": "-.", "test": ":"}
 
     def __init__(self, run: RunDir):
         self.run = run
 
     def end(self, summary):
-        rows = summary.rows
-        if not rows:
+        if not summary.rows:
             return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        epochs = [r["epoch"] for r in rows]
-        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-        for key, style in (("train_loss", "-"), ("train_acc", "--"), ("val_acc", "-."), ("test_acc", ":")):
-            if all(key in r for r in rows):
-                ax.plot(epochs, [r[key] for r in rows], style, marker="o", markersize=3, label=key.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_xlim(0.5, max(epochs) + 0.5)
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120)
+        for ax, (quantity, keys) in zip(axes, self.CURVES.items()):
+            self._panel(ax, summary, quantity, keys)
         fig.tight_layout()
         atomic_write(self.run.curves_path, lambda tmp: fig.savefig(tmp, format="png"))
         plt.close(fig)
+
+    def _panel(self, ax, summary, quantity: str, keys: tuple[str, ...]) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        rows = summary.rows
+        epochs = [r["epoch"] for r in rows]
+        for key in keys:
+            if all(key in r for r in rows):
+                split = key.split("_")[0]
+                ax.plot(epochs, [r[key] for r in rows], self.STYLES[split], marker="o", markersize=3, label=split)
+        if summary.best is not None:
+            ax.axvline(summary.best["epoch"], color="gray", linewidth=1, alpha=0.6,
+                       label=f"best checkpoint (epoch {summary.best['epoch']})")
+        ax.set_title(quantity)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, max(epochs) + 0.5)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)

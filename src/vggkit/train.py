@@ -29,12 +29,14 @@ from . import distributed as dist
 from .checkpoint import all_finite, save_checkpoint
 from .config import RECIPES, TrainConfig, resolve_config, save_config
 from .data import load_data
+from .data.carve import carve
+from .decide import decide
 from .errors import VggkitError
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
 from .model import set_kernels
 from .optim import lr_at, make_optimizer, set_lr
 from .pipeline import Augment, BatchLoader
-from .rundir import RunDir
+from .rundir import WEIGHTS, RunDir
 from .preprocess import preprocess_meta
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
@@ -55,11 +57,12 @@ class TrainingDiverged(VggkitError):
 class History:
     run_dir: Path
     epochs: list[dict] = field(default_factory=list)
-    test_acc: float | None = None
+    test_acc: float | None = None  # the last epoch's (the textbook's figure)
     test_loss: float | None = None
     seconds: float = 0.0
     images_per_s: float = 0.0
     interrupted: bool = False
+    best: dict | None = None  # the epoch row of checkpoints/best, with its test accuracy (what evaluate reports)
 
 
 class StopRequest:
@@ -108,6 +111,7 @@ class Trainer:
     on_step: Callable[[int], None] | None = None
     loggers: Logger = field(default_factory=Loggers)
     step_model: torch.nn.Module | None = None  # what the steps run: the model, maybe under DDP and compiled
+    decisions: dict = field(default_factory=dict)  # what decide.py decided from the data: field -> why
 
     @property
     def main(self) -> bool:
@@ -172,6 +176,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         run, config, state = open_run(config, resume, overwrite, world_size)
         try:
             t = set_up(config, run, settings, log, on_step, started)
+            config = t.config  # with what decide.py decided from the data
             if state is None:  # the data is loaded and checked: now the run directory may be written
                 dist.from_main(lambda: run.claim(overwrite))
             loop = restore(t, state) if state is not None else LoopState(fresh_sums(t), History(run.path))
@@ -243,8 +248,8 @@ def end_epoch(t: Trainer, loop: LoopState, trained: EpochRun) -> None:
     row = epoch_row(t, loop, trained)
     check_saveable(t, loop, row.get("val_loss", row.get("test_loss")))
     loop.history.epochs.append(row)
-    score = row.get("val_acc", row["train_acc"])
-    is_best = score > loop.best_val
+    score = selection_score(row)
+    is_best = score >= loop.best_val  # of equals the later: trained longer (small val sets tie often)
     loop.best_val = max(loop.best_val, score)
     loop.next_epoch()
     meta = t.meta | {"epoch": row["epoch"], **{k: row[k] for k in ("train_acc", "val_acc", "test_acc") if k in row}}
@@ -252,6 +257,11 @@ def end_epoch(t: Trainer, loop: LoopState, trained: EpochRun) -> None:
     if is_best and t.main:
         save_checkpoint(t.run.best, t.model, meta)
     t.loggers.epoch(row)
+
+
+def selection_score(row: dict) -> float:
+    """What picks the best checkpoint: validation accuracy, or training accuracy without a validation split."""
+    return row.get("val_acc", row["train_acc"])
 
 
 def epoch_row(t: Trainer, loop: LoopState, trained: EpochRun) -> dict:
@@ -288,7 +298,9 @@ def finish(t: Trainer, loop: LoopState) -> History:
         last = history.epochs[-1]
         history.test_loss, history.test_acc = (last["test_loss"], last["test_acc"]) if "test_acc" in last \
             else evaluate_loader(t.model, t.test_loader, t.speed, t.device)
-    t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device))
+    history.best = best_checkpoint(t, history.epochs)
+    t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device,
+                         best=history.best))
     return history
 
 
@@ -328,6 +340,20 @@ def lower_lr(config: TrainConfig) -> float:
     return min(config.lr / 10, recipe_lr)
 
 
+def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
+    """The row of the epoch saved as checkpoints/best (what evaluate, predict and export use), with
+    its test figures: the row's own, or, where the epochs were not tested, its weights tested now."""
+    if not rows:
+        return None
+    best = dict(max(reversed(rows), key=selection_score))  # the last of equals, as end_epoch keeps it
+    if t.test_loader and "test_acc" not in best:
+        from safetensors.torch import load_file
+
+        t.model.load_state_dict(load_file(str(t.run.best / WEIGHTS)))  # training is over: the weights are free
+        best["test_loss"], best["test_acc"] = evaluate_loader(t.model, t.test_loader, t.speed, t.device)
+    return best
+
+
 def save_last(t: Trainer, loop: LoopState, meta: dict) -> None:
     """The checkpoint to resume from: weights, optimizer, RNG and loop.epoch/batch (rank 0 writes it)."""
     if t.main:
@@ -350,7 +376,6 @@ def open_run(config, resume, overwrite: bool, world_size: int) -> tuple[RunDir, 
             raise
     if not isinstance(config, TrainConfig):
         config = resolve_config(overrides=dict(config or {}))
-    dist.check_batch_size(config.batch_size, world_size)
     # rank 0 names and checks it for all ranks; it is claimed (locked, written) once the data is loaded
     path = dist.agree_run_dir(lambda: RunDir.create(config, overwrite).path)
     return RunDir(path), config, None
@@ -367,9 +392,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     speed = speed_settings(config, device)
     torch.manual_seed(config.seed)
 
-    splits = load_data(config.data, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
-                       allow_sample=config.allow_sample, skip_bad=config.skip_bad, limit=config.limit,
-                       test_limit=config.test_limit, log=log)
+    config, splits, decisions = load_and_decide(config, world_size, log)
     channels = splits.train.channels
     mean, std = (splits.mean, splits.std) if config.normalize else ((0.0,) * channels, (1.0,) * channels)
     common = dict(device=device, input_size=config.input_size, mean=mean, std=std,
@@ -387,7 +410,18 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
             "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(splits.image_size)}
     return Trainer(config, run, rank, world_size, device, speed, allocator, splits, train_loader, val_loader,
-                   test_loader, model, optimizer, scaler, meta, started, log, on_step)
+                   test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions)
+
+
+def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainConfig, DataSplits, dict]:
+    """The data, the config's FROM_THE_DATA fields decided from it (decide.py), then the validation
+    split and the limit carved as decided; nothing is written before this has checked the data."""
+    splits = load_data(config.data, data_dir=config.data_dir, val_size=0, seed=config.seed,
+                       allow_sample=config.allow_sample, skip_bad=config.skip_bad, test_limit=config.test_limit,
+                       log=log)
+    config, decisions = decide(config, splits, world_size)
+    dist.check_batch_size(config.batch_size, world_size)
+    return config, carve(splits, config.val_size, config.limit, config.seed), decisions
 
 
 def build_model(config: TrainConfig, splits: DataSplits, device: torch.device, speed: Speed, world_size: int):
@@ -449,4 +483,12 @@ def start(t: Trainer, loop: LoopState, resumed: bool) -> None:
         history=list(loop.history.epochs), dataset=splits.name, source=splits.source, is_sample=splits.is_sample,
         device=t.device, speed=t.speed.describe(), threads=torch.get_num_threads(), allocator=t.allocator,
         world_size=t.world_size, parameters=sum(p.numel() for p in t.model.parameters()),
-        images=(len(splits.train), len(splits.val), len(splits.test) if splits.test is not None else 0)))
+        images=(len(splits.train), len(splits.val), len(splits.test) if splits.test is not None else 0),
+        input_size=t.config.input_size, batch_size=t.config.batch_size, augment=augmentations(t.config),
+        decisions=t.decisions))
+
+
+def augmentations(config: TrainConfig) -> tuple[str, ...]:
+    """The training augmentations, for the header line."""
+    return tuple(name for name, on in ((f"crop {config.crop_padding}", config.crop_padding), ("flip", config.flip),
+                                       (f"erasing {config.erasing:g}", config.erasing)) if on)

@@ -40,6 +40,7 @@ from .textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
 from ..config import RECIPES, TrainConfig, resolve_config
 from ..cost import Report, summary
 from ..data import Dataset, load_data
+from ..decide import LIKE_FASHION_MNIST, decide
 from ..distributed import batch_loss
 from ..errors import VggkitError
 from .machine import cpu_snapshot, device_name, load_average, others_cpu, timed
@@ -101,8 +102,10 @@ class BenchSettings:
             raise VggkitError(f"unknown preset {self.preset!r}; choose one of {', '.join(RECIPES)}")
 
     def train_config(self) -> TrainConfig:
-        """The recipe with this bench's model, batch and speed choices (every choice checked)."""
-        return resolve_config(overrides={name: getattr(self, name) for name in self.CONFIG_FIELDS})
+        """The recipe with this bench's model, batch and speed choices (every choice checked); what the
+        recipe leaves to the data is decided as for Fashion-MNIST, which the random images stand for."""
+        config = resolve_config(overrides={name: getattr(self, name) for name in self.CONFIG_FIELDS})
+        return decide(config, LIKE_FASHION_MNIST)[0]
 
 
 def bench(settings: BenchSettings | None = None, *, log=None, **changes) -> dict:

@@ -1,0 +1,33 @@
+"""carve: the validation split and the --limit cap of splits loaded with neither (load_data(val_size=0)).
+
+Training decides the validation size from the data (decide.py), so it loads first and carves
+after. The draws are load_data's own (same salts, same order: validation first, then the
+limit on what is left), so `carve(load_data(d, val_size=0), n, limit, seed)` and
+`load_data(d, val_size=n, limit=limit, seed=seed)` hold the same images.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import VggkitError
+from .dataset import DataSplits, channel_stats, split_off, stratified_indices
+
+VAL_SALT, LIMIT_SALT = 1, 2  # load_data's
+
+
+def carve(splits: DataSplits, val_size: int, limit: int | None, seed: int) -> DataSplits:
+    """`splits` with val_size training images moved to validation (unless it has a val/ tree already),
+    then the training images capped at `limit`; the channel statistics are those of the new train."""
+    if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
+        raise VggkitError(f"limit must be a positive integer, got {limit!r}")
+    train, val = splits.train, splits.val
+    if not len(val) and val_size:
+        train, val = split_off(train, val_size, seed, salt=VAL_SALT)
+    if limit is not None and limit < len(train):
+        train = train.subset(stratified_indices(train.labels, limit, seed, salt=LIMIT_SALT))
+    if train is splits.train:
+        return splits
+    mean, std = channel_stats(train.images)
+    return replace(splits, train=train, val=val, mean=mean, std=std)

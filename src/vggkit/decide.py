@@ -1,0 +1,167 @@
+"""What `vggkit train --data ANY` decides from the data: the config.FROM_THE_DATA fields left None.
+
+A value given by a flag, a TOML file or the recipe (d2l, best) is kept. A run that could not make
+a step is refused in one line: a given batch larger than the training set (drop_last), or fewer
+training images than the smallest batch decided here.
+
+    val_size    10% of the training images (of --limit's when given), at most 5,000; a val/ tree as it is
+    input_size  the images' own size (the longer side), at least 16 and 2**(blocks + 1) (a last
+                feature map of 2x2 or more), at most max(64, 7 x 2**blocks) (VGG's 7x7 map)
+    batch_size  the largest power of two up to 256 that gives an epoch 32 steps or more; at least 8
+    epochs      8, or more where an epoch is short: enough for 1,000 steps in all, at most 40
+    flip        on only for data known to be flip-safe (Fashion-MNIST, CIFAR), off for MNIST and folders
+
+On Fashion-MNIST these are the fast recipe's values: 5,000, 28, 256, 8 epochs and flip on.
+decide() is pure: it reads the config and the data's sizes, and returns a new config with every
+field set, and a note for each value it decided (the header line shows them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from .config import TrainConfig
+from .data.registry import REGISTRY
+from .errors import VggkitError
+from .specs import parse_arch
+
+if TYPE_CHECKING:
+    from .data import DataSplits
+
+VAL_FRACTION, MAX_VAL = 0.1, 5000
+MIN_INPUT, MAX_INPUT = 16, 64
+MIN_BATCH, MAX_BATCH = 8, 256
+MIN_STEPS_PER_EPOCH = 32
+MIN_EPOCHS, MAX_EPOCHS = 8, 40  # at most the best recipe's: past that a small set is only memorised
+MIN_TOTAL_STEPS = 1000
+
+# The rules in a few words, for --help.
+RULES = {
+    "val_size": f"{VAL_FRACTION:.0%}, at most {MAX_VAL:,}", "input_size": f"the images' own size, at least {MIN_INPUT}",
+    "batch_size": f"{MAX_BATCH}, smaller for small sets", "epochs": f"{MIN_EPOCHS}, more for small sets",
+    "flip": "on for flip-safe data sets only",
+}
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the decisions look at."""
+    name: str
+    images: int  # training images before validation is carved (with a val/ tree: the train tree's)
+    val_tree: int  # images in a val/ tree; 0: none, validation is carved from `images`
+    height: int
+    width: int
+    known: bool  # a registered data set (not an image folder)
+    flips_safe: bool  # known to stay in its class when mirrored
+
+    @classmethod
+    def of(cls, splits: DataSplits) -> DataFacts:
+        """The facts of splits as load_data(val_size=0) gives them (nothing carved yet)."""
+        _, height, width, _ = splits.train.images.shape
+        known = splits.name in REGISTRY  # an image folder's DataSplits says flips_safe=True: nobody checked
+        return cls(splits.name, len(splits.train), len(splits.val), height, width, known,
+                   known and splits.flips_safe)
+
+
+# What bench's random 28x28 images stand for when a recipe leaves fields to the data.
+LIKE_FASHION_MNIST = DataFacts("fashion-mnist", 60_000, 0, 28, 28, known=True, flips_safe=True)
+
+
+def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 1) -> tuple[TrainConfig, dict]:
+    """(config with every FROM_THE_DATA field set, {field: why} for the values decided here or worth a word)."""
+    facts = data if isinstance(data, DataFacts) else DataFacts.of(data)
+    notes = {}
+    val_size, notes["val_size"] = decide_val_size(config, facts)
+    train_images = facts.images - (0 if facts.val_tree else val_size)
+    if config.limit is not None:
+        train_images = min(train_images, config.limit)
+    input_size, notes["input_size"] = decide_input_size(config, facts)
+    batch_size, notes["batch_size"] = decide_batch_size(config, facts, train_images, world_size)
+    steps = train_images // batch_size if config.drop_last else math.ceil(train_images / batch_size)
+    epochs, notes["epochs"] = decide_epochs(config, steps)
+    flip, notes["flip"] = decide_flip(config, facts)
+    decided = replace(config, val_size=val_size, input_size=input_size, batch_size=batch_size, epochs=epochs,
+                      flip=flip)
+    return decided, {key: why for key, why in notes.items() if why}
+
+
+def decide_val_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str | None]:
+    if facts.val_tree:
+        ignored = "; val_size ignored" if config.val_size not in (None, facts.val_tree) else ""
+        return facts.val_tree, f"the val/ folder{ignored}"
+    if config.val_size is not None:
+        if config.val_size >= facts.images:
+            raise VggkitError(f"val_size {config.val_size:,} leaves no training images ({facts.name} has "
+                              f"{facts.images:,}); use a smaller --val-size, or leave it out to decide it "
+                              "from the data")
+        return config.val_size, None
+    pool = facts.images if config.limit is None else min(facts.images, config.limit)
+    size = min(int(pool * VAL_FRACTION), MAX_VAL)
+    if size == 0:
+        return 0, "too few images to hold some out"
+    return size, "10%" if size < MAX_VAL else f"10%, at most {MAX_VAL:,}"
+
+
+def decide_input_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str]:
+    """The images' size, within what the architecture can use (see the module docstring)."""
+    h, w = facts.height, facts.width
+    images = f"{w}x{h} images"
+    if config.input_size is not None:
+        return config.input_size, "native" if (h, w) == (config.input_size,) * 2 else f"configured; {images}"
+    blocks = len(parse_arch(config.arch, config.ratio))
+    low, high = max(MIN_INPUT, 2 ** (blocks + 1)), max(MAX_INPUT, 7 * 2 ** blocks)
+    native = max(h, w)
+    size = min(max(native, low), high)
+    if size > native:
+        return size, f"{images} upscaled"
+    if size < native:
+        return size, f"{images} downscaled"
+    return size, "native" if h == w else f"{images}, the longer side"
+
+
+def decide_batch_size(config: TrainConfig, facts: DataFacts, train_images: int,
+                      world_size: int) -> tuple[int, str | None]:
+    """The configured batch if an epoch has a step with it; else a power of two (see the module docstring)."""
+    if config.batch_size is not None:
+        if config.drop_last and config.batch_size > train_images:
+            raise VggkitError(
+                f"batch size {config.batch_size:,} is more than the {train_images:,} training images of "
+                f"{facts.name}, so an epoch would have no step; use --batch-size {_power_of_two_up_to(train_images)} "
+                "or less, "
+                "or leave it out to decide it from the data")
+        return config.batch_size, None
+    if train_images < MIN_BATCH:
+        raise VggkitError(
+            f"{facts.name} has {train_images} training image(s){_of(facts, train_images)}, fewer than one batch of "
+            f"{MIN_BATCH}; add images, or give --batch-size {max(train_images, 1)}")
+    size = MAX_BATCH
+    while size > MIN_BATCH and train_images / size < MIN_STEPS_PER_EPOCH:
+        size //= 2
+    size = max(size // world_size * world_size, world_size)  # every process gets an equal share
+    return size, "from the data"
+
+
+def decide_epochs(config: TrainConfig, steps_per_epoch: int) -> tuple[int, str | None]:
+    if config.epochs is not None:
+        return config.epochs, None
+    enough = math.ceil(MIN_TOTAL_STEPS / max(steps_per_epoch, 1))
+    return min(max(MIN_EPOCHS, enough), MAX_EPOCHS), "from the data"
+
+
+def decide_flip(config: TrainConfig, facts: DataFacts) -> tuple[bool, str | None]:
+    if config.flip is not None:
+        return config.flip, None
+    if facts.flips_safe:
+        return True, f"{facts.name} is flip-safe"
+    if facts.known:
+        return False, f"no flip: {facts.name} is not flip-safe"
+    return False, "no flip: unknown data may not be flip-safe; --flip turns it on"
+
+
+def _power_of_two_up_to(n: int) -> int:
+    return 2 ** max(int(math.log2(max(n, 1))), 0)
+
+
+def _of(facts: DataFacts, train_images: int) -> str:
+    return f" (of {facts.images} before validation and --limit)" if train_images < facts.images else ""
