@@ -13,7 +13,8 @@ from vggkit.errors import VggkitError
 # Everything but the recipe fields is TrainConfig's default (data, speed and run settings).
 COMMON = dict(data="fashion-mnist", data_dir=None, limit=None, test_limit=None, skip_bad=False, allow_sample=True,
               warmup=0.2, device="auto", precision="auto", channels_last="auto", compile="auto", allocator="auto",
-              threads=None, seed=0, out="runs", name=None, eval_every_epoch_on_test=True)
+              threads=None, seed=0, out="runs", name=None, eval_every_epoch_on_test=True,
+              init_from=None, freeze=0, head_pool=None, tensorboard=False)
 FAST = dict(COMMON, preset="fast", arch="1x32,2x64,2x128", ratio=1, input_size=28, fc_width=256, dropout=0.0,
             batch_norm=True, init="kaiming", val_size=None, normalize=True, crop_padding=2, flip=True, erasing=0.0,
             epochs=8, batch_size=256, lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,

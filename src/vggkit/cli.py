@@ -80,13 +80,38 @@ TRAIN_HELP = {
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
+    "init": "weight-initialisation scheme (TOML key: init)",
+    "init_from": "start from these weights: a vggkit run or checkpoint, a standard-layout .pth/.safetensors "
+                 "state dict, or vgg11|vgg11_bn|...|vgg19_bn (ImageNet, downloaded once); the architecture "
+                 "comes from them",
+    "freeze": "keep the first N blocks (or 'features': all) as they are, batch-norm statistics too (for --init)",
+    "head_pool": "average the last feature map to 7x7 before the classifier (adaptive), as the standard VGG; "
+                 "default: none, or adaptive when --init weights meet another input size",
+    "tensorboard": "also write TensorBoard event files under RUN/tensorboard/ (pip install 'vggkit[tensorboard]')",
 }
+# Flags whose name is not the config key's: --init names initial weights, as in other tools.
+TRAIN_FLAGS = {"init_from": "--init", "init": "--init-scheme"}
+
+
+def train_flag(key: str) -> str:
+    """The `vggkit train` flag of a TrainConfig key (booleans also take --no-<name>)."""
+    return TRAIN_FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def freeze_spec(text: str) -> int | str:
+    """--freeze: a number of blocks or 'features'."""
+    if text == "features":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a number of blocks or 'features', got {text!r}")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
     from .config import CHOICES, DEFAULT_RECIPE, RECIPES, TrainConfig
+    from .model import HEAD_POOLS
 
     p.add_argument("--preset", choices=list(RECIPES), default=None, help=f"base recipe (default: {DEFAULT_RECIPE})")
     p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level)")
@@ -97,15 +122,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = train_flag(f.name)
         kind = f.type.split(" | ")[0]
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=TRAIN_HELP.get(f.name))
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=TRAIN_HELP.get(f.name))
         elif f.name in ("lr",):
             p.add_argument(flag, type=positive_float, default=None, help="learning rate (peak for onecycle)")
+        elif f.name == "freeze":
+            p.add_argument(flag, type=freeze_spec, default=None, metavar="N|features", help=TRAIN_HELP[f.name])
         else:
             convert = {"int": int, "float": float, "str": str}[kind]
-            p.add_argument(flag, type=convert, default=None, choices=CHOICES.get(f.name), help=TRAIN_HELP.get(f.name))
+            choices = HEAD_POOLS if f.name == "head_pool" else CHOICES.get(f.name)
+            p.add_argument(flag, dest=f.name, type=convert, default=None, choices=choices,
+                           help=TRAIN_HELP.get(f.name), metavar="SOURCE" if f.name == "init_from" else None)
 
 
 def cmd_train(args) -> int:

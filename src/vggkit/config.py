@@ -19,14 +19,14 @@ class TrainConfig:
     """Every field of a training run. The defaults are the `fast` recipe: VGG blocks for native 28x28
     input, bf16 + channels-last on CPU, one-cycle SGD, flip/crop, label smoothing."""
     preset: str = DEFAULT_RECIPE  # the recipe the run started from
-    # model
-    arch: str = "1x32,2x64,2x128"
-    ratio: int = 1
+    # model (arch, ratio, fc_width, batch_norm: None when they come from the initial weights)
+    arch: str | None = "1x32,2x64,2x128"
+    ratio: int | None = 1
     input_size: int = 28
-    fc_width: int = 256
+    fc_width: int | None = 256
     dropout: float = 0.0
-    batch_norm: bool = True
-    init: str = "kaiming"
+    batch_norm: bool | None = True
+    init: str = "kaiming"  # the weight-initialisation scheme (--init-scheme); `init_from` names initial weights
     # data
     data: str = "fashion-mnist"
     data_dir: str | None = None
@@ -63,6 +63,11 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     eval_every_epoch_on_test: bool = True
+    # fine-tuning (pretrained.py) and TensorBoard
+    init_from: str | None = None  # initial weights (--init): a run, checkpoint, .pth/.safetensors file or vgg16...
+    freeze: int | str = 0  # blocks kept as they are, from the first: a number or "features" (all)
+    head_pool: str | None = None  # none|adaptive; None: none, or adaptive when the initial weights need it
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (pip install 'vggkit[tensorboard]')
 
     def build_model(self, in_channels: int, num_classes: int):
         """The VGG this config describes, for data with these channels and classes."""
@@ -70,7 +75,7 @@ class TrainConfig:
 
         return VGG(self.arch, ratio=self.ratio, in_channels=in_channels, num_classes=num_classes,
                    input_size=self.input_size, fc_width=self.fc_width, dropout=self.dropout,
-                   batch_norm=self.batch_norm, init=self.init)
+                   batch_norm=self.batch_norm, init=self.init, head_pool=self.head_pool or "none")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -101,6 +106,8 @@ CHOICES = {
     "init": ("xavier", "kaiming"),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+# With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
+FROM_WEIGHTS = ("arch", "ratio", "fc_width", "batch_norm")
 
 
 def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -109,7 +116,10 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or DEFAULT_RECIPE
     if preset not in RECIPES:
         raise VggkitError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
-    values = {**RECIPES[preset], **from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    given = {**from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    values = {**RECIPES[preset], **given}
+    if values.get("init_from"):
+        values.update({key: None for key in FROM_WEIGHTS if key not in given})
     values["preset"] = preset
     unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
@@ -125,6 +135,8 @@ def validate(config: TrainConfig) -> None:
             raise VggkitError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     for key in ("lr", "epochs", "batch_size", "input_size", "ratio", "fc_width"):
         value = getattr(config, key)
+        if value is None and key in FROM_WEIGHTS and config.init_from:
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             raise VggkitError(f"{key} must be positive, got {value!r}; e.g. --{key.replace('_', '-')} "
                               f"{getattr(TrainConfig, key)}")
@@ -134,6 +146,27 @@ def validate(config: TrainConfig) -> None:
             raise VggkitError(f"{key} must be in [0, 1), got {value!r}")
     if config.val_size is not None and config.val_size < 0:
         raise VggkitError(f"val_size must be 0 or more, got {config.val_size}")
+    validate_fine_tuning(config)
+
+
+def validate_fine_tuning(config: TrainConfig) -> None:
+    """init_from, freeze, head_pool and tensorboard (its package must be installed: checked before a run writes)."""
+    from .loggers import require_tensorboard
+    from .model import HEAD_POOLS
+
+    if config.init_from is not None and (not isinstance(config.init_from, str) or not config.init_from.strip()):
+        raise VggkitError(f"init_from must name initial weights (a run, a weights file or e.g. vgg16), "
+                          f"got {config.init_from!r}")
+    if config.init_from in CHOICES["init"] and not Path(config.init_from).exists():  # the flag's old meaning
+        raise VggkitError(f"--init names initial weights; for the weight-initialisation scheme use "
+                          f"--init-scheme {config.init_from} (TOML key: init)")
+    freeze = config.freeze
+    if freeze != "features" and (not isinstance(freeze, int) or isinstance(freeze, bool) or freeze < 0):
+        raise VggkitError(f"freeze takes a number of blocks (0 or more) or 'features', got {freeze!r}")
+    if config.head_pool is not None and config.head_pool not in HEAD_POOLS:
+        raise VggkitError(f"head_pool must be one of {', '.join(HEAD_POOLS)}, got {config.head_pool!r}")
+    if config.tensorboard:
+        require_tensorboard()
 
 
 def _read_toml(path: str | Path) -> dict:
