@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from vggkit import evaluate
-from vggkit.cli import add_train_args, build_parser, main
+from vggkit.cli import add_train_args, build_parser, main, train_flag
 from vggkit.config import FROM_THE_DATA, TrainConfig, resolve_config
 from vggkit.data import Dataset, DataSplits, load_data
 from vggkit.data.carve import carve
@@ -227,7 +227,7 @@ def test_help_shows_every_train_flag_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for field in dataclasses.fields(TrainConfig):
         if field.name != "preset":
-            assert f"--{field.name.replace('_', '-')}" in text
+            assert train_flag(field.name) in text
     assert "--epochs EPOCHS passes over the training set (default: from the data, 8, more for small sets; d2l: 10; " \
            "best: 40)" in text
     assert "--lr LR learning rate (peak for onecycle) (default: 0.1; d2l: 0.05; best: 0.05)" in text

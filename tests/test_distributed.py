@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from vggkit import distributed as vd
 from vggkit.checkpoint import load_model
+from vggkit.cli import train_flag
 from vggkit.errors import VggkitError
 from vggkit.train import train
 
@@ -31,9 +32,9 @@ SMALL = dict(arch="1x8,1x16", input_size=28, fc_width=32, batch_norm=False, drop
 def flags(config: dict) -> list[str]:
     out = []
     for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
+        flag = train_flag(key)
         if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
+            out.append(flag if value else "--no-" + flag[2:])
         else:
             out += [flag, str(value)]
     return out

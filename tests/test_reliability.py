@@ -28,7 +28,7 @@ from vggkit.train import TrainingDiverged, train
 SAMPLE = "fashion-mnist-sample"
 TINY = dict(arch="1x8", fc_width=16, init="xavier", input_size=28, limit=200, test_limit=100, val_size=100,
             batch_size=50, epochs=1, lr=0.05, precision="fp32", threads=1, data=SAMPLE)
-TINY_FLAGS = ["--arch", "1x8", "--fc-width", "16", "--init", "xavier", "--input-size", "28", "--limit", "200",
+TINY_FLAGS = ["--arch", "1x8", "--fc-width", "16", "--init-scheme", "xavier", "--input-size", "28", "--limit", "200",
               "--test-limit", "100", "--val-size", "100", "--batch-size", "50", "--epochs", "1", "--lr", "0.05",
               "--precision", "fp32", "--threads", "1", "--data", SAMPLE]
 STEPS_PER_EPOCH = 4  # 200 training images (validation comes on top), batches of 50

@@ -15,7 +15,7 @@ from vggkit.rundir import (LOCK, MARKER, RunDir, RunInUse, RunLock, check_run_na
 def saved_run(tmp_path, **config) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    save_config(TrainConfig(**{"epochs": 3, "lr": 0.1, "batch_size": 256, **config}), run.config_path)  # as decided
+    save_config(TrainConfig(**{"epochs": 3, "lr": 0.1, "batch_size": 256, "input_size": 28, "val_size": 5000, "flip": True, **config}), run.config_path)  # as decided
     return run
 
 

@@ -16,10 +16,14 @@ from .evaluate import evaluate
 from .predict import predict
 from .export import export_model
 from .convert import from_standard, load_standard, to_standard
+from .features import FeatureExtractor, layer_names
+from .pretrained import IMAGENET_MEAN, IMAGENET_STD, STANDARD_WEIGHTS, adapt, freeze_blocks, init_model, load_init
 
 __all__ = ["VGG", "vgg_block", "PRESETS", "parse_arch", "VggkitError", "summary", "TrainConfig", "resolve_config",
            "train", "evaluate", "predict", "load",
-           "export_model", "to_standard", "from_standard", "load_standard"]
+           "export_model", "to_standard", "from_standard", "load_standard",
+           "FeatureExtractor", "layer_names", "init_model", "load_init", "adapt", "freeze_blocks", "STANDARD_WEIGHTS",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 __version__ = "0.1.0"
 
 

@@ -103,7 +103,31 @@ TRAIN_HELP = {
     "seed": "seed of the splits, the initialisation and the batches, 0 to 2**64-1",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
     "eval_every_epoch_on_test": "also test after every epoch (else only the best checkpoint, at the end)",
+    "init": "weight-initialisation scheme (TOML key: init)",
+    "init_from": "start from these weights: a vggkit run or checkpoint, a standard-layout .pth/.safetensors "
+                 "state dict, or vgg11|vgg11_bn|...|vgg19_bn (ImageNet, downloaded once); the architecture "
+                 "comes from them (default: none, the --init-scheme's random weights)",
+    "freeze": "keep the first N blocks (or 'features': all) as they are, batch-norm statistics too (for --init)",
+    "head_pool": "average the last feature map to 7x7 before the classifier (adaptive), as the standard VGG; "
+                 "default: none, or adaptive when --init weights meet another input size",
+    "tensorboard": "also write TensorBoard event files under RUN/tensorboard/ (pip install 'vggkit[tensorboard]')",
 }
+# Flags whose name is not the config key's: --init names initial weights, as in other tools.
+TRAIN_FLAGS = {"init_from": "--init", "init": "--init-scheme"}
+
+
+def train_flag(key: str) -> str:
+    """The `vggkit train` flag of a TrainConfig key (booleans also take --no-<name>)."""
+    return TRAIN_FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def freeze_spec(text: str) -> int | str:
+    """--freeze: a number of blocks or 'features'."""
+    if text == "features":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a number of blocks or 'features', got {text!r}")
 
 TRAIN_DESCRIPTION = (
     "Train a VGG on a named data set or a folder of your images. Each value comes from the recipe "
@@ -142,6 +166,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
     from .config import CHOICES, DEFAULT_RECIPE, RECIPES, TrainConfig
+    from .model import HEAD_POOLS
 
     p.add_argument("--preset", choices=list(RECIPES), default=None, help=f"base recipe (default: {DEFAULT_RECIPE})")
     p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level; "
@@ -154,15 +179,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
-        flag, help_line = "--" + f.name.replace("_", "-"), _train_flag_help(f.name)
+        flag, help_line = train_flag(f.name), _train_flag_help(f.name)
         kind = f.type.split(" | ")[0]
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_line)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_line)
         elif f.name in ("lr",):
             p.add_argument(flag, type=positive_float, default=None, help=help_line)
+        elif f.name == "freeze":
+            p.add_argument(flag, type=freeze_spec, default=None, metavar="N|features", help=help_line)
         else:
             convert = {"int": int, "float": float, "str": str}[kind]
-            p.add_argument(flag, type=convert, default=None, choices=CHOICES.get(f.name), help=help_line)
+            choices = HEAD_POOLS if f.name == "head_pool" else CHOICES.get(f.name)
+            p.add_argument(flag, dest=f.name, type=convert, default=None, choices=choices, help=help_line,
+                           metavar="SOURCE" if f.name == "init_from" else None)
 
 
 def cmd_train(args) -> int:

@@ -23,14 +23,14 @@ class TrainConfig:
     channels-last on CPU, one-cycle SGD, crop, label smoothing. The FROM_THE_DATA fields are None
     unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 8, 5,000, flip on)."""
     preset: str = DEFAULT_RECIPE  # the recipe the run started from
-    # model
-    arch: str = "1x32,2x64,2x128"
-    ratio: int = 1
+    # model (arch, ratio, fc_width, batch_norm: None when they come from the initial weights)
+    arch: str | None = "1x32,2x64,2x128"
+    ratio: int | None = 1
     input_size: int | None = None
-    fc_width: int = 256
+    fc_width: int | None = 256
     dropout: float = 0.0
-    batch_norm: bool = True
-    init: str = "kaiming"
+    batch_norm: bool | None = True
+    init: str = "kaiming"  # the weight-initialisation scheme (--init-scheme); `init_from` names initial weights
     # data
     data: str = "fashion-mnist"
     data_dir: str | None = None
@@ -68,6 +68,11 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     eval_every_epoch_on_test: bool = True
+    # fine-tuning (pretrained.py) and TensorBoard
+    init_from: str | None = None  # initial weights (--init): a run, checkpoint, .pth/.safetensors file or vgg16...
+    freeze: int | str = 0  # blocks kept as they are, from the first: a number or "features" (all)
+    head_pool: str | None = None  # none|adaptive; None: none, or adaptive when the initial weights need it
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (pip install 'vggkit[tensorboard]')
 
     def build_model(self, in_channels: int, num_classes: int):
         """The VGG this config describes, for data with these channels and classes."""
@@ -75,7 +80,7 @@ class TrainConfig:
 
         return VGG(self.arch, ratio=self.ratio, in_channels=in_channels, num_classes=num_classes,
                    input_size=self.input_size, fc_width=self.fc_width, dropout=self.dropout,
-                   batch_norm=self.batch_norm, init=self.init)
+                   batch_norm=self.batch_norm, init=self.init, head_pool=self.head_pool or "none")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -111,6 +116,8 @@ CHOICES = {
     "kernels": ("auto", "fast", "plain"),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+# With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
+FROM_WEIGHTS = ("arch", "ratio", "fc_width", "batch_norm")
 
 
 def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -118,7 +125,10 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     from_file = _read_toml(file) if file else {}
     preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or DEFAULT_RECIPE
     _check_preset(preset)
-    values = {**RECIPES[preset], **from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    given = {**from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    values = {**RECIPES[preset], **given}
+    if values.get("init_from"):
+        values.update({key: None for key in FROM_WEIGHTS if key not in given})
     values["preset"] = preset
     unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
@@ -153,7 +163,9 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, key) not in allowed:
             raise VggkitError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     _check_ranges(config)
-    parse_arch(config.arch, config.ratio)  # a typo in the blocks is said before any data is loaded
+    if config.arch is not None:  # None: from the initial weights
+        parse_arch(config.arch, config.ratio or 1)  # a typo in the blocks is said before any data is loaded
+    validate_fine_tuning(config)
 
 
 def _check_preset(preset) -> None:
@@ -167,10 +179,11 @@ def _check_type(name: str, value, declared: str) -> None:
         if "None" in others:
             return
         raise VggkitError(f"{name} must be {TYPE_NAMES[kind]}; e.g. {_example(name)}")
-    fits = {"bool": isinstance(value, bool), "str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
-    if not fits:
+    kinds = [kind, *(k for k in others if k != "None")]  # e.g. freeze: int | str
+    checks = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if not any(checks[k] for k in kinds):
         raise VggkitError(f"{name} must be {TYPE_NAMES[kind]}, got {_toml(value)} ({type(value).__name__}); "
                           f"e.g. {_example(name)}")
     if kind == "float" and not math.isfinite(value):
@@ -222,6 +235,26 @@ def _toml(value) -> str:
     return repr(value)
 
 
+def validate_fine_tuning(config: TrainConfig) -> None:
+    """init_from, freeze, head_pool and tensorboard (its package must be installed: checked before a run writes)."""
+    from .loggers import require_tensorboard
+    from .model import HEAD_POOLS
+
+    if config.init_from is not None and (not isinstance(config.init_from, str) or not config.init_from.strip()):
+        raise VggkitError(f"init_from must name initial weights (a run, a weights file or e.g. vgg16), "
+                          f"got {config.init_from!r}")
+    if config.init_from in CHOICES["init"] and not Path(config.init_from).exists():  # the flag's old meaning
+        raise VggkitError(f"--init names initial weights; for the weight-initialisation scheme use "
+                          f"--init-scheme {config.init_from} (TOML key: init)")
+    freeze = config.freeze
+    if freeze != "features" and (not isinstance(freeze, int) or isinstance(freeze, bool) or freeze < 0):
+        raise VggkitError(f"freeze takes a number of blocks (0 or more) or 'features', got {freeze!r}")
+    if config.head_pool is not None and config.head_pool not in HEAD_POOLS:
+        raise VggkitError(f"head_pool must be one of {', '.join(HEAD_POOLS)}, got {config.head_pool!r}")
+    if config.tensorboard:
+        require_tensorboard()
+
+
 def _read_toml(path: str | Path) -> dict:
     """The table of config keys in a TOML file ([train], or the top level)."""
     path = Path(path)
@@ -254,7 +287,8 @@ def load_config(path: Path) -> TrainConfig:
     """A run's saved config.toml: every key that save_config writes, each valid."""
     values = _read_toml(path)
     unknown = sorted(set(values) - set(FIELD_TYPES))
-    required = [f.name for f in fields(TrainConfig) if "None" not in f.type]
+    # a saved run has every field that is never None, and those filled in from the weights and the data
+    required = [f.name for f in fields(TrainConfig) if "None" not in f.type or f.name in FROM_WEIGHTS + FROM_THE_DATA]
     missing = [key for key in required if key not in values]
     if unknown or missing:
         what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r} key"

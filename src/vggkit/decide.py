@@ -109,7 +109,7 @@ def decide_input_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str]:
     images = f"{w}x{h} images"
     if config.input_size is not None:
         return config.input_size, "native" if (h, w) == (config.input_size,) * 2 else f"configured; {images}"
-    blocks = len(parse_arch(config.arch, config.ratio))
+    blocks = len(parse_arch(config.arch, config.ratio or 1))  # ratio None: from the initial weights
     low, high = max(MIN_INPUT, 2 ** (blocks + 1)), max(MAX_INPUT, 7 * 2 ** blocks)
     native = max(h, w)
     size = min(max(native, low), high)

@@ -12,16 +12,20 @@ The loop calls every logger, on rank 0 only, at these points:
     diverged(epoch, step)    the loss or the weights became NaN or infinite (TrainingDiverged follows)
     end(summary)             training finished (RunEnd)
 
-`default_loggers` lists the standard ones; `train(..., loggers=[...])` adds more.
+`default_loggers` lists the standard ones (TensorBoardLogger with --tensorboard);
+`train(..., loggers=[...])` adds more.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import torch
 
 from .atomic import atomic_write, atomic_write_text
+from .config import load_config
+from .errors import VggkitError
 from .rundir import RunDir
 
 
@@ -119,13 +123,14 @@ class Loggers(Logger):
             logger.end(summary)
 
 
-def default_loggers(run: RunDir, log, progress_bar: bool) -> list[Logger]:
+def default_loggers(run: RunDir, log, progress_bar: bool, tensorboard: bool = False) -> list[Logger]:
     """The standard outputs, in the order they are told (files before the console line about them)."""
     return [
         *([ProgressBar()] if progress_bar else []),
         CsvLogger(run),
         EventLog(run),
         CurvesPlot(run),
+        *([TensorBoardLogger(run)] if tensorboard else []),
         ConsoleLogger(log),
     ]
 
@@ -320,3 +325,55 @@ class CurvesPlot(Logger):
         ax.set_xlim(0.5, max(epochs) + 0.5)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+
+def require_tensorboard() -> None:
+    """A one-line error when the optional tensorboard package is missing (called before a run writes)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise VggkitError("--tensorboard needs the tensorboard package: pip install 'vggkit[tensorboard]' "
+                          "(or train without --tensorboard)")
+
+
+class TensorBoardLogger(Logger):
+    """Event files under RUN/tensorboard/: `step/...` scalars at the console's pace (every PROGRESS_EVERY
+    steps: running train loss and accuracy, lr, images/s), `epoch/...` scalars from each epoch's row
+    (the metrics.csv columns, x = epoch), the config as text and, at the end, as hyperparameters
+    with the final figures. A resumed run appends to the same directory."""
+
+    def __init__(self, run: RunDir):
+        require_tensorboard()  # here, not at start(): the loggers are made before the run writes anything
+        self.run = run
+        self.writer = None
+
+    def start(self, info):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run.tensorboard_dir))
+        if not info.resumed:
+            config = self.run.config_path.read_text() if self.run.config_path.is_file() else ""
+            self.writer.add_text("config", "".join(f"    {line}\n" for line in config.splitlines()))  # as code
+
+    def step(self, step, metrics):
+        for key, tag in (("loss", "train_loss"), ("acc", "train_acc"), ("lr", "lr"), ("images_per_s", "images_per_s")):
+            if key in metrics:
+                self.writer.add_scalar(f"step/{tag}", metrics[key], step)
+
+    def epoch(self, row):
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", value, row["epoch"])
+        self.writer.flush()  # TensorBoard shows each epoch as it ends
+
+    def interrupted(self, stop):
+        self.writer.close()
+
+    def diverged(self, epoch, step):
+        self.writer.close()
+
+    def end(self, summary):
+        final = {f"hparam/{key}": value for key, value in (summary.rows[-1] if summary.rows else {}).items()
+                 if key in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        if summary.test_acc is not None:
+            final["hparam/test_acc"] = summary.test_acc
+        hparams = load_config(self.run.config_path).to_dict() if self.run.config_path.is_file() else {}
+        self.writer.add_hparams(hparams, final, run_name=".")  # ".": beside the scalars, not in a sub-run
+        self.writer.close()

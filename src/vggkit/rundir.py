@@ -6,6 +6,7 @@
         config.toml                  the resolved TrainConfig (a resumed run keeps it)
         metrics.csv, metrics.jsonl   one row per epoch; the event log (start, epoch, ..., end)
         curves.png                   loss and accuracy against epoch
+        tensorboard/                 TensorBoard event files (--tensorboard)
         checkpoints/last/            model.safetensors + state.pt (optimizer, RNG, position)
         checkpoints/best/            model.safetensors of the best validation accuracy
         checkpoints/<name>/evaluation/   `vggkit evaluate`'s plots
@@ -45,6 +46,7 @@ CONFIG = "config.toml"
 METRICS_CSV = "metrics.csv"
 EVENTS = "metrics.jsonl"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LAST, BEST = "last", "best"
 EVALUATION = "evaluation"
@@ -304,6 +306,10 @@ class RunDir:
     @property
     def curves_path(self) -> Path:
         return self.path / CURVES
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
 
     @property
     def last(self) -> Path:

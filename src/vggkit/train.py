@@ -14,6 +14,7 @@ never leaves a NaN model behind as its last or best checkpoint.
 from __future__ import annotations
 
 import itertools
+import dataclasses
 import json
 import math
 import signal
@@ -36,6 +37,7 @@ from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_lo
 from .model import set_kernels
 from .optim import lr_at, make_optimizer, set_lr
 from .pipeline import Augment, BatchLoader
+from .pretrained import freeze_blocks, init_model
 from .rundir import WEIGHTS, RunDir
 from .preprocess import preprocess_meta
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
@@ -175,7 +177,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             log, progress = (lambda *a, **k: None), "none"
         run, config, state = open_run(config, resume, overwrite, world_size)
         try:
-            t = set_up(config, run, settings, log, on_step, started)
+            t = set_up(config, run, settings, log, on_step, started, resumed=state is not None)
             config = t.config  # with what decide.py decided from the data
             if state is None:  # the data is loaded and checked: now the run directory may be written
                 dist.from_main(lambda: run.claim(overwrite))
@@ -183,7 +185,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             t.step_model = parallel_and_compiled(t, loop.step)
             if t.main:
                 show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
-                t.loggers = Loggers([*default_loggers(run, log, show_bar), *(loggers or ())])
+                t.loggers = Loggers([*default_loggers(run, log, show_bar, t.config.tensorboard), *(loggers or ())])
             start(t, loop, resumed=state is not None)
             return run_epochs(t, loop)
         finally:
@@ -381,8 +383,9 @@ def open_run(config, resume, overwrite: bool, world_size: int) -> tuple[RunDir, 
     return RunDir(path), config, None
 
 
-def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_step, started: float) -> Trainer:
-    """Device and speed settings, data, loaders, model and optimizer."""
+def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_step, started: float,
+           resumed: bool = False) -> Trainer:
+    """Device and speed settings, data, loaders, model and optimizer (a resumed run's weights come later)."""
     rank, world_size = dist.world()
     device = dist.local_device(pick_device(config.device))
     if device.type == "cuda":
@@ -404,7 +407,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     val_loader = BatchLoader(splits.val, eval_batch, **common) if len(splits.val) else None
     test_loader = BatchLoader(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
-    model = build_model(config, splits, device, speed, world_size)
+    model, config = build_model(config, splits, device, speed, world_size, log, resumed)
     optimizer = make_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
@@ -419,19 +422,49 @@ def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainCon
     splits = load_data(config.data, data_dir=config.data_dir, val_size=0, seed=config.seed,
                        allow_sample=config.allow_sample, skip_bad=config.skip_bad, test_limit=config.test_limit,
                        log=log)
+    if config.arch is None:  # from the initial weights: their blocks bound the input size decide() picks
+        from .pretrained import load_init
+
+        weights, _ = load_init(config.init_from, log=lambda *a, **k: None)
+        config = dataclasses.replace(config, arch=weights.config()["arch"], ratio=1)
     config, decisions = decide(config, splits, world_size)
     dist.check_batch_size(config.batch_size, world_size)
     return config, carve(splits, config.val_size, config.limit, config.seed), decisions
 
 
-def build_model(config: TrainConfig, splits: DataSplits, device: torch.device, speed: Speed, world_size: int):
-    model = config.build_model(splits.train.channels, len(splits.classes)).to(device)
+def build_model(config: TrainConfig, splits: DataSplits, device: torch.device, speed: Speed, world_size: int,
+                log, resumed: bool) -> tuple[torch.nn.Module, TrainConfig]:
+    """The config's VGG, or a new run's initial weights (config.init_from) fitted to the data, with
+    config.freeze blocks frozen; returns it and the config naming the architecture it has."""
+    channels, num_classes = splits.train.channels, len(splits.classes)
+    if config.init_from and not resumed:  # a resumed run rebuilds the saved architecture; restore() loads it
+        model, config = initial_model(config, channels, num_classes, log)
+    else:
+        model = config.build_model(channels, num_classes)
+        freeze_blocks(model, config.freeze, log)
     set_kernels(model, speed.kernels)
+    model = model.to(device)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world_size > 1 and config.batch_norm:
+    if world_size > 1 and model.batch_norm:
         model = dist.convert_sync_batchnorm(model, device)
-    return model
+    return model, config
+
+
+def initial_model(config: TrainConfig, channels: int, num_classes: int, log) -> tuple[torch.nn.Module, TrainConfig]:
+    """pretrained.init_model on config.init_from; the config returned names the architecture of the weights."""
+    model, _ = init_model(config.init_from, num_classes=num_classes, in_channels=channels,
+                          input_size=config.input_size, head_pool=config.head_pool, freeze=config.freeze, log=log,
+                          arch=config.arch, ratio=config.ratio, fc_width=config.fc_width,
+                          batch_norm=config.batch_norm, dropout=config.dropout, init=config.init)
+    shape = model.config()
+    source = Path(config.init_from)
+    source = str(source.resolve()) if source.exists() else config.init_from  # the saved config names it wherever run
+    log(f"initial weights: {source} (blocks {shape['arch']}, fc width {shape['fc_width']}, "
+        f"batch norm {'on' if shape['batch_norm'] else 'off'}, head pool {shape['head_pool']})")
+    return model, dataclasses.replace(config, init_from=source, arch=shape["arch"], ratio=1,
+                                      fc_width=shape["fc_width"], batch_norm=shape["batch_norm"],
+                                      head_pool=shape["head_pool"])
 
 
 def fresh_sums(t: Trainer) -> torch.Tensor:
