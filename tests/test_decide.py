@@ -63,10 +63,18 @@ def test_the_table_of_decisions(data, given, expected):
     assert decided(data, **given)[0] == expected
 
 
+@pytest.mark.parametrize("batch,lr", [(256, 0.1), (32, 0.0595), (8, 0.042)])
+def test_the_learning_rate_scales_with_the_fourth_root_of_the_batch(batch, lr):
+    config, _ = decide(TrainConfig(batch_size=batch), splits("fashion-mnist", 60_000, 28, 28))
+    assert config.lr == lr
+    assert decide(TrainConfig(batch_size=batch, lr=0.5), splits("fashion-mnist", 60_000, 28, 28))[0].lr == 0.5  # given
+
+
 def test_notes_say_why():
     _, notes = decided(splits("digits/", 1617, 8, 8))
     assert notes == {"val_size": "10%", "input_size": "8x8 images upscaled", "batch_size": "from the data",
-                     "epochs": "from the data", "flip": "no flip: unknown data may not be flip-safe; --flip turns it on"}
+                     "epochs": "from the data", "flip": "no flip: unknown data may not be flip-safe; --flip turns it on",
+                     "lr": "0.1 x (32/256)**0.25"}
     _, notes = decided(splits("fashion-mnist", 60_000, 28, 28))
     assert notes["val_size"] == "10%, at most 5,000" and notes["input_size"] == "native"
     assert notes["flip"] == "fashion-mnist is flip-safe"
@@ -94,7 +102,7 @@ def test_the_recipes_keep_their_values():
 def test_the_fast_recipe_on_fashion_mnist_is_what_bench_assumes():
     config, _ = decide(TrainConfig(), LIKE_FASHION_MNIST)
     assert tuple(getattr(config, key) for key in KEYS) == (5000, 28, 256, 8, True)
-    assert set(FROM_THE_DATA) == set(KEYS)
+    assert set(FROM_THE_DATA) == {*KEYS, "lr"} and config.lr == 0.1
 
 
 def test_a_batch_is_shared_evenly_among_processes():
@@ -185,7 +193,8 @@ def test_no_data_flags_on_a_small_folder_reach_the_stated_accuracy_and_say_what_
     history = train({"data": str(data), "out": str(tmp_path / "runs"), "name": "run", "threads": 1, **small_network},
                     progress="none", log=lines.append)
     assert lines[1] == ("data: train 54, val 6 (10%), test 30 images; input 16x16 (12x12 images upscaled); "
-                        "batch 8 (from the data), 6 steps per epoch, 40 epochs (from the data); augment: crop 2 "
+                        "batch 8 (from the data), lr 0.042 (0.1 x (8/256)**0.25), 6 steps per epoch, 40 epochs (from the data); "
+                        "augment: crop 2 "
                         "(no flip: unknown data may not be flip-safe; --flip turns it on)")
     best = history.best
     assert best["test_acc"] >= 0.9, history.epochs[-1]  # 30 held-out images
@@ -230,7 +239,8 @@ def test_help_shows_every_train_flag_with_its_default(capsys):
             assert train_flag(field.name) in text
     assert "--epochs EPOCHS passes over the training set (default: from the data, 8, more for small sets; d2l: 10; " \
            "best: 40)" in text
-    assert "--lr LR learning rate (peak for onecycle) (default: 0.1; d2l: 0.05; best: 0.05)" in text
+    assert "--lr LR learning rate (peak for onecycle) (default: from the data, 0.1 at batch 256, x (batch/256)**0.25 " \
+           "for other batches; d2l: 0.05; best: 0.05)" in text
     assert "(default: from the data, 10%, at most 5,000; d2l: 0)" in text
     parser = argparse.ArgumentParser()
     add_train_args(parser)

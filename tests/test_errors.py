@@ -160,7 +160,7 @@ def test_valid_values_pass_and_ints_are_numbers():
 def test_damaged_run_config_is_refused(tmp_path, capsys, change, needle):
     run = tmp_path / "run"
     run.mkdir()
-    save_config(TrainConfig(epochs=8, batch_size=256, input_size=28, flip=True, val_size=5000), run / "config.toml")
+    save_config(TrainConfig(epochs=8, batch_size=256, input_size=28, flip=True, val_size=5000, lr=0.1), run / "config.toml")
     (run / "config.toml").write_text(change((run / "config.toml").read_text()))
     before = (run / "config.toml").read_bytes()
     with pytest.raises(VggkitError, match=needle):

@@ -237,8 +237,8 @@ def test_fused_optimizer_step_equals_the_plain_one(optimizer):
     torch.manual_seed(0)
     model = VGG("1x4,1x8", in_channels=1, input_size=8, fc_width=8, num_classes=3, batch_norm=True)
     plain = copy.deepcopy(model)
-    fast = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "fast"}), model)
-    slow = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "plain"}), plain)
+    fast = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "fast", "lr": 0.1}), model)
+    slow = make_optimizer(resolve_config(overrides={"optimizer": optimizer, "kernels": "plain", "lr": 0.1}), plain)
     assert fast.param_groups[0]["fused"] and not slow.param_groups[0]["fused"]
     for _ in range(3):
         grads = [torch.randn_like(p) for p in model.parameters()]

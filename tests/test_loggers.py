@@ -14,7 +14,7 @@ def start_info(run: RunDir, **changes) -> RunStart:
         "run": run, "resumed": False, "epochs": 10, "batches": 215, "history": [], "dataset": "fashion-mnist",
         "source": "/data/fashion-mnist (gz files)", "is_sample": False, "device": torch.device("cpu"),
         "speed": "bf16, channels-last", "threads": 2, "allocator": "retain", "world_size": 1,
-        "images": (55000, 5000, 10000), "parameters": 1234567, "input_size": 28, "batch_size": 256,
+        "images": (55000, 5000, 10000), "parameters": 1234567, "input_size": 28, "batch_size": 256, "lr": 0.1,
         "augment": ("crop 2", "flip"), "decisions": {"val_size": "10%, at most 5,000", "input_size": "native",
                                                      "flip": "fashion-mnist is flip-safe"}, **changes})
 
@@ -31,7 +31,7 @@ def test_console_lines_are_the_documented_ones():
     assert lines == [
         "vggkit: fashion-mnist (/data/fashion-mnist (gz files))",
         "data: train 55,000, val 5,000 (10%, at most 5,000), test 10,000 images; input 28x28 (native); "
-        "batch 256, 215 steps per epoch, 10 epochs; augment: crop 2, flip (fashion-mnist is flip-safe)",
+        "batch 256, lr 0.1, 215 steps per epoch, 10 epochs; augment: crop 2, flip (fashion-mnist is flip-safe)",
         "device: cpu (bf16, channels-last, 2 threads, retain allocator); 1,234,567 parameters; run dir runs/fast1",
         "epoch 1/10, train loss 1.4245, train acc 0.5915, val acc 0.8216, test acc 0.8231, 16.5 s (3316 img/s)",
         "epoch 1/10, train loss 1.4245, train acc 0.5915, 16.5 s (3316 img/s)",
@@ -44,11 +44,13 @@ def test_console_lines_are_the_documented_ones():
 def test_the_header_says_why_for_what_the_data_decided():
     lines = []
     ConsoleLogger(lines.append).start(start_info(
-        RunDir("r"), images=(1456, 161, 180), input_size=16, batch_size=32, batches=45, epochs=23, augment=("crop 2",),
+        RunDir("r"), images=(1456, 161, 180), input_size=16, batch_size=32, lr=0.0595, batches=45, epochs=23,
+        augment=("crop 2",),
         decisions={"val_size": "10%", "input_size": "8x8 images upscaled", "batch_size": "from the data",
-                   "epochs": "from the data", "flip": "no flip: unknown data may not be flip-safe; --flip turns it on"}))
+                   "epochs": "from the data", "flip": "no flip: unknown data may not be flip-safe; --flip turns it on",
+                   "lr": "0.1 x (32/256)**0.25"}))
     assert lines[1] == ("data: train 1,456, val 161 (10%), test 180 images; input 16x16 (8x8 images upscaled); "
-                        "batch 32 (from the data), 45 steps per epoch, 23 epochs (from the data); augment: crop 2 "
+                        "batch 32 (from the data), lr 0.0595 (0.1 x (32/256)**0.25), 45 steps per epoch, 23 epochs (from the data); augment: crop 2 "
                         "(no flip: unknown data may not be flip-safe; --flip turns it on)")
 
 

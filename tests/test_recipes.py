@@ -18,7 +18,7 @@ COMMON = dict(data="fashion-mnist", data_dir=None, limit=None, test_limit=None, 
 # None: decided from the data (decide.py; on Fashion-MNIST 28, val 5,000, flip on, 8 epochs, batch 256)
 FAST = dict(COMMON, preset="fast", arch="1x32,2x64,2x128", ratio=1, input_size=None, fc_width=256, dropout=0.0,
             batch_norm=True, init="kaiming", val_size=None, normalize=True, crop_padding=2, flip=None, erasing=0.0,
-            epochs=None, batch_size=None, lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
+            epochs=None, batch_size=None, lr=None, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
             schedule="onecycle", label_smoothing=0.1, drop_last=True)
 D2L = dict(COMMON, preset="d2l", arch="d2l-vgg11", ratio=4, input_size=224, fc_width=4096, dropout=0.5,
            batch_norm=False, init="xavier", val_size=0, normalize=False, crop_padding=0, flip=False, erasing=0.0,

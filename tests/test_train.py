@@ -78,7 +78,7 @@ def test_run_writes_every_file_and_tells_every_logger(tmp_path):
 
     assert lines[0] == "vggkit: fashion-mnist (bundled sample (500 train + 100 test images per class of " \
         "Fashion-MNIST)) [bundled sample: accuracy not comparable to published figures]"
-    assert lines[1] == "data: train 1,000, val 200, test 500 images; input 28x28 (native); batch 100, " \
+    assert lines[1] == "data: train 1,000, val 200, test 500 images; input 28x28 (native); batch 100, lr 0.05, " \
         "10 steps per epoch, 2 epochs; augment: crop 2, flip"
     assert lines[2].startswith("device: cpu (fp32, channels-last, 2 threads") and \
         lines[2].endswith(f"; 27,802 parameters; run dir {run}")

@@ -46,7 +46,7 @@ class TrainConfig:
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
-    lr: float = 0.1
+    lr: float | None = None  # from the data: 0.1 at batch 256, x (batch / 256) ** 0.25 (decide.py)
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
@@ -88,7 +88,7 @@ class TrainConfig:
 
 # Left None, these are decided from the data when the run starts (decide.py); given (flag, TOML or
 # recipe), they are taken as they are.
-FROM_THE_DATA = ("input_size", "batch_size", "epochs", "val_size", "flip")
+FROM_THE_DATA = ("input_size", "batch_size", "epochs", "val_size", "flip", "lr")
 
 # A recipe: the fields it sets on top of TrainConfig's defaults.
 RECIPES: dict[str, dict] = {
@@ -146,7 +146,7 @@ MAX_THREADS = 1024  # torch starts that many threads at once: beyond this, a typ
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
 # Examples for the messages where TrainConfig's default is None.
 EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "test_limit": 1000, "threads": 4,
-            "name": "my-run", "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True}
+            "name": "my-run", "lr": 0.1, "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True}
 LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image",
             **{key: "decided from the data" for key in FROM_THE_DATA}}
 TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}

@@ -10,8 +10,11 @@ training images than the smallest batch decided here.
     batch_size  the largest power of two up to 256 that gives an epoch 32 steps or more; at least 8
     epochs      8, or more where an epoch is short: enough for 1,000 steps in all, at most 40
     flip        on only for data known to be flip-safe (Fashion-MNIST, CIFAR), off for MNIST and folders
+    lr          0.1 at batch 256 (the fast recipe's peak), times (batch / 256) ** 0.25 for other batches:
+                at batch 8 the unscaled 0.1 made a 180-photo folder diverge, the square-root rule's 0.018
+                left a 54-image folder half-trained; 0.042 trained both (BENCHMARKS.md)
 
-On Fashion-MNIST these are the fast recipe's values: 5,000, 28, 256, 8 epochs and flip on.
+On Fashion-MNIST these are the fast recipe's values: 5,000, 28, 256, 8 epochs, flip on and lr 0.1.
 decide() is pure: it reads the config and the data's sizes, and returns a new config with every
 field set, and a note for each value it decided (the header line shows them).
 """
@@ -35,12 +38,14 @@ MIN_BATCH, MAX_BATCH = 8, 256
 MIN_STEPS_PER_EPOCH = 32
 MIN_EPOCHS, MAX_EPOCHS = 8, 40  # at most the best recipe's: past that a small set is only memorised
 MIN_TOTAL_STEPS = 1000
+REFERENCE_LR = 0.1  # the fast recipe's peak learning rate, at batch MAX_BATCH
 
 # The rules in a few words, for --help.
 RULES = {
     "val_size": f"{VAL_FRACTION:.0%}, at most {MAX_VAL:,}", "input_size": f"the images' own size, at least {MIN_INPUT}",
     "batch_size": f"{MAX_BATCH}, smaller for small sets", "epochs": f"{MIN_EPOCHS}, more for small sets",
     "flip": "on for flip-safe data sets only",
+    "lr": f"{REFERENCE_LR:g} at batch {MAX_BATCH}, x (batch/{MAX_BATCH})**0.25 for other batches",
 }
 
 
@@ -81,8 +86,9 @@ def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 
     steps = train_images // batch_size if config.drop_last else math.ceil(train_images / batch_size)
     epochs, notes["epochs"] = decide_epochs(config, steps)
     flip, notes["flip"] = decide_flip(config, facts)
+    lr, notes["lr"] = decide_lr(config, batch_size)
     decided = replace(config, val_size=val_size, input_size=input_size, batch_size=batch_size, epochs=epochs,
-                      flip=flip)
+                      flip=flip, lr=lr)
     return decided, {key: why for key, why in notes.items() if why}
 
 
@@ -147,6 +153,15 @@ def decide_epochs(config: TrainConfig, steps_per_epoch: int) -> tuple[int, str |
         return config.epochs, None
     enough = math.ceil(MIN_TOTAL_STEPS / max(steps_per_epoch, 1))
     return min(max(MIN_EPOCHS, enough), MAX_EPOCHS), "from the data"
+
+
+def decide_lr(config: TrainConfig, batch_size: int) -> tuple[float, str | None]:
+    """The peak learning rate, smaller for smaller batches (their gradients are noisier)."""
+    if config.lr is not None:
+        return config.lr, None
+    if batch_size == MAX_BATCH:
+        return REFERENCE_LR, None
+    return round(REFERENCE_LR * (batch_size / MAX_BATCH) ** 0.25, 4), f"{REFERENCE_LR:g} x ({batch_size}/{MAX_BATCH})**0.25"
 
 
 def decide_flip(config: TrainConfig, facts: DataFacts) -> tuple[bool, str | None]:

@@ -48,6 +48,7 @@ class RunStart:
     parameters: int
     input_size: int = 0  # the side the network sees
     batch_size: int = 0
+    lr: float = 0.0  # the peak learning rate
     augment: tuple[str, ...] = ()  # the training augmentations, e.g. ("crop 2", "flip")
     decisions: dict = field(default_factory=dict)  # decide.py's notes, field -> why (val_size, input_size, ...)
 
@@ -184,7 +185,7 @@ def data_line(info: RunStart) -> str:
     train, val, test = info.images
     return (f"data: train {train:,}, val {val:,}{why('val_size')}, test {test:,} images; "
             f"input {info.input_size}x{info.input_size}{why('input_size')}; "
-            f"batch {info.batch_size}{why('batch_size')}, {info.batches} steps per epoch, "
+            f"batch {info.batch_size}{why('batch_size')}, lr {info.lr:g}{why('lr')}, {info.batches} steps per epoch, "
             f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}")
 
 

@@ -31,7 +31,7 @@ from .checkpoint import all_finite, save_checkpoint
 from .config import RECIPES, TrainConfig, resolve_config, save_config
 from .data import load_data
 from .data.carve import carve
-from .decide import decide
+from .decide import REFERENCE_LR, decide
 from .errors import VggkitError
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
 from .model import set_kernels
@@ -338,7 +338,7 @@ def diverged(t: Trainer, loop: LoopState, problem: str) -> TrainingDiverged:
 def lower_lr(config: TrainConfig) -> float:
     """A learning rate to suggest after a divergence: a tenth, but no more than the recipe's own
     (a tenth of 1e30 would diverge as well)."""
-    recipe_lr = RECIPES.get(config.preset, {}).get("lr", TrainConfig.lr)
+    recipe_lr = RECIPES.get(config.preset, {}).get("lr", REFERENCE_LR)
     return min(config.lr / 10, recipe_lr)
 
 
@@ -517,7 +517,8 @@ def start(t: Trainer, loop: LoopState, resumed: bool) -> None:
         device=t.device, speed=t.speed.describe(), threads=torch.get_num_threads(), allocator=t.allocator,
         world_size=t.world_size, parameters=sum(p.numel() for p in t.model.parameters()),
         images=(len(splits.train), len(splits.val), len(splits.test) if splits.test is not None else 0),
-        input_size=t.config.input_size, batch_size=t.config.batch_size, augment=augmentations(t.config),
+        input_size=t.config.input_size, batch_size=t.config.batch_size, lr=t.config.lr,
+        augment=augmentations(t.config),
         decisions=t.decisions))
 
 
