@@ -11,6 +11,7 @@ from vggkit.cli import main
 from vggkit.errors import VggkitError
 from vggkit.export import export_model
 from vggkit.model import VGG
+from helpers import like_trained
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -21,14 +22,8 @@ META = {"classes": CLASSES, "mean": [0.286], "std": [0.353], "input_size": 28, "
 
 def make_run(root, meta=META):
     torch.manual_seed(0)
-    model = VGG("1x8,1x16", in_channels=1, num_classes=10, input_size=28, fc_width=32, batch_norm=True)
-    with torch.no_grad():  # "trained": weights and batch-norm statistics away from their init values
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+    model = like_trained(VGG("1x8,1x16", in_channels=1, num_classes=10, input_size=28, fc_width=32, batch_norm=True),
+                         weight_noise=0.1)  # "trained": weights and batch-norm statistics away from their init values
     run = root / "run"
     save_checkpoint(run / "checkpoints" / "last", model, meta)
     return run

@@ -14,6 +14,7 @@ import vggkit
 from vggkit.checkpoint import read_meta, save_checkpoint
 from vggkit.cli import build_parser, main
 from vggkit.config import resolve_config
+from helpers import like_trained
 
 SAMPLE = "fashion-mnist-sample"
 ARCH = "1x8,1x16"  # two blocks: a 7x7 map at 28x28, as the ImageNet weights have at 224
@@ -26,12 +27,7 @@ def source_model(num_classes=5, in_channels=3):
     torch.manual_seed(0)
     model = vggkit.VGG(ARCH, in_channels=in_channels, num_classes=num_classes, input_size=28, fc_width=32,
                        batch_norm=True, init="xavier")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return like_trained(model)
 
 
 @pytest.fixture

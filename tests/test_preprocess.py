@@ -14,6 +14,7 @@ from vggkit.pipeline import BatchLoader
 from vggkit.data import Dataset
 from vggkit.predict import model_inputs, predict, predict_logits
 from vggkit.preprocess import Preprocess, fit_size, interpolation_of, preprocess_meta, resize, settings_from_meta
+from helpers import like_trained
 
 
 def uint8_images(n, channels, h, w, seed=0):
@@ -121,14 +122,7 @@ def trained_looking_vgg(channels, input_size, classes):
     torch.manual_seed(channels)
     model = VGG("1x8,1x16", in_channels=channels, num_classes=classes, input_size=input_size, fc_width=32,
                 batch_norm=True)
-    with torch.no_grad():  # weights and batch-norm statistics away from their init values
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return like_trained(model, weight_noise=0.1)
 
 
 MIXED = [(24, 24), (40, 17), (13, 30), (24, 24), (60, 48)]

@@ -15,6 +15,7 @@ from vggkit.checkpoint import save_checkpoint
 from vggkit.convert import to_standard
 from vggkit.errors import VggkitError
 from vggkit.model import VGG
+from helpers import like_trained
 
 ARCH = "1x4,1x8,1x8,1x8,1x8"  # five blocks: a 7x7 map at 224, as the ImageNet weights
 
@@ -27,12 +28,7 @@ def imagenet_like(seed=0, batch_norm=True):
     """A tiny VGG shaped like the ImageNet ones (3 channels, 1000 classes, 224, 7x7 before the classifier)."""
     torch.manual_seed(seed)
     model = VGG(ARCH, in_channels=3, num_classes=1000, input_size=224, fc_width=16, batch_norm=batch_norm)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return like_trained(model)
 
 
 @pytest.fixture
