@@ -12,9 +12,20 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import VggkitError
-from .dataset import DataSplits, channel_stats, split_off, stratified_indices
+from .dataset import Dataset, DataSplits, channel_stats, split_off, stratified_indices
 
-VAL_SALT, LIMIT_SALT = 1, 2  # load_data's
+VAL_SALT, LIMIT_SALT = 1, 2  # independent seeded draws (load.py has those of the test split)
+
+
+def carve_train(train: Dataset, val: Dataset | None, val_size: int, limit: int | None, seed: int,
+                held_out: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, val): val_size training images moved to validation where there is none yet (val None
+    or empty), then the training images capped at `limit`. The draws of load_data and carve alike."""
+    if val is None or (not len(val) and val_size):
+        train, val = split_off(train, val_size, seed, VAL_SALT, held_out=held_out)
+    if limit is not None and limit < len(train):
+        train = train.subset(stratified_indices(train.labels, limit, seed, LIMIT_SALT))
+    return train, val
 
 
 def carve(splits: DataSplits, val_size: int, limit: int | None, seed: int) -> DataSplits:
@@ -22,11 +33,7 @@ def carve(splits: DataSplits, val_size: int, limit: int | None, seed: int) -> Da
     then the training images capped at `limit`; the channel statistics are those of the new train."""
     if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
         raise VggkitError(f"limit must be a positive integer, got {limit!r}")
-    train, val = splits.train, splits.val
-    if not len(val) and val_size:
-        train, val = split_off(train, val_size, seed, salt=VAL_SALT)
-    if limit is not None and limit < len(train):
-        train = train.subset(stratified_indices(train.labels, limit, seed, salt=LIMIT_SALT))
+    train, val = carve_train(splits.train, splits.val, val_size, limit, seed)
     if train is splits.train:
         return splits
     mean, std = channel_stats(train.images)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VggkitError
+from .carve import carve_train
 from .dataset import SAMPLE_NOTE, Dataset, DataSplits, channel_stats, split_off, stratified_indices
 from .folder import load_folder
 from .image import IMAGE_KINDS
@@ -25,7 +26,7 @@ from .sample import SAMPLE, SAMPLE_OF, SAMPLE_SOURCE, load_sample
 HELD_OUT = 0.1  # of an image folder's images, for each of test and validation
 FOLDER_TEST_CAP = 10_000  # the size of the named datasets' test sets
 FOLDER_VAL_CAP = 5_000  # the named datasets' validation size
-TEST_SALT, VAL_SALT, LIMIT_SALT, TEST_LIMIT_SALT = 4, 1, 2, 3  # independent seeded draws
+TEST_SALT, TEST_LIMIT_SALT = 4, 3  # independent seeded draws (carve.py: validation 1, --limit 2)
 
 
 @dataclass
@@ -76,9 +77,9 @@ def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | Non
         if n_val >= len(train):
             raise VggkitError(f"val_size {n_val:,} leaves no training images ({src.name} has {len(train):,}); "
                               f"use a val_size below {len(train):,}")
-        train, val = split_off(train, n_val, seed, VAL_SALT, held_out=src.held_out_val and val_size is None)
-    if limit is not None and limit < len(train):
-        train = train.subset(stratified_indices(train.labels, limit, seed, LIMIT_SALT))
+    else:
+        n_val = 0  # a val/ tree: nothing to carve
+    train, val = carve_train(train, val, n_val, limit, seed, held_out=src.held_out_val and val_size is None)
     if test is not None and test_limit is not None and test_limit < len(test):
         test = test.subset(stratified_indices(test.labels, test_limit, seed, TEST_LIMIT_SALT))
     mean, std = channel_stats(train.images)
