@@ -185,7 +185,7 @@ def data_line(info: RunStart) -> str:
     train, val, test = info.images
     return (f"data: train {train:,}, val {val:,}{why('val_size')}, test {test:,} images; "
             f"input {info.input_size}x{info.input_size}{why('input_size')}; "
-            f"batch {info.batch_size}{why('batch_size')}, lr {info.lr:g}{why('lr')}, {info.batches} steps per epoch, "
+            f"batch {info.batch_size}{why('batch_size')}, lr {info.lr:g}{why('lr')}, {info.batches} step{'s' if info.batches != 1 else ''} per epoch, "
             f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}")
 
 
