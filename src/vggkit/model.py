@@ -43,7 +43,8 @@ class VGGBlock(nn.Sequential):
       relu(max(x)); gradients agree except at exact zero ties), and the ReLU then touches a quarter
       of the values;
     - "fused": as "reordered", with pool and ReLU in one pass of the C++ kernels (vggkit.kernels)
-      when training on the CPU; elsewhere (inference, other devices, no kernels) PyTorch's ops;
+      when training on the CPU (elsewhere: inference, other devices, no kernels, PyTorch's ops),
+      and a one-channel first convolution run on two channels (kernels.one_channel) on the CPU;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -72,9 +73,10 @@ class VGGBlock(nn.Sequential):
     @torch.jit.unused
     def _pool_first(self, x):
         *body, relu, pool = self
+        fast = self.kernels == "fused"
         for layer in body:
-            x = layer(x)
-        if self.kernels == "fused" and cpu_kernels.fusable(x):
+            x = cpu_kernels.conv_one_channel(layer, x) if fast and cpu_kernels.widens(layer, x) else layer(x)
+        if fast and cpu_kernels.fusable(x):
             return cpu_kernels.max_pool_relu(x)
         return relu(pool(x))
 

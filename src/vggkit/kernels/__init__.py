@@ -2,11 +2,13 @@
 ops as the fallback.
 
 - pool_relu.py: `max_pool_relu(x)`, relu(max_pool2d(x, 2, 2)) fused, forward and backward
+- one_channel.py: `conv_one_channel(conv, x)`, a one-channel convolution run as a two-channel one
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
 - max_pool_relu.cpp: the kernels (NCHW and channels-last; float32, bfloat16, float64)
 """
 from . import build
 from .build import KernelLibrary
+from .one_channel import conv_one_channel, widens
 from .pool_relu import MaxPoolReLU, fusable, max_pool_relu
 
 
@@ -15,4 +17,4 @@ def available() -> bool:
     return build.LIBRARY.available()
 
 
-__all__ = ["KernelLibrary", "MaxPoolReLU", "available", "fusable", "max_pool_relu"]
+__all__ = ["KernelLibrary", "MaxPoolReLU", "available", "conv_one_channel", "fusable", "max_pool_relu", "widens"]

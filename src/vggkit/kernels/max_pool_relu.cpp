@@ -25,47 +25,60 @@ namespace {
 constexpr uint8_t kBlocked = 4;        // the window's max was <= 0: ReLU passes no gradient
 constexpr int64_t kGrainValues = 32768;  // values per parallel task, at least
 
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+// The kernels move values as raw bits (a max-pool and a ReLU only select and compare): a
+// bfloat16 is widened to float for the compare by a shift, and the bits of the selected value are
+// stored as they are. Integer selects vectorise where c10::BFloat16's conversions would not.
+template <typename scalar_t> struct Raw;
+template <> struct Raw<float> { using bits = uint32_t; using acc = float; };
+template <> struct Raw<double> { using bits = uint64_t; using acc = double; };
+template <> struct Raw<c10::BFloat16> { using bits = uint16_t; using acc = float; };
 
-// The float holding a bfloat16 exactly back to that bfloat16 (no rounding: the max is one of the inputs).
 template <typename scalar_t>
-inline scalar_t exact(acc_t<scalar_t> v) {
+using bits_t = typename Raw<scalar_t>::bits;
+
+template <typename scalar_t>
+inline typename Raw<scalar_t>::acc value_of(bits_t<scalar_t> b) {
+  using acc = typename Raw<scalar_t>::acc;
+  acc v;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+    const uint32_t wide = static_cast<uint32_t>(b) << 16;
+    std::memcpy(&v, &wide, sizeof(v));
   } else {
-    return static_cast<scalar_t>(v);
+    std::memcpy(&v, &b, sizeof(v));
   }
+  return v;
 }
 
 // One 2x2 window, a b / c d: the output value and the code. Straight-line selects so that the
 // callers' loops over channels (NHWC) or columns (NCHW) vectorise.
-template <typename scalar_t>
-inline void window(scalar_t a, scalar_t b, scalar_t c, scalar_t d, scalar_t& out, uint8_t& code) {
-  using acc = acc_t<scalar_t>;
-  const acc v1 = acc(b), v2 = acc(c), v3 = acc(d);
-  acc m = acc(a);
+template <typename scalar_t, typename B = bits_t<scalar_t>>
+inline void window(B a, B b, B c, B d, B& out, uint8_t& code) {
+  using acc = typename Raw<scalar_t>::acc;
+  const acc v1 = value_of<scalar_t>(b), v2 = value_of<scalar_t>(c), v3 = value_of<scalar_t>(d);
+  acc m = value_of<scalar_t>(a);
+  B mb = a;
   uint8_t k = 0;
   bool take = (v1 > m) | (v1 != v1);
   m = take ? v1 : m;
+  mb = take ? b : mb;
   k = take ? 1 : k;
   take = (v2 > m) | (v2 != v2);
   m = take ? v2 : m;
+  mb = take ? c : mb;
   k = take ? 2 : k;
   take = (v3 > m) | (v3 != v3);
   m = take ? v3 : m;
+  mb = take ? d : mb;
   k = take ? 3 : k;
   const bool blocked = m <= acc(0);  // false for NaN
-  out = blocked ? scalar_t(0) : exact<scalar_t>(m);
+  out = blocked ? B(0) : mb;          // 0 bits are +0.0
   code = blocked ? kBlocked : k;
 }
 
-template <typename scalar_t>
-inline void gradient_pair(scalar_t g, uint8_t code, uint8_t left, scalar_t& gl, scalar_t& gr) {
-  gl = code == left ? g : scalar_t(0);
-  gr = code == left + 1 ? g : scalar_t(0);
+template <typename B>
+inline void gradient_pair(B g, uint8_t code, uint8_t left, B& gl, B& gr) {
+  gl = code == left ? g : B(0);
+  gr = code == left + 1 ? g : B(0);
 }
 
 template <typename T>
@@ -88,22 +101,26 @@ int64_t grain(int64_t values_per_task) {
 }
 
 // ---- forward
+//
+// NHWC loops run over the C channels of one window position. With AVX-512 a loop of 16-bit values
+// is 32 lanes wide, so C = 16 (the first block of VGG-11/4) would run entirely in the compiler's
+// scalar remainder loop: small channel counts get a compile-time trip count instead (kC > 0).
 
-template <typename scalar_t>
-void forward_nhwc(const scalar_t* x, scalar_t* y, uint8_t* code, const Shape& s) {
-  const int64_t C = s.C, W = s.W;
+template <typename scalar_t, int kC>
+void forward_nhwc(const bits_t<scalar_t>* x, bits_t<scalar_t>* y, uint8_t* code, const Shape& s) {
+  const int64_t C = kC > 0 ? kC : s.C, W = s.W;
   at::parallel_for(0, s.N * s.OH, grain(s.OW * C * 4), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {  // row = n * OH + oh
       const int64_t n = row / s.OH, oh = row % s.OH;
-      const scalar_t* top = x + ((n * s.H + 2 * oh) * W) * C;
-      const scalar_t* bottom = top + W * C;
+      const auto* top = x + ((n * s.H + 2 * oh) * W) * C;
+      const auto* bottom = top + W * C;
       for (int64_t ow = 0; ow < s.OW; ++ow) {
-        const scalar_t* p00 = top + 2 * ow * C;
-        const scalar_t* p10 = bottom + 2 * ow * C;
-        scalar_t* out = y + (row * s.OW + ow) * C;
-        uint8_t* k = code + (row * s.OW + ow) * C;
+        const auto* __restrict__ p00 = top + 2 * ow * C;
+        const auto* __restrict__ p10 = bottom + 2 * ow * C;
+        auto* __restrict__ out = y + (row * s.OW + ow) * C;
+        uint8_t* __restrict__ k = code + (row * s.OW + ow) * C;
         for (int64_t c = 0; c < C; ++c) {
-          window(p00[c], p00[C + c], p10[c], p10[C + c], out[c], k[c]);
+          window<scalar_t>(p00[c], p00[C + c], p10[c], p10[C + c], out[c], k[c]);
         }
       }
     }
@@ -111,17 +128,17 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, uint8_t* code, const Shape& s)
 }
 
 template <typename scalar_t>
-void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* code, const Shape& s) {
+void forward_nchw(const bits_t<scalar_t>* x, bits_t<scalar_t>* y, uint8_t* code, const Shape& s) {
   const int64_t W = s.W;
   at::parallel_for(0, s.N * s.C * s.OH, grain(s.OW * 4), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {  // row = (n * C + c) * OH + oh
       const int64_t plane = row / s.OH, oh = row % s.OH;
-      const scalar_t* top = x + (plane * s.H + 2 * oh) * W;
-      const scalar_t* bottom = top + W;
-      scalar_t* out = y + row * s.OW;
+      const auto* top = x + (plane * s.H + 2 * oh) * W;
+      const auto* bottom = top + W;
+      auto* out = y + row * s.OW;
       uint8_t* k = code + row * s.OW;
       for (int64_t ow = 0; ow < s.OW; ++ow) {
-        window(top[2 * ow], top[2 * ow + 1], bottom[2 * ow], bottom[2 * ow + 1], out[ow], k[ow]);
+        window<scalar_t>(top[2 * ow], top[2 * ow + 1], bottom[2 * ow], bottom[2 * ow + 1], out[ow], k[ow]);
       }
     }
   });
@@ -129,20 +146,20 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* code, const Shape& s)
 
 // ---- backward
 
-template <typename scalar_t>
-void backward_nhwc(const scalar_t* g, const uint8_t* code, scalar_t* gi, const Shape& s) {
-  const int64_t C = s.C, W = s.W;
+template <typename B, int kC>
+void backward_nhwc(const B* g, const uint8_t* code, B* gi, const Shape& s) {
+  const int64_t C = kC > 0 ? kC : s.C, W = s.W;
   at::parallel_for(0, s.N * s.OH, grain(s.OW * C * 4), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / s.OH, oh = row % s.OH;
       for (int64_t dh = 0; dh < 2; ++dh) {
-        scalar_t* line = gi + ((n * s.H + 2 * oh + dh) * W) * C;
+        B* line = gi + ((n * s.H + 2 * oh + dh) * W) * C;
         const uint8_t left = static_cast<uint8_t>(2 * dh);
         for (int64_t ow = 0; ow < s.OW; ++ow) {
-          const scalar_t* go = g + (row * s.OW + ow) * C;
-          const uint8_t* k = code + (row * s.OW + ow) * C;
-          scalar_t* l = line + 2 * ow * C;
-          scalar_t* r = l + C;
+          const B* __restrict__ go = g + (row * s.OW + ow) * C;
+          const uint8_t* __restrict__ k = code + (row * s.OW + ow) * C;
+          B* __restrict__ l = line + 2 * ow * C;
+          B* __restrict__ r = l + C;
           for (int64_t c = 0; c < C; ++c) {
             gradient_pair(go[c], k[c], left, l[c], r[c]);
           }
@@ -154,25 +171,47 @@ void backward_nhwc(const scalar_t* g, const uint8_t* code, scalar_t* gi, const S
   });
 }
 
-template <typename scalar_t>
-void backward_nchw(const scalar_t* g, const uint8_t* code, scalar_t* gi, const Shape& s) {
+template <typename B>
+void backward_nchw(const B* g, const uint8_t* code, B* gi, const Shape& s) {
   const int64_t W = s.W;
   at::parallel_for(0, s.N * s.C * s.OH, grain(s.OW * 4), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / s.OH, oh = row % s.OH;
-      const scalar_t* go = g + row * s.OW;
+      const B* go = g + row * s.OW;
       const uint8_t* k = code + row * s.OW;
       for (int64_t dh = 0; dh < 2; ++dh) {
-        scalar_t* line = gi + (plane * s.H + 2 * oh + dh) * W;
+        B* line = gi + (plane * s.H + 2 * oh + dh) * W;
         const uint8_t left = static_cast<uint8_t>(2 * dh);
         for (int64_t ow = 0; ow < s.OW; ++ow) {
           gradient_pair(go[ow], k[ow], left, line[2 * ow], line[2 * ow + 1]);
         }
-        if (W % 2) line[W - 1] = scalar_t(0);
+        if (W % 2) line[W - 1] = B(0);
       }
       if (oh == s.OH - 1 && s.H % 2) zero(gi + (plane * s.H + s.H - 1) * W, W);
     }
   });
+}
+
+// The NHWC loops with a compile-time channel count where it is small (see above).
+template <typename F>
+void by_channels(int64_t C, F&& run) {
+  switch (C) {
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 8: return run(std::integral_constant<int, 8>{});
+    case 16: return run(std::integral_constant<int, 16>{});
+    case 24: return run(std::integral_constant<int, 24>{});
+    default: return run(std::integral_constant<int, 0>{});
+  }
+}
+
+template <typename scalar_t>
+const bits_t<scalar_t>* raw(const at::Tensor& t) {
+  return reinterpret_cast<const bits_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+bits_t<scalar_t>* raw_out(at::Tensor& t) {
+  return reinterpret_cast<bits_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
 }
 
 // ---- the operators
@@ -186,10 +225,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool_relu(const at::Tensor& input) {
   at::Tensor code = at::empty({s.N, s.C, s.OH, s.OW}, x.options().dtype(at::kByte), format);
   if (y.numel() == 0) return {y, code};
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "max_pool_relu", [&] {
+    uint8_t* k = code.mutable_data_ptr<uint8_t>();
     if (nhwc) {
-      forward_nhwc(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), code.mutable_data_ptr<uint8_t>(), s);
+      by_channels(s.C, [&](auto kC) { forward_nhwc<scalar_t, decltype(kC)::value>(raw<scalar_t>(x), raw_out<scalar_t>(y), k, s); });
     } else {
-      forward_nchw(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), code.mutable_data_ptr<uint8_t>(), s);
+      forward_nchw<scalar_t>(raw<scalar_t>(x), raw_out<scalar_t>(y), k, s);
     }
   });
   return {y, code};
@@ -208,10 +248,12 @@ at::Tensor max_pool_relu_backward(const at::Tensor& grad_output, const at::Tenso
   if (k.numel() == 0) return at::zeros({s.N, s.C, height, width}, g.options().memory_format(format));
   at::Tensor gi = at::empty({s.N, s.C, height, width}, g.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, g.scalar_type(), "max_pool_relu_backward", [&] {
+    using B = bits_t<scalar_t>;
+    const uint8_t* c = k.const_data_ptr<uint8_t>();
     if (nhwc) {
-      backward_nhwc(g.const_data_ptr<scalar_t>(), k.const_data_ptr<uint8_t>(), gi.mutable_data_ptr<scalar_t>(), s);
+      by_channels(s.C, [&](auto kC) { backward_nhwc<B, decltype(kC)::value>(raw<scalar_t>(g), c, raw_out<scalar_t>(gi), s); });
     } else {
-      backward_nchw(g.const_data_ptr<scalar_t>(), k.const_data_ptr<uint8_t>(), gi.mutable_data_ptr<scalar_t>(), s);
+      backward_nchw<B>(raw<scalar_t>(g), c, raw_out<scalar_t>(gi), s);
     }
   });
   return gi;
