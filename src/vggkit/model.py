@@ -44,7 +44,8 @@ class VGGBlock(nn.Sequential):
       of the values;
     - "fused": as "reordered", with pool and ReLU in one pass of the C++ kernels (vggkit.kernels)
       when training on the CPU (elsewhere: inference, other devices, no kernels, PyTorch's ops),
-      and a one-channel first convolution run on two channels (kernels.one_channel) on the CPU;
+      a conv and its ReLU as one oneDNN call, and a one-channel first conv run on two channels
+      (kernels.conv_relu, kernels.one_channel) on the CPU;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -74,14 +75,30 @@ class VGGBlock(nn.Sequential):
     def _pool_first(self, x):
         *body, relu, pool = self
         fast = self.kernels == "fused"
-        for layer in body:
-            x = cpu_kernels.conv_one_channel(layer, x) if fast and cpu_kernels.widens(layer, x) else layer(x)
+        if fast:
+            x = _fast_layers(body, x)
+        else:
+            for layer in body:
+                x = layer(x)
         if fast and cpu_kernels.fusable(x):
             return cpu_kernels.max_pool_relu(x)
         return relu(pool(x))
 
     def extra_repr(self) -> str:
         return f"kernels={self.kernels}"
+
+
+def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The layers in order, with a conv and the ReLU after it as one oneDNN call, and a
+    one-channel conv on two channels (vggkit.kernels), where they apply."""
+    i = 0
+    while i < len(layers):
+        layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+        if cpu_kernels.conv_relu_fusable(layer, after, x):
+            x, i = cpu_kernels.conv_relu(layer, x), i + 2
+            continue
+        x, i = cpu_kernels.conv_one_channel(layer, x) if cpu_kernels.widens(layer, x) else layer(x), i + 1
+    return x
 
 
 def _global_hooks() -> bool:

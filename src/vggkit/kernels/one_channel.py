@@ -18,10 +18,18 @@ def widens(conv: nn.Module, x: torch.Tensor) -> bool:
             and x.device.type == "cpu" and x.dim() == 4 and not torch.compiler.is_compiling())
 
 
-def conv_one_channel(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) for a one-channel x, computed on [x, 0] with weights [w, 0] (channels-last)."""
+def wide_input(x: torch.Tensor) -> torch.Tensor:
+    """[x, 0] along the channels, channels-last."""
     n, _, h, w = x.shape
     wide = x.new_zeros((n, h, w, 2))
     wide[..., 0] = x[:, 0]
-    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 1))
-    return conv._conv_forward(wide.permute(0, 3, 1, 2), weight, conv.bias)
+    return wide.permute(0, 3, 1, 2)
+
+
+def wide_weight(weight: torch.Tensor) -> torch.Tensor:
+    return F.pad(weight, (0, 0, 0, 0, 0, 1))
+
+
+def conv_one_channel(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a one-channel x, computed on [x, 0] with weights [w, 0]."""
+    return conv._conv_forward(wide_input(x), wide_weight(conv.weight), conv.bias)
