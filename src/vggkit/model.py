@@ -101,6 +101,23 @@ def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout; in the "fused" mode, training on the CPU, its mask comes from torch.rand
+    (kernels.dropout: PyTorch's bernoulli_ mask is ~20x slower to draw there)."""
+
+    kernels = "reordered"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._fast(x):
+            return cpu_kernels.dropout(x, self.p)
+        return nn.functional.dropout(x, self.p, self.training, self.inplace)
+
+    @torch.jit.unused
+    def _fast(self, x):
+        return (self.training and self.kernels == "fused" and not self.inplace and not torch.jit.is_tracing()
+                and cpu_kernels.dropout_fusable(x, self.p))
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module
 
@@ -108,7 +125,7 @@ def _global_hooks() -> bool:
 
 
 def set_kernels(model: nn.Module, mode: str) -> str:
-    """Set how every VGGBlock of `model` computes its pool and last ReLU (KERNELS, see VGGBlock);
+    """Set how every VGGBlock (and classifier Dropout) of `model` computes (KERNELS, see VGGBlock);
     returns the mode set: "fused" becomes "reordered" where the C++ kernels cannot be had (the
     process then says why once on stderr). The state dict is the same in every mode."""
     if mode not in KERNELS:
@@ -116,7 +133,7 @@ def set_kernels(model: nn.Module, mode: str) -> str:
     if mode == "fused" and not cpu_kernels.available():
         mode = "reordered"
     for block in model.modules():
-        if isinstance(block, VGGBlock):
+        if isinstance(block, (VGGBlock, Dropout)):
             block.kernels = mode
     return mode
 
@@ -223,8 +240,8 @@ class VGG(nn.Module):
         self.avgpool = StaticAdaptiveAvgPool2d((height, width)) if head_pool == "adaptive" else nn.Identity()
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels * pooled[0] * pooled[1], fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(channels * pooled[0] * pooled[1], fc_width), nn.ReLU(inplace=True), Dropout(dropout),
+            nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), Dropout(dropout),
             nn.Linear(fc_width, num_classes),
         )
         self.apply(INITS[init])

@@ -3,6 +3,7 @@ ops as the fallback.
 
 - pool_relu.py: `max_pool_relu(x)`, relu(max_pool2d(x, 2, 2)) fused, forward and backward
 - conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op
+- dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
 - one_channel.py: `conv_one_channel(conv, x)`, a one-channel convolution run as a two-channel one
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
 - max_pool_relu.cpp: the kernels (NCHW and channels-last; float32, bfloat16, float64)
@@ -10,6 +11,7 @@ ops as the fallback.
 from . import build
 from .build import KernelLibrary
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
+from .dropout import dropout, dropout_fusable
 from .one_channel import conv_one_channel, widens
 from .pool_relu import MaxPoolReLU, fusable, max_pool_relu
 
@@ -19,4 +21,4 @@ def available() -> bool:
     return build.LIBRARY.available()
 
 
-__all__ = ["ConvReLU", "KernelLibrary", "MaxPoolReLU", "available", "conv_one_channel", "conv_relu", "conv_relu_fusable", "fusable", "max_pool_relu", "widens"]
+__all__ = ["ConvReLU", "KernelLibrary", "MaxPoolReLU", "available", "conv_one_channel", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable", "fusable", "max_pool_relu", "widens"]
