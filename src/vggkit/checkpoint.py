@@ -3,11 +3,13 @@
 A checkpoint is a directory holding the weights (plus the model config and preprocessing as JSON
 metadata) and, for training checkpoints, the training state (optimizer, schedule, RNG, epoch,
 step; loads with torch.load(weights_only=True)); rundir.py names the files and knows where
-checkpoints lie in a run. A run with weight averaging (--ema, ema.py) stores the averaged weights in
-the same weights file, under EMA_PREFIX + the network's key, and their settings in the metadata
-("ema"): load_model returns them by default, the raw weights with averaged=False. A directory is written beside its final name and swapped in with
+checkpoints lie in a run. A directory is written beside its final name and swapped in with
 renames, so a kill at any moment leaves a complete checkpoint (and at worst a stale temporary
 directory, removed by the next save). Weights that are not finite are never loaded as a model.
+
+With weight averaging (--ema, ema.py) the averaged weights are in the same weights file, under
+EMA_PREFIX + the network's keys, and their settings in the metadata ("ema"): one file, swapped in
+with the rest. load_model returns them by default, the raw weights with averaged=False.
 """
 from __future__ import annotations
 
