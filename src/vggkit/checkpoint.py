@@ -6,6 +6,10 @@ step; loads with torch.load(weights_only=True)); rundir.py names the files and k
 checkpoints lie in a run. A directory is written beside its final name and swapped in with
 renames, so a kill at any moment leaves a complete checkpoint (and at worst a stale temporary
 directory, removed by the next save). Weights that are not finite are never loaded as a model.
+
+With weight averaging (--ema, ema.py) the averaged weights are in the same weights file, under
+EMA_PREFIX + the network's keys, and their settings in the metadata ("ema"): one file, swapped in
+with the rest. load_model returns them by default, the raw weights with averaged=False.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,15 +30,21 @@ from .model import VGG
 from .rundir import STATE, WEIGHTS, previous, weights_file
 from .rundir import find_checkpoint as resolve_checkpoint  # noqa: F401  (the name callers know)
 
+if TYPE_CHECKING:
+    from .ema import EMA
 
-def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict | None = None) -> None:
-    """Write model weights (+ meta) and optional training state as one unit at `directory`."""
+EMA_PREFIX = "ema."  # the averaged weights' keys in a weights file: "ema." + the network's state-dict key
+
+
+def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict | None = None,
+                    averaged: EMA | None = None) -> None:
+    """Write model weights (+ meta, + the `averaged` weights) and optional training state as one unit at `directory`."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         honour_umask(tmp)
-        save_weights(tmp / WEIGHTS, model, meta)
+        save_weights(tmp / WEIGHTS, model, meta, averaged)
         if state is not None:
             torch.save(state, tmp / STATE)
             with open(tmp / STATE, "rb+") as f:
@@ -71,8 +82,11 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
-def save_weights(path: str | Path, model: VGG, meta: dict) -> None:
+def save_weights(path: str | Path, model: VGG, meta: dict, averaged: EMA | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if averaged is not None:
+        tensors |= {EMA_PREFIX + k: v.to("cpu").contiguous() for k, v in averaged.state_dict().items()}
+        meta = meta | {"ema": averaged.settings()}
     header = {"vggkit": json.dumps({"model": model.config(), **meta})}
     save_file(tensors, str(path), metadata=header)
     honour_umask(path)  # safetensors creates the file 0600
@@ -102,8 +116,18 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, dict]:
-    """Rebuild the network stored at `path` (run dir, checkpoint dir or weights file); returns (model, meta)."""
+def split_averaged(state: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
+    """A weights file's tensors as (the raw weights, the averaged ones or None), each under the network's keys."""
+    raw = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    averaged = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    return raw, averaged or None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", averaged: bool = True) -> tuple[VGG, dict]:
+    """Rebuild the network stored at `path` (run dir, checkpoint dir or weights file); returns (model, meta).
+
+    With weight averaging, the averaged weights unless `averaged` is False; meta["weights"] says
+    which were loaded: "ema" or "raw"."""
     weights = weights_file(path)
     meta = read_meta(weights)
     try:
@@ -111,7 +135,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VG
     except VggkitError as e:
         raise VggkitError(f"{weights}: {e}") from None
     try:
-        state = load_file(str(weights))
+        raw, ema = split_averaged(load_file(str(weights)))
+        state = ema if averaged and ema is not None else raw
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0]
@@ -120,4 +145,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VG
         bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         raise VggkitError(f"{weights} holds NaN or infinite weights ({len(bad)} tensors, first {bad[0]}): "
                           "it comes from a diverged training; train again with a lower --lr")
+    meta["weights"] = "ema" if state is ema else "raw"
     return model.to(device).eval(), meta

@@ -94,6 +94,9 @@ TRAIN_HELP = {
     "weight_decay": "L2 weight decay (not on biases, batch norm)",
     "schedule": _either(SCHEDULES), "warmup": "fraction of the steps rising to the peak lr (onecycle)",
     "label_smoothing": "label smoothing of the loss", "drop_last": "drop each epoch's last, incomplete batch",
+    "ema": "average the weights (EMA) with this decay, e.g. 0.999, 0 for off; the epochs' evaluation, the best "
+           "checkpoint, evaluate, predict and export then use the average",
+    "ema_every": "update the weight average every K steps (the decay raised to the K-th power)",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
@@ -114,6 +117,7 @@ TRAIN_HELP = {
 }
 # Flags whose name is not the config key's: --init names initial weights, as in other tools.
 TRAIN_FLAGS = {"init_from": "--init", "init": "--init-scheme"}
+TRAIN_METAVARS = {"init_from": "SOURCE", "ema": "DECAY", "ema_every": "K"}  # the rest: the key in capitals
 
 
 def train_flag(key: str) -> str:
@@ -191,7 +195,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             convert = {"int": int, "float": float, "str": str}[kind]
             choices = HEAD_POOLS if f.name == "head_pool" else CHOICES.get(f.name)
             p.add_argument(flag, dest=f.name, type=convert, default=None, choices=choices, help=help_line,
-                           metavar="SOURCE" if f.name == "init_from" else None)
+                           metavar=TRAIN_METAVARS.get(f.name))
 
 
 def cmd_train(args) -> int:
@@ -223,7 +227,7 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate(args.run, data=args.data, data_dir=args.data_dir, split=args.split, device=args.device,
                       batch_size=args.batch_size, test_limit=args.test_limit, skip_bad=args.skip_bad or None,
-                      out_dir=args.out, log=lambda *a: print(*a, file=sys.stderr))
+                      out_dir=args.out, averaged=not args.raw_weights, log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
     else:
@@ -235,7 +239,7 @@ def cmd_predict(args) -> int:
     from .predict import format_line, iter_predictions, write_csv
 
     results = iter_predictions(args.run, args.images, top_k=args.top_k, device=args.device,
-                               batch_size=args.batch_size, skip_bad=args.skip_bad,
+                               batch_size=args.batch_size, skip_bad=args.skip_bad, averaged=not args.raw_weights,
                                log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
         results = list(results)
@@ -252,8 +256,10 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_model
 
-    result = export_model(args.run, fmt=args.format, out=args.out, opset=args.opset)
-    print(f"wrote {result['out']} ({args.format}); max |logit difference| vs PyTorch: {result['max_abs_diff']:.2e}")
+    result = export_model(args.run, fmt=args.format, out=args.out, opset=args.opset, averaged=not args.raw_weights)
+    weights = "averaged weights" if result["weights"] == "ema" else "raw weights"
+    print(f"wrote {result['out']} ({args.format}, {weights}); max |logit difference| vs PyTorch: "
+          f"{result['max_abs_diff']:.2e}")
     return 0
 
 
@@ -287,7 +293,13 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--out", default=None,
                    help="folder for the PNGs (default: <checkpoint>/evaluation, evaluation-val or evaluation-<folder>)")
     p.add_argument("--json", action="store_true")
+    add_raw_weights_flag(p)
     p.set_defaults(func=cmd_evaluate)
+
+
+def add_raw_weights_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use the raw weights of a run trained with --ema (default: its averaged weights)")
 
 
 def add_predict_parser(sub) -> None:
@@ -302,6 +314,7 @@ def add_predict_parser(sub) -> None:
                    help="write the predictions to FILE: path, then class_i, probability_i for i = 1..top-k")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    add_raw_weights_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -338,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     p.add_argument("--out", default=None, help="output file or folder (default: model.onnx / model.pt in the run directory)")
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
+    add_raw_weights_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="training/inference images/s, FLOP/s vs measured peak; --compare: vs the textbook loop")

@@ -55,6 +55,8 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of steps rising to the peak lr (onecycle)
     label_smoothing: float = 0.1
     drop_last: bool = True
+    ema: float = 0.0  # weight averaging (ema.py): the decay, 0 = off; evaluation and checkpoints use the average
+    ema_every: int = 1  # steps between EMA updates
     # speed
     device: str = "auto"
     precision: str = "auto"  # auto|fp32|bf16|fp16
@@ -139,14 +141,16 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
 
 
 # Ranges, field by field (types come from TrainConfig's annotations; every float must be finite).
-POSITIVE = ("epochs", "batch_size", "input_size", "ratio", "fc_width", "lr", "limit", "test_limit", "threads")
+POSITIVE = ("epochs", "batch_size", "input_size", "ratio", "fc_width", "lr", "limit", "test_limit", "threads",
+            "ema_every")
 AT_LEAST_ZERO = ("val_size", "crop_padding", "weight_decay")
-FRACTIONS = ("momentum", "label_smoothing", "erasing", "dropout", "warmup")  # in [0, 1)
+FRACTIONS = ("momentum", "label_smoothing", "erasing", "dropout", "warmup", "ema")  # in [0, 1)
 MAX_THREADS = 1024  # torch starts that many threads at once: beyond this, a typo
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
-# Examples for the messages where TrainConfig's default is None.
+# Examples for the messages where TrainConfig's default is None (or, for ema, off).
 EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "test_limit": 1000, "threads": 4,
-            "name": "my-run", "lr": 0.1, "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True}
+            "name": "my-run", "lr": 0.1, "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True,
+            "ema": 0.999, "ema_every": 4}
 LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image",
             **{key: "decided from the data" for key in FROM_THE_DATA}}
 TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
@@ -283,9 +287,13 @@ def save_config(config: TrainConfig, path: Path) -> None:
     atomic_write_text(path, tomli_w.dumps({"train": config.to_dict()}))
 
 
+# Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging).
+ADDED_LATER = {key: getattr(TrainConfig, key) for key in ("ema", "ema_every")}
+
+
 def load_config(path: Path) -> TrainConfig:
     """A run's saved config.toml: every key that save_config writes, each valid."""
-    values = _read_toml(path)
+    values = {**ADDED_LATER, **_read_toml(path)}
     unknown = sorted(set(values) - set(FIELD_TYPES))
     # a saved run has every field that is never None, and those filled in from the weights and the data
     required = [f.name for f in fields(TrainConfig) if "None" not in f.type or f.name in FROM_WEIGHTS + FROM_THE_DATA]

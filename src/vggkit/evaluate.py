@@ -28,6 +28,7 @@ from .runtime import autocast, pick_device, speed_settings
 SPLITS = ("test", "val")
 TOP_K = 5  # reported where there are more classes than this
 GRID = 36  # misclassified images shown, most confident first
+WEIGHTS_USED = {"ema": "weights: averaged (EMA; --raw-weights for the raw ones)", "raw": "weights: raw"}
 
 
 def run_config_for(path: Path) -> TrainConfig:
@@ -38,17 +39,18 @@ def run_config_for(path: Path) -> TrainConfig:
 
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
              device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
-             test_limit: int | None = None, skip_bad: bool | None = None, log=print) -> dict:
+             test_limit: int | None = None, skip_bad: bool | None = None, averaged: bool = True, log=print) -> dict:
     """Evaluate a run (its best checkpoint), a checkpoint directory or a weights file.
 
     split: "test" (default) or "val" of the run's data (or of the named dataset `data`);
     data = a folder: every image of its class sub-folders (the model's classes), no split.
     test_limit: at most that many images (class-balanced, seeded).
+    averaged: the averaged weights of a run with --ema (the default), else the raw ones; result["weights"] says which.
     """
     path = Path(path)
     config = run_config_for(path)
     torch_device = pick_device(device)
-    model, meta = load_model(path, torch_device)
+    model, meta = load_model(path, torch_device, averaged=averaged)
     speed = speed_settings(config, torch_device)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -63,7 +65,7 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
-    return result | {"out_dir": str(out_dir)}
+    return result | {"out_dir": str(out_dir), "weights": meta["weights"]}
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
@@ -154,7 +156,8 @@ def format_report(result: dict) -> str:
     lines += ["", "confusion matrix (rows: true, columns: predicted):",
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
-    lines += ["", f"wrote {result['out_dir']}/confusion.png and misclassified.png"]
+    lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
+              f"wrote {result['out_dir']}/confusion.png and misclassified.png"]
     return "\n".join(lines)
 
 

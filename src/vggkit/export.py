@@ -12,7 +12,9 @@ Both files carry the preprocessing (preprocess.py): pixels scaled to [0, 1], the
 per channel, resized to `input_size` (height, width) with `interpolation` ("bilinear",
 align_corners false, antialiased when shrinking), and the class names in output order.
 ONNX: `metadata_props` (strings as they are, other values as JSON). TorchScript: the extra file
-`vggkit.json` (read it with torch.jit.load(path, _extra_files={"vggkit.json": ""})).
+`vggkit.json` (read it with torch.jit.load(path, _extra_files={"vggkit.json": ""})). Both also say
+which weights were exported ("weights": "ema", a run's averaged weights, the default when it has
+some; or "raw").
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ BATCH_SIZES = (3, 1)  # two sizes: proves the batch dimension is really dynamic
 INSTALL_HINT = "install the export extra: pip install 'vggkit[export]'"
 
 
-def export_model(path, fmt: str = "onnx", out=None, opset: int | None = None) -> dict:
-    """Export the model stored at `path` (run dir, checkpoint dir or model.safetensors).
+def export_model(path, fmt: str = "onnx", out=None, opset: int | None = None, averaged: bool = True) -> dict:
+    """Export the model stored at `path` (run dir, checkpoint dir or model.safetensors): its
+    averaged weights (--ema) when it has some, unless `averaged` is False.
 
-    Returns {"out": str, "format": str, "max_abs_diff": float, "opset": int | None}.
+    Returns {"out": str, "format": str, "max_abs_diff": float, "opset": int | None, "weights": "ema" | "raw"}.
     """
     if fmt not in FORMATS:
         raise VggkitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -48,11 +51,11 @@ def export_model(path, fmt: str = "onnx", out=None, opset: int | None = None) ->
     elif opset is not None:
         raise VggkitError("--opset applies to ONNX only; drop it or use --format onnx")
 
-    model, meta = load_model(path)
+    model, meta = load_model(path, averaged=averaged)
     model = model.float().eval()
     target = _target(path, fmt, out)
-    info = preprocessing(model, meta)
-    result = {"out": str(target), "format": fmt, "opset": opset}
+    info = preprocessing(model, meta) | {"weights": meta["weights"]}
+    result = {"out": str(target), "format": fmt, "opset": opset, "weights": meta["weights"]}
 
     def write(tmp: str) -> None:
         if fmt == "onnx":

@@ -51,6 +51,7 @@ class RunStart:
     lr: float = 0.0  # the peak learning rate
     augment: tuple[str, ...] = ()  # the training augmentations, e.g. ("crop 2", "flip")
     decisions: dict = field(default_factory=dict)  # decide.py's notes, field -> why (val_size, input_size, ...)
+    averaging: str = ""  # weight averaging, as EMA.describe() says it; "" when off
 
 
 @dataclass
@@ -186,7 +187,8 @@ def data_line(info: RunStart) -> str:
     return (f"data: train {train:,}, val {val:,}{why('val_size')}, test {test:,} images; "
             f"input {info.input_size}x{info.input_size}{why('input_size')}; "
             f"batch {info.batch_size}{why('batch_size')}, lr {info.lr:g}{why('lr')}, {info.batches} step{'s' if info.batches != 1 else ''} per epoch, "
-            f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}")
+            f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}"
+            + (f"; {info.averaging}" if info.averaging else ""))
 
 
 def best_line(best: dict, last_epoch: int) -> str:

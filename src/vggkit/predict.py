@@ -74,17 +74,18 @@ def model_inputs(images: list[str | Path], meta: dict, device="cpu") -> torch.Te
 
 def iter_predictions(path: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, device: str = "auto",
                      batch_size: int = BATCH_SIZE, skip_bad: bool = False, progress: str = "auto",
-                     log=print) -> Iterator[dict]:
+                     averaged: bool = True, log=print) -> Iterator[dict]:
     """Top-k (class, probability) for each image of `inputs` (files and folders), in order.
 
     Unreadable files: listed in one VggkitError once the readable ones are done, or with skip_bad
     a log line. progress: "auto" (a bar on a TTY when there is more than one batch), "bar" or "none".
+    averaged: a run's averaged weights (--ema) when it has some, else the raw ones.
     """
     if top_k < 1:
         raise VggkitError(f"top-k must be at least 1, got {top_k}")
     paths = image_paths(inputs)
     torch_device = pick_device(device)
-    model, meta = load_model(path, torch_device)
+    model, meta = load_model(path, torch_device, averaged=averaged)
     classes = meta["classes"]
     k = min(top_k, len(classes))
     bad: list[tuple[Path, str]] = []
@@ -97,18 +98,19 @@ def iter_predictions(path: str | Path, inputs: Iterable[str | Path], *, top_k: i
 
 
 def predict(path: str | Path, images: Iterable[str | Path], *, top_k: int = 3, device: str = "auto",
-            batch_size: int = BATCH_SIZE, skip_bad: bool = False, progress: str = "none", log=print) -> list[dict]:
+            batch_size: int = BATCH_SIZE, skip_bad: bool = False, progress: str = "none", averaged: bool = True,
+            log=print) -> list[dict]:
     """Top-k (class, probability) for each image file (folders: their images, recursively)."""
     return list(iter_predictions(path, images, top_k=top_k, device=device, batch_size=batch_size, skip_bad=skip_bad,
-                                 progress=progress, log=log))
+                                 progress=progress, averaged=averaged, log=log))
 
 
 @torch.no_grad()
 def predict_logits(path: str | Path, images: list[str | Path], *, device: str = "auto",
-                   batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, dict]:
+                   batch_size: int = BATCH_SIZE, averaged: bool = True) -> tuple[torch.Tensor, dict]:
     """(logits N x classes as fp32 on the CPU, the model's metadata) for image files; unreadable ones raise."""
     torch_device = pick_device(device)
-    model, meta = load_model(path, torch_device)
+    model, meta = load_model(path, torch_device, averaged=averaged)
     bad: list[tuple[Path, str]] = []
     batches = [logits for _, logits in _logit_batches(model, meta, image_paths(images), batch_size, torch_device,
                                                       bad, "none")]

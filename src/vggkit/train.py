@@ -9,7 +9,9 @@ through its loggers (loggers.py); its files are named by rundir.py.
 
 The run directory is locked for the whole run; a new one is written only once the data is loaded.
 Weights are saved only when they and their loss are finite (check_saveable): a diverged run
-never leaves a NaN model behind as its last or best checkpoint.
+never leaves a NaN model behind as its last or best checkpoint. With weight averaging (--ema,
+ema.py) the average is updated after every step taken, the epochs are evaluated with it (so it
+picks the best checkpoint), and checkpoints hold it beside the raw weights.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import distributed as dist
-from .checkpoint import all_finite, save_checkpoint
+from .checkpoint import all_finite, save_checkpoint, split_averaged
 from .config import RECIPES, TrainConfig, resolve_config, save_config
 from .data import load_data
 from .data.carve import carve
 from .decide import REFERENCE_LR, decide
+from .ema import EMA
 from .errors import VggkitError
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
 from .model import set_kernels
@@ -114,10 +117,16 @@ class Trainer:
     loggers: Logger = field(default_factory=Loggers)
     step_model: torch.nn.Module | None = None  # what the steps run: the model, maybe under DDP and compiled
     decisions: dict = field(default_factory=dict)  # what decide.py decided from the data: field -> why
+    ema: EMA | None = None  # the averaged weights (config.ema > 0)
 
     @property
     def main(self) -> bool:
         return self.rank == 0  # the one rank that writes files and speaks
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network the epochs are evaluated with: the averaged weights when there are some."""
+        return self.ema.module if self.ema else self.model
 
     @property
     def total_steps(self) -> int:
@@ -217,9 +226,12 @@ def train_one_epoch(t: Trainer, loop: LoopState, stop: StopRequest) -> EpochRun 
         lr = lr_at(t.config, loop.step, t.total_steps)
         set_lr(t.optimizer, lr)
         global_count = min(batch_size, len(t.splits.train) - batch_index * batch_size)
+        scale = t.scaler.get_scale() if t.scaler and t.ema else None
         train_step(t.step_model, t.optimizer, t.scaler, t.speed, x, y, loop.sums,
                    lambda logits, y: dist.batch_loss(logits, y, global_count, t.config.label_smoothing))
         loop.step += 1
+        if t.ema and (scale is None or t.scaler.get_scale() >= scale):  # fp16: a lowered scale = a skipped step
+            t.ema.update(t.model, loop.step)
         loop.batch = batch_index + 1
         images += len(y)
         metrics = {}
@@ -257,7 +269,7 @@ def end_epoch(t: Trainer, loop: LoopState, trained: EpochRun) -> None:
     meta = t.meta | {"epoch": row["epoch"], **{k: row[k] for k in ("train_acc", "val_acc", "test_acc") if k in row}}
     save_last(t, loop, meta)
     if is_best and t.main:
-        save_checkpoint(t.run.best, t.model, meta)
+        save_checkpoint(t.run.best, t.model, meta, averaged=t.ema)
     t.loggers.epoch(row)
 
 
@@ -270,9 +282,9 @@ def epoch_row(t: Trainer, loop: LoopState, trained: EpochRun) -> dict:
     loss_sum, correct, count = loop.sums.tolist()
     row = {"epoch": loop.epoch, "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)}
     if t.val_loader:
-        row["val_loss"], row["val_acc"] = evaluate_loader(t.model, t.val_loader, t.speed, t.device)
+        row["val_loss"], row["val_acc"] = evaluate_loader(t.evaluated, t.val_loader, t.speed, t.device)
     if t.test_loader and t.config.eval_every_epoch_on_test:
-        row["test_loss"], row["test_acc"] = evaluate_loader(t.model, t.test_loader, t.speed, t.device)
+        row["test_loss"], row["test_acc"] = evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device)
     row.update(lr=lr_at(t.config, loop.step, t.total_steps), seconds=round(trained.seconds, 3),
                images_per_s=round(trained.images * t.world_size / trained.seconds, 1),
                elapsed=round(time.perf_counter() - t.started + loop.seconds_before, 2))
@@ -299,7 +311,7 @@ def finish(t: Trainer, loop: LoopState) -> History:
     if t.test_loader:
         last = history.epochs[-1]
         history.test_loss, history.test_acc = (last["test_loss"], last["test_acc"]) if "test_acc" in last \
-            else evaluate_loader(t.model, t.test_loader, t.speed, t.device)
+            else evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device)
     history.best = best_checkpoint(t, history.epochs)
     t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device,
                          best=history.best))
@@ -307,17 +319,22 @@ def finish(t: Trainer, loop: LoopState) -> History:
 
 
 def check_saveable(t: Trainer, loop: LoopState, loss: float | None) -> None:
-    """Before a checkpoint is written: TrainingDiverged unless the weights are finite (one fused
-    reduction) and so is their loss: `loss` (the epoch's validation or test loss, measured on
-    these weights), or else that of one training batch. Finite weights can still give NaN outputs
-    (a huge learning rate leaves weights of 1e27), hence the loss. Every rank calls it alike."""
-    if not all_finite(t.model.state_dict().values()):
+    """Before a checkpoint is written: TrainingDiverged unless the weights, the averaged ones too,
+    are finite (one fused reduction) and so is their loss: `loss` (the epoch's validation or test
+    loss, measured on t.evaluated), or else that of one training batch. Finite weights can still
+    give NaN outputs (a huge learning rate leaves weights of 1e27), hence the loss. Every rank
+    calls it alike."""
+    averaged = t.ema.state_dict().values() if t.ema else ()
+    if not all_finite([*t.model.state_dict().values(), *averaged]):
         raise diverged(t, loop, "the weights became NaN or infinite")
-    if loss is None:
-        first_batch = list(itertools.islice(t.train_loader.iter_from(0), 1))
-        loss = evaluate_loader(t.model, first_batch, t.speed, t.device)[0]
-    if not math.isfinite(loss):
-        raise diverged(t, loop, f"the loss of the current weights is {loss}")
+    checked = [(t.evaluated, loss)] + ([(t.model, None)] if t.ema else [])  # the raw weights must be sound too
+    for model, model_loss in checked:
+        if model_loss is None:
+            first_batch = list(itertools.islice(t.train_loader.iter_from(0), 1))
+            model_loss = evaluate_loader(model, first_batch, t.speed, t.device)[0]
+        if not math.isfinite(model_loss):
+            which = "averaged" if model is not t.model else "current"
+            raise diverged(t, loop, f"the loss of the {which} weights is {model_loss}")
 
 
 def diverged(t: Trainer, loop: LoopState, problem: str) -> TrainingDiverged:
@@ -351,7 +368,8 @@ def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
     if t.test_loader and "test_acc" not in best:
         from safetensors.torch import load_file
 
-        t.model.load_state_dict(load_file(str(t.run.best / WEIGHTS)))  # training is over: the weights are free
+        raw, averaged = split_averaged(load_file(str(t.run.best / WEIGHTS)))
+        t.model.load_state_dict(averaged or raw)  # training is over: the weights are free
         best["test_loss"], best["test_acc"] = evaluate_loader(t.model, t.test_loader, t.speed, t.device)
     return best
 
@@ -360,7 +378,7 @@ def save_last(t: Trainer, loop: LoopState, meta: dict) -> None:
     """The checkpoint to resume from: weights, optimizer, RNG and loop.epoch/batch (rank 0 writes it)."""
     if t.main:
         state = loop.training_state(t.optimizer, t.world_size, seconds=time.perf_counter() - t.started)
-        save_checkpoint(t.run.last, t.model, meta | {"step": loop.step}, state)
+        save_checkpoint(t.run.last, t.model, meta | {"step": loop.step}, state, averaged=t.ema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,12 +426,13 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     test_loader = BatchLoader(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
     model, config = build_model(config, splits, device, speed, world_size, log, resumed)
+    ema = EMA(model, config.ema, config.ema_every) if config.ema else None
     optimizer = make_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
             "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(splits.image_size)}
     return Trainer(config, run, rank, world_size, device, speed, allocator, splits, train_loader, val_loader,
-                   test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions)
+                   test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions, ema=ema)
 
 
 def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainConfig, DataSplits, dict]:
@@ -472,8 +491,14 @@ def fresh_sums(t: Trainer) -> torch.Tensor:
 
 
 def restore(t: Trainer, state: dict) -> LoopState:
-    """Weights, optimizer, RNG and position from the run's last checkpoint."""
-    t.model.load_state_dict(t.run.read_weights())
+    """Weights (the averaged ones too), optimizer, RNG and position from the run's last checkpoint."""
+    raw, averaged = split_averaged(t.run.read_weights())
+    t.model.load_state_dict(raw)
+    if t.ema and averaged is None:
+        t.log("the checkpoint holds no averaged weights: the average starts again from its weights")
+        t.ema = EMA(t.model, t.ema.decay, t.ema.every)
+    elif t.ema:
+        t.ema.load_state_dict(averaged)
     t.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
     if t.device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -519,7 +544,7 @@ def start(t: Trainer, loop: LoopState, resumed: bool) -> None:
         images=(len(splits.train), len(splits.val), len(splits.test) if splits.test is not None else 0),
         input_size=t.config.input_size, batch_size=t.config.batch_size, lr=t.config.lr,
         augment=augmentations(t.config),
-        decisions=t.decisions))
+        decisions=t.decisions, averaging=t.ema.describe() if t.ema else ""))
 
 
 def augmentations(config: TrainConfig) -> tuple[str, ...]:
