@@ -227,7 +227,8 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate(args.run, data=args.data, data_dir=args.data_dir, split=args.split, device=args.device,
                       batch_size=args.batch_size, test_limit=args.test_limit, skip_bad=args.skip_bad or None,
-                      out_dir=args.out, averaged=not args.raw_weights, log=lambda *a: print(*a, file=sys.stderr))
+                      out_dir=args.out, averaged=not args.raw_weights, compile=args.compile,
+                      log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
     else:
@@ -240,6 +241,7 @@ def cmd_predict(args) -> int:
 
     results = iter_predictions(args.run, args.images, top_k=args.top_k, device=args.device,
                                batch_size=args.batch_size, skip_bad=args.skip_bad, averaged=not args.raw_weights,
+                               compile=args.compile,
                                log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
         results = list(results)
@@ -276,6 +278,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def add_inference_compile_arg(p: argparse.ArgumentParser) -> None:
+    from .config import CHOICES
+
+    p.add_argument("--compile", choices=CHOICES["compile"], default="auto",
+                   help="torch.compile the model: auto (where measured faster on this machine for this model and "
+                        "batch, measured once for a job large enough and cached), on or off (default: auto)")
+
+
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy (top-1, top-5), per-class accuracy, confusion matrix, misclassified grid")
     p.add_argument("run", help="run directory (its best checkpoint), checkpoint directory or model.safetensors")
@@ -292,6 +302,7 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     p.add_argument("--out", default=None,
                    help="folder for the PNGs (default: <checkpoint>/evaluation, evaluation-val or evaluation-<folder>)")
+    add_inference_compile_arg(p)
     p.add_argument("--json", action="store_true")
     add_raw_weights_flag(p)
     p.set_defaults(func=cmd_evaluate)
@@ -313,6 +324,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="write the predictions to FILE: path, then class_i, probability_i for i = 1..top-k")
     p.add_argument("--device", default="auto")
+    add_inference_compile_arg(p)
     p.add_argument("--json", action="store_true")
     add_raw_weights_flag(p)
     p.set_defaults(func=cmd_predict)

@@ -20,10 +20,11 @@ from .data import Dataset, load_data, stratified_indices
 from .data.folder import load_labelled_folder
 from .data.load import TEST_LIMIT_SALT, is_folder
 from .errors import VggkitError
+from .inference import InferenceRunner, check_policy
 from .pipeline import BatchLoader
 from .preprocess import fit_size, settings_from_meta
 from .rundir import evaluation_dir, find_config
-from .runtime import autocast, pick_device, speed_settings
+from .runtime import pick_device, speed_settings
 
 SPLITS = ("test", "val")
 TOP_K = 5  # reported where there are more classes than this
@@ -39,14 +40,18 @@ def run_config_for(path: Path) -> TrainConfig:
 
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
              device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
-             test_limit: int | None = None, skip_bad: bool | None = None, averaged: bool = True, log=print) -> dict:
+             test_limit: int | None = None, skip_bad: bool | None = None, averaged: bool = True, compile: str = "auto",
+             log=print) -> dict:
     """Evaluate a run (its best checkpoint), a checkpoint directory or a weights file.
 
     split: "test" (default) or "val" of the run's data (or of the named dataset `data`);
     data = a folder: every image of its class sub-folders (the model's classes), no split.
     test_limit: at most that many images (class-balanced, seeded).
     averaged: the averaged weights of a run with --ema (the default), else the raw ones; result["weights"] says which.
+    compile: torch.compile the model for inference: "auto" (where measured faster here), "on" or "off"
+    (inference.InferenceRunner).
     """
+    check_policy(compile)
     path = Path(path)
     config = run_config_for(path)
     torch_device = pick_device(device)
@@ -59,7 +64,9 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
                                    skip_bad=skip_bad, log=log)
     loader = BatchLoader(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
                          out_channels=meta["model"]["in_channels"], **settings_from_meta(meta))
-    loss, predicted, in_top_k, confidence = _score(model, loader, speed, torch_device, TOP_K)
+    forward = InferenceRunner(model, speed, torch_device, images=len(dataset), batch_size=batch_size,
+                              compile=compile, log=log)
+    loss, predicted, in_top_k, confidence = _score(forward, loader, TOP_K)
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
     out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,14 +104,12 @@ def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_di
 
 
 @torch.no_grad()
-def _score(model, loader, speed, device, k: int):
-    """(mean loss, predicted labels, whether the label is in the top k, confidence of the prediction), on the CPU."""
-    model.eval()
+def _score(forward, loader, k: int):
+    """(mean loss, predicted labels, whether the label is in the top k, confidence of the prediction), on the CPU.
+    forward(x): the logits (an InferenceRunner)."""
     loss_sum, predicted, in_top_k, confidence = 0.0, [], [], []
     for x, y in loader:
-        with autocast(device, speed):
-            logits = model(x)
-        logits = logits.float()
+        logits = forward(x).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         probabilities = logits.softmax(1)
         top = logits.argmax(1)  # as training's evaluation counts (a tie goes to the first class)

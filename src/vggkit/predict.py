@@ -21,9 +21,11 @@ from .checkpoint import atomic_write, load_model
 from .data.image import IMAGE_KINDS, fit, image_files, pixels_of
 from .errors import VggkitError
 from .preprocess import Preprocess, fit_size
-from .runtime import pick_device
+from .inference import InferenceRunner, check_policy
+from .runtime import Speed, pick_device
 
 BATCH_SIZE = 256
+SPEED = Speed(amp_dtype=None, channels_last=False, compile=False)  # predictions run in float32, NCHW
 
 
 def load_image(path: str | Path, channels: int) -> torch.Tensor:
@@ -74,22 +76,26 @@ def model_inputs(images: list[str | Path], meta: dict, device="cpu") -> torch.Te
 
 def iter_predictions(path: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, device: str = "auto",
                      batch_size: int = BATCH_SIZE, skip_bad: bool = False, progress: str = "auto",
-                     averaged: bool = True, log=print) -> Iterator[dict]:
+                     averaged: bool = True, compile: str = "auto", log=print) -> Iterator[dict]:
     """Top-k (class, probability) for each image of `inputs` (files and folders), in order.
 
     Unreadable files: listed in one VggkitError once the readable ones are done, or with skip_bad
     a log line. progress: "auto" (a bar on a TTY when there is more than one batch), "bar" or "none".
     averaged: a run's averaged weights (--ema) when it has some, else the raw ones.
+    compile: torch.compile the model: "auto" (where measured faster here), "on" or "off" (inference.py).
     """
     if top_k < 1:
         raise VggkitError(f"top-k must be at least 1, got {top_k}")
+    check_policy(compile)
     paths = image_paths(inputs)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device, averaged=averaged)
     classes = meta["classes"]
     k = min(top_k, len(classes))
     bad: list[tuple[Path, str]] = []
-    for kept, logits in _logit_batches(model, meta, paths, batch_size, torch_device, bad, progress):
+    forward = InferenceRunner(model, SPEED, torch_device, images=len(paths), batch_size=batch_size, compile=compile,
+                              log=log)
+    for kept, logits in _logit_batches(forward, meta, paths, batch_size, torch_device, bad, progress):
         top = logits.softmax(1).topk(k)
         for image, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
             yield {"image": str(image), "top": [{"class": classes[i], "index": i, "probability": p}
@@ -99,21 +105,24 @@ def iter_predictions(path: str | Path, inputs: Iterable[str | Path], *, top_k: i
 
 def predict(path: str | Path, images: Iterable[str | Path], *, top_k: int = 3, device: str = "auto",
             batch_size: int = BATCH_SIZE, skip_bad: bool = False, progress: str = "none", averaged: bool = True,
-            log=print) -> list[dict]:
+            compile: str = "auto", log=print) -> list[dict]:
     """Top-k (class, probability) for each image file (folders: their images, recursively)."""
     return list(iter_predictions(path, images, top_k=top_k, device=device, batch_size=batch_size, skip_bad=skip_bad,
-                                 progress=progress, averaged=averaged, log=log))
+                                 progress=progress, averaged=averaged, compile=compile, log=log))
 
 
 @torch.no_grad()
 def predict_logits(path: str | Path, images: list[str | Path], *, device: str = "auto",
-                   batch_size: int = BATCH_SIZE, averaged: bool = True) -> tuple[torch.Tensor, dict]:
+                   batch_size: int = BATCH_SIZE, averaged: bool = True,
+                   compile: str = "auto") -> tuple[torch.Tensor, dict]:
     """(logits N x classes as fp32 on the CPU, the model's metadata) for image files; unreadable ones raise."""
+    check_policy(compile)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device, averaged=averaged)
+    paths = image_paths(images)
     bad: list[tuple[Path, str]] = []
-    batches = [logits for _, logits in _logit_batches(model, meta, image_paths(images), batch_size, torch_device,
-                                                      bad, "none")]
+    forward = InferenceRunner(model, SPEED, torch_device, images=len(paths), batch_size=batch_size, compile=compile)
+    batches = [logits for _, logits in _logit_batches(forward, meta, paths, batch_size, torch_device, bad, "none")]
     _report_unreadable(bad, skip_bad=False, log=None)
     return torch.cat(batches) if batches else torch.empty(0, len(meta["classes"])), meta
 
@@ -147,8 +156,9 @@ def format_line(result: dict) -> str:
     return result["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
 
 
-def _logit_batches(model, meta: dict, paths: list[Path], batch_size: int, device, bad: list, progress: str):
-    """(readable paths, fp32 CPU logits) for each batch of paths; (path, message) of unreadable files go to bad."""
+def _logit_batches(forward, meta: dict, paths: list[Path], batch_size: int, device, bad: list, progress: str):
+    """(readable paths, fp32 CPU logits) for each batch of paths; (path, message) of unreadable files go to bad.
+    forward(x): the model's logits (an InferenceRunner)."""
     from tqdm import tqdm
 
     channels = meta["model"]["in_channels"]
@@ -165,9 +175,7 @@ def _logit_batches(model, meta: dict, paths: list[Path], batch_size: int, device
                 except VggkitError as e:
                     bad.append((p, str(e)))
             if kept:
-                with torch.no_grad():
-                    logits = model(_network_input(pixels, preprocess, device)).float().cpu()
-                yield kept, logits
+                yield kept, forward(_network_input(pixels, preprocess, device)).float().cpu()
             bar.update(min(batch_size, len(paths) - start))
 
 

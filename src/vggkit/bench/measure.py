@@ -11,8 +11,10 @@ channels-last, compile, kernels: `kernels="plain"` times the network and optimiz
 were before the fused pool+ReLU and the fused optimizer step), the BatchLoader (uint8 images on
 the device, whole-batch resize, the recipe's flip/crop/erasing), make_optimizer, cross-entropy
 with the recipe's label smoothing, denormals flushed to zero on CPU, plus the CPU allocator
-setting of allocator.py. The textbook loop (the d2l book's) is in textbook.py, the measured peak
-in peak.py, the text in report.py, `--profile` (a step's time by group of ops) in profile.py.
+setting of allocator.py. Inference runs as `vggkit evaluate` runs it (inference.InferenceRunner):
+eagerly, and with compile="on" compiled as well (figures of its own, and the compile time). The
+textbook loop (the d2l book's) is in textbook.py, the measured peak in peak.py, the text in
+report.py, `--profile` (a step's time by group of ops) in profile.py.
 
 FLOPs: one image's forward pass costs 2 x MACs (cost.summary); a training step counts 3 x that
 (forward, gradient of the activations, gradient of the weights). The first convolution needs no
@@ -45,7 +47,8 @@ from ..distributed import batch_loss
 from ..errors import VggkitError
 from .machine import cpu_snapshot, device_name, load_average, others_cpu, timed
 from ..pipeline import Augment, BatchLoader
-from ..runtime import ProcessSettings, Speed, autocast, pick_device, speed_settings
+from ..inference import InferenceRunner
+from ..runtime import ProcessSettings, Speed, pick_device, speed_settings
 from ..specs import format_arch
 from ..steps import train_step
 from ..optim import make_optimizer
@@ -159,6 +162,10 @@ class VggkitSteps:
         self.kernels = set_kernels(self.model, speed.kernels)  # what the blocks really run
         self.optimizer = make_optimizer(config, self.model)
         self.step_model = torch.compile(self.model) if speed.compile else self.model
+        self.eager_infer = InferenceRunner(self.model, speed, device, batch_size=config.batch_size, compile="off")
+        # asked to compile (--compile on): inference is timed compiled as well as eagerly
+        self.compiled_infer = InferenceRunner(self.model, speed, device, batch_size=config.batch_size,
+                                              compile="on") if speed.compile else None
         self.scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.train_batches = _cycle(loader)
@@ -182,13 +189,15 @@ class VggkitSteps:
         train_step(self.step_model, self.optimizer, self.scaler, self.speed, x, y, self.sums, self._loss)
         return len(y)
 
-    @torch.no_grad()
-    def infer_step(self) -> int:
+    def infer_step(self, runner: InferenceRunner | None = None) -> int:
+        """One batch of inference: eager, or by `runner` (compiled_infer)."""
         x, y = next(self.eval_batches)
-        with autocast(self.device, self.speed):
-            logits = self.step_model(x)
+        logits = (runner or self.eager_infer)(x)
         (logits.argmax(1) == y).sum()
         return len(y)
+
+    def compiled_infer_step(self) -> int:
+        return self.infer_step(self.compiled_infer)
 
     def loss_is_finite(self) -> bool:
         return math.isfinite(self.sums[0].item())
@@ -215,6 +224,7 @@ class Plan:
     first_step_seconds: float
     train_steps: int
     infer_steps: int | None  # None: inference is not measured
+    compile_seconds: float | None = None  # the first compiled inference batch, compiling included
 
 
 @dataclass
@@ -222,6 +232,7 @@ class Rates:
     """Images/s of each timed run."""
     train: list[float] = field(default_factory=list)
     infer: list[float] = field(default_factory=list)
+    infer_compiled: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +262,8 @@ class Measurement:
                  + (f", textbook {base_plan.train_steps}" if textbook else "") + f"; {settings.runs} runs")
         probe = PeakProbe(report, config.batch_size, self.device) if settings.peak else None
         rates, base_rates = self._rounds(vggkit, plan, textbook, base_plan, probe)
+        if vggkit.compiled_infer and vggkit.compiled_infer.failure:
+            result["infer_compile_error"] = vggkit.compiled_infer.failure
         if not vggkit.loss_is_finite():
             result["warning"] = "the loss became NaN/inf during the benchmark (speed figures still stand)"
         result.update(_train_figures(rates, plan, report.macs), **_infer_figures(rates, plan, report.macs))
@@ -284,13 +297,16 @@ class Measurement:
             steps.mode(training=True)
             first = timed(steps.train_step, 1, self.device)
             per_step = timed(steps.train_step, warmup - 1, self.device) / (warmup - 1) if warmup > 1 else first
-            infer_steps = None
+            infer_steps = compile_seconds = None
             if self.settings.inference:
                 steps.mode(training=False)
                 timed(steps.infer_step, warmup, self.device)
                 infer_steps = fixed or _auto_steps(timed(steps.infer_step, 1, self.device), seconds)
+                if _compiles_inference(steps):
+                    compile_seconds = timed(steps.compiled_infer_step, 1, self.device)
+                    timed(steps.compiled_infer_step, warmup - 1, self.device)
                 steps.mode(training=True)
-        return Plan(first, fixed or _auto_steps(per_step, seconds), infer_steps)
+        return Plan(first, fixed or _auto_steps(per_step, seconds), infer_steps, compile_seconds)
 
     def _rounds(self, vggkit: VggkitSteps, plan: Plan, textbook: TextbookSteps | None, base_plan: Plan | None,
                 probe: PeakProbe | None) -> tuple[Rates, Rates]:
@@ -322,6 +338,9 @@ class Measurement:
                     steps.infer_step()
                 rates.infer.append(plan.infer_steps * batch_size
                                    / timed(steps.infer_step, plan.infer_steps, self.device))
+                if _compiles_inference(steps) and steps.compiled_infer.compiled:
+                    rates.infer_compiled.append(plan.infer_steps * batch_size
+                                                / timed(steps.compiled_infer_step, plan.infer_steps, self.device))
                 steps.mode(training=True)
 
 
@@ -336,12 +355,19 @@ def _train_figures(rates: Rates, plan: Plan, macs: int) -> dict:
 
 
 def _infer_figures(rates: Rates, plan: Plan, macs: int) -> dict:
+    """Eager inference, and compiled inference where it was timed."""
     if plan.infer_steps is None:
         return {}
     images_per_s = statistics.median(rates.infer)
-    return {"infer_steps": plan.infer_steps, "infer_images_per_s": images_per_s,
-            "infer_images_per_s_runs": _round(rates.infer),
-            "infer_flops_per_s": images_per_s * (INFER_FLOPS_PER_MAC * macs)}
+    figures = {"infer_steps": plan.infer_steps, "infer_images_per_s": images_per_s,
+               "infer_images_per_s_runs": _round(rates.infer),
+               "infer_flops_per_s": images_per_s * (INFER_FLOPS_PER_MAC * macs)}
+    if rates.infer_compiled:
+        compiled = statistics.median(rates.infer_compiled)
+        figures |= {"infer_compiled_images_per_s": compiled, "infer_compiled_images_per_s_runs":
+                    _round(rates.infer_compiled), "infer_compiled_speedup": compiled / images_per_s,
+                    "infer_compile_seconds": round(plan.compile_seconds, 3)}
+    return figures
 
 
 def _comparison(result: dict, rates: Rates, base_rates: Rates, base_plan: Plan, batches: TextbookBatches,
@@ -389,6 +415,11 @@ def cost_report(config: TrainConfig, channels: int) -> tuple[str, Report]:
     with torch.device("meta"):
         model = config.build_model(channels, NUM_CLASSES)
     return format_arch(model.arch), summary(model, batch_size=config.batch_size)
+
+
+def _compiles_inference(steps: Steps) -> bool:
+    """Whether `steps` times compiled inference too (vggkit's, with --compile on)."""
+    return isinstance(steps, VggkitSteps) and steps.compiled_infer is not None
 
 
 def _cycle(loader: BatchLoader):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..units import si
 
 COLUMN = 14
+LABEL = 28  # the widest: compiled inference images/s
 
 
 def format_bench(r: dict) -> str:
@@ -27,18 +28,19 @@ def _heading(r: dict) -> list[str]:
 def _table(r: dict) -> list[str]:
     """vggkit's figures, and with --compare the textbook loop's and their ratio."""
     base = r.get("baseline")
-    lines = [f"{'':<26}{'vggkit':>{COLUMN}}" + (f"{'textbook':>{COLUMN}}{'ratio':>9}" if base else "")]
+    lines = [f"{'':<{LABEL}}{'vggkit':>{COLUMN}}" + (f"{'textbook':>{COLUMN}}{'ratio':>9}" if base else "")]
     flops = lambda v: si(v, "FLOP/s")  # noqa: E731
     rate = lambda v: f"{v:.1f}"  # noqa: E731
     for label, key, fmt in (("train images/s", "train_images_per_s", rate),
                             ("train FLOP/s", "train_flops_per_s", flops),
                             ("train fraction of peak", "train_fraction_of_peak", lambda v: f"{100 * v:.1f}%"),
                             ("inference images/s", "infer_images_per_s", rate),
-                            ("inference FLOP/s", "infer_flops_per_s", flops)):
+                            ("inference FLOP/s", "infer_flops_per_s", flops),
+                            ("compiled inference images/s", "infer_compiled_images_per_s", rate)):
         value = r.get(key)
         if value is None:
             continue
-        text = f"{label:<26}{fmt(value):>{COLUMN}}"
+        text = f"{label:<{LABEL}}{fmt(value):>{COLUMN}}"
         if base and base.get(key) is not None:
             text += f"{fmt(base[key]):>{COLUMN}}{value / base[key]:>8.2f}x"
         lines.append(text)
@@ -61,6 +63,11 @@ def _notes(r: dict) -> list[str]:
     """How the figures were obtained: FLOP counting, the textbook loop, runs, load from other processes."""
     lines = [f"training FLOPs per image = 3 x 2 x forward MACs (cost.summary) = "
              f"{r['train_flops_per_image'] / 1e9:.3f} GFLOP; inference = 2 x MACs"]
+    if "infer_compiled_images_per_s" in r:
+        lines.append(f"compiled inference (torch.compile): {r['infer_compiled_speedup']:.2f}x eager, after "
+                     f"{r['infer_compile_seconds']:.1f} s compiling")
+    elif r.get("infer_compile_error"):
+        lines.append(f"compiled inference not timed: torch.compile failed ({r['infer_compile_error']})")
     base = r.get("baseline")
     if base:
         lines.append(f"textbook loop: {base['settings']}; its per-sample data pipeline took "
