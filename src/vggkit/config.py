@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 from .specs import parse_arch
+from .tta import TTA_LEVELS
 
 
 DEFAULT_RECIPE = "fast"
@@ -68,6 +69,7 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     eval_every_epoch_on_test: bool = True
+    tta: str = "off"  # test-time augmentation (tta.TTA_LEVELS) beside the final test figure; never picks a checkpoint
     # fine-tuning (pretrained.py) and TensorBoard
     init_from: str | None = None  # initial weights (--init): a run, checkpoint, .pth/.safetensors file or vgg16...
     freeze: int | str = 0  # blocks kept as they are, from the first: a number or "features" (all)
@@ -114,6 +116,7 @@ CHOICES = {
     "allocator": ("auto", "retain", "default"),
     "init": ("xavier", "kaiming"),
     "kernels": ("auto", "fast", "plain"),
+    "tta": tuple(TTA_LEVELS),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 # With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
@@ -283,12 +286,17 @@ def save_config(config: TrainConfig, path: Path) -> None:
     atomic_write_text(path, tomli_w.dumps({"train": config.to_dict()}))
 
 
+# Fields added after runs were saved without them: such a config takes the field's default.
+ADDED_SINCE_SAVED = ("tta",)
+
+
 def load_config(path: Path) -> TrainConfig:
     """A run's saved config.toml: every key that save_config writes, each valid."""
     values = _read_toml(path)
     unknown = sorted(set(values) - set(FIELD_TYPES))
     # a saved run has every field that is never None, and those filled in from the weights and the data
-    required = [f.name for f in fields(TrainConfig) if "None" not in f.type or f.name in FROM_WEIGHTS + FROM_THE_DATA]
+    required = [f.name for f in fields(TrainConfig) if ("None" not in f.type or f.name in FROM_WEIGHTS + FROM_THE_DATA)
+                and f.name not in ADDED_SINCE_SAVED]
     missing = [key for key in required if key not in values]
     if unknown or missing:
         what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r} key"

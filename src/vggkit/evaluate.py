@@ -8,6 +8,7 @@ images the run held out: for an image folder too, as long as the folder is uncha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from .pipeline import BatchLoader
 from .preprocess import fit_size, settings_from_meta
 from .rundir import evaluation_dir, find_config
 from .runtime import autocast, pick_device, speed_settings
+from .tta import TtaPlan, black_after_preprocessing, check_level, flip_safety, tta_forward, tta_plan
 
 SPLITS = ("test", "val")
 TOP_K = 5  # reported where there are more classes than this
@@ -38,14 +40,16 @@ def run_config_for(path: Path) -> TrainConfig:
 
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
              device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
-             test_limit: int | None = None, skip_bad: bool | None = None, log=print) -> dict:
+             test_limit: int | None = None, skip_bad: bool | None = None, tta: str = "off", log=print) -> dict:
     """Evaluate a run (its best checkpoint), a checkpoint directory or a weights file.
 
     split: "test" (default) or "val" of the run's data (or of the named dataset `data`);
     data = a folder: every image of its class sub-folders (the model's classes), no split.
     test_limit: at most that many images (class-balanced, seeded).
+    tta: a tta.TTA_LEVELS name; every figure then comes from the logits averaged over its views.
     """
     path = Path(path)
+    check_level(tta)
     config = run_config_for(path)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
@@ -57,13 +61,28 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
                                    skip_bad=skip_bad, log=log)
     loader = BatchLoader(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
                          out_channels=meta["model"]["in_channels"], **settings_from_meta(meta))
-    loss, predicted, in_top_k, confidence = _score(model, loader, speed, torch_device, TOP_K)
+    plan, forward = _tta(tta, config, meta, model, loader, log)
+    loss, predicted, in_top_k, confidence = _score(model, loader, speed, torch_device, TOP_K, forward)
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
+    if tta != "off":  # asked for: the report says which views were used, even none
+        result["tta"] = {"level": plan.level, "views": list(plan.views), "description": plan.describe()}
     out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
     return result | {"out_dir": str(out_dir)}
+
+
+def _tta(level: str, config: TrainConfig, meta: dict, model, loader: BatchLoader,
+         log) -> tuple[TtaPlan, Callable | None]:
+    """The TTA views for `level` on this run's data (flips only where it trained with them) and the
+    forward that averages the model's logits over them (None: the plain forward)."""
+    plan = tta_plan(level, *flip_safety(config.flip, meta.get("dataset")))
+    if plan.note:
+        log(plan.note)
+    if not plan.active:
+        return plan, None
+    return plan, tta_forward(model, plan.views, black_after_preprocessing(loader), max_images=loader.batch_size)
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
@@ -95,13 +114,15 @@ def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_di
 
 
 @torch.no_grad()
-def _score(model, loader, speed, device, k: int):
-    """(mean loss, predicted labels, whether the label is in the top k, confidence of the prediction), on the CPU."""
+def _score(model, loader, speed, device, k: int, forward=None):
+    """(mean loss, predicted labels, whether the label is in the top k, confidence of the prediction), on the CPU.
+    forward: x -> logits instead of model(x) (TTA)."""
     model.eval()
+    forward = forward or model
     loss_sum, predicted, in_top_k, confidence = 0.0, [], [], []
     for x, y in loader:
         with autocast(device, speed):
-            logits = model(x)
+            logits = forward(x)
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         probabilities = logits.softmax(1)
@@ -146,7 +167,8 @@ def format_report(result: dict) -> str:
     width = max(len(c) for c in classes)
     what = {"test": "test", "val": "validation"}.get(result["split"], f"{result['split']}:")
     top_k = result.get(f"top{TOP_K}_acc")
-    lines = [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
+    lines = [tta_line(result["tta"])] if "tta" in result else []
+    lines += [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
              + (f", top-{TOP_K} accuracy {top_k:.4f}" if top_k is not None else ""),
              "", "per-class accuracy:"]
     lines += [f"  {c:<{width}}  {a:.4f}" if a is not None else f"  {c:<{width}}  (no images)"
@@ -156,6 +178,12 @@ def format_report(result: dict) -> str:
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
     lines += ["", f"wrote {result['out_dir']}/confusion.png and misclassified.png"]
     return "\n".join(lines)
+
+
+def tta_line(tta: dict) -> str:
+    if tta["views"] == ["identity"]:
+        return "TTA: none (1 view: identity); the figures below are plain"
+    return (f"TTA: {tta['description']} ({', '.join(tta['views'])}); every figure below is from their mean logits")
 
 
 def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:

@@ -10,14 +10,17 @@ from .runtime import Speed, autocast
 
 
 @torch.no_grad()
-def evaluate_loader(model, loader, speed: Speed, device: torch.device, want_predictions: bool = False):
-    """Mean loss, accuracy and (optionally) predicted labels over a loader, summed across ranks."""
+def evaluate_loader(model, loader, speed: Speed, device: torch.device, want_predictions: bool = False,
+                    forward=None):
+    """Mean loss, accuracy and (optionally) predicted labels over a loader, summed across ranks.
+    forward: x -> logits instead of model(x) (e.g. tta.tta_forward: averaged over views)."""
     model.eval()
+    forward = forward or model
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     predictions = []
     for x, y in loader:
         with autocast(device, speed):
-            logits = model(x)
+            logits = forward(x)
         sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
                              (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
         if want_predictions:

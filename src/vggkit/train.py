@@ -42,6 +42,7 @@ from .rundir import WEIGHTS, RunDir
 from .preprocess import preprocess_meta
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
+from .tta import black_after_preprocessing, flip_safety, tta_forward, tta_plan
 
 if TYPE_CHECKING:
     from .data import DataSplits
@@ -301,6 +302,8 @@ def finish(t: Trainer, loop: LoopState) -> History:
         history.test_loss, history.test_acc = (last["test_loss"], last["test_acc"]) if "test_acc" in last \
             else evaluate_loader(t.model, t.test_loader, t.speed, t.device)
     history.best = best_checkpoint(t, history.epochs)
+    if history.best is not None and t.test_loader and t.config.tta != "off":
+        history.best |= best_with_tta(t)
     t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device,
                          best=history.best))
     return history
@@ -354,6 +357,21 @@ def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
         t.model.load_state_dict(load_file(str(t.run.best / WEIGHTS)))  # training is over: the weights are free
         best["test_loss"], best["test_acc"] = evaluate_loader(t.model, t.test_loader, t.speed, t.device)
     return best
+
+
+def best_with_tta(t: Trainer) -> dict:
+    """The best checkpoint's test figures with config.tta's views (flips only if the run trained with
+    them), for the final report beside the plain ones: reported only, they choose nothing."""
+    from safetensors.torch import load_file
+
+    plan = tta_plan(t.config.tta, *flip_safety(t.config.flip, t.splits.name))
+    if plan.note:
+        t.log(plan.note)
+    t.model.load_state_dict(load_file(str(t.run.best / WEIGHTS)))  # training is over: the weights are free
+    forward = tta_forward(t.model, plan.views, black_after_preprocessing(t.test_loader),
+                          max_images=t.test_loader.batch_size)
+    loss, acc = evaluate_loader(t.model, t.test_loader, t.speed, t.device, forward=forward)
+    return {"tta_test_loss": loss, "tta_test_acc": acc, "tta": plan.describe()}
 
 
 def save_last(t: Trainer, loop: LoopState, meta: dict) -> None:
