@@ -11,10 +11,9 @@ The pixels a shift uncovers take the value a black pixel has after preprocessing
 crop pads the stored uint8 images with zeros before normalising (pipeline.py), so a shifted view looks
 like a training crop (exactly so where the input size is the images' own, the size decided by default).
 
-The mean is taken over logits, not probabilities: it stays a logit vector, so the loss, the confidence
-and the top-k come from it as from one forward pass (and a confident wrong view weighs no more than a
-logit's worth). `tta_level` / TTA_LEVELS name the sets of views; a level asking for flips on data that
-is not flip-safe drops its flipped views (one note, no error).
+The mean is taken over logits, not probabilities: it is itself a logit vector, so the loss, the
+confidence and the top-k come from it exactly as from one forward pass. TTA_LEVELS name the sets of
+views; a level asking for flips on data that is not flip-safe drops its flipped views (a note, no error).
 """
 from __future__ import annotations
 
@@ -112,8 +111,8 @@ def tta_logits(model, x: torch.Tensor, views: tuple[str, ...], fill: torch.Tenso
     if tuple(views) == ("identity",):
         return model(x)  # exactly the plain forward
     per_forward = max(1, (max_images or len(x) * len(views)) // max(len(x), 1))
-    memory_format = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the loader made x
     total = None
     for start in range(0, len(views), per_forward):
         group = views[start:start + per_forward]
