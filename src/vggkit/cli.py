@@ -114,6 +114,9 @@ TRAIN_HELP = {
     "head_pool": "average the last feature map to 7x7 before the classifier (adaptive), as the standard VGG; "
                  "default: none, or adaptive when --init weights meet another input size",
     "tensorboard": "also write TensorBoard event files under RUN/tensorboard/ (pip install 'vggkit[tensorboard]')",
+    "tta": "test-time augmentation of the best checkpoint's test figure in the final report, beside the plain one "
+           "(never chooses the checkpoint): off, flip, translate or flip-translate; a bare --tta: the strongest "
+           "the data allows (flips only if trained with them)",
 }
 # Flags whose name is not the config key's: --init names initial weights, as in other tools.
 TRAIN_FLAGS = {"init_from": "--init", "init": "--init-scheme"}
@@ -189,6 +192,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_line)
         elif f.name in ("lr",):
             p.add_argument(flag, type=positive_float, default=None, help=help_line)
+        elif f.name == "tta":
+            add_tta_flag(p, help_line)
         elif f.name == "freeze":
             p.add_argument(flag, type=freeze_spec, default=None, metavar="N|features", help=help_line)
         else:
@@ -196,6 +201,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             choices = HEAD_POOLS if f.name == "head_pool" else CHOICES.get(f.name)
             p.add_argument(flag, dest=f.name, type=convert, default=None, choices=choices, help=help_line,
                            metavar=TRAIN_METAVARS.get(f.name))
+
+
+def add_tta_flag(p: argparse.ArgumentParser, help_line: str) -> None:
+    """--tta [LEVEL]: a level of tta.TTA_LEVELS; given bare, the strongest (without flips where the data forbids)."""
+    from .tta import STRONGEST, TTA_LEVELS
+
+    p.add_argument("--tta", nargs="?", const=STRONGEST, default=None, choices=list(TTA_LEVELS), metavar="LEVEL",
+                   help=help_line)
 
 
 def cmd_train(args) -> int:
@@ -227,7 +240,7 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate(args.run, data=args.data, data_dir=args.data_dir, split=args.split, device=args.device,
                       batch_size=args.batch_size, test_limit=args.test_limit, skip_bad=args.skip_bad or None,
-                      out_dir=args.out, averaged=not args.raw_weights, compile=args.compile,
+                      out_dir=args.out, averaged=not args.raw_weights, compile=args.compile, tta=args.tta or "off",
                       log=lambda *a: print(*a, file=sys.stderr))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
@@ -303,6 +316,9 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--out", default=None,
                    help="folder for the PNGs (default: <checkpoint>/evaluation, evaluation-val or evaluation-<folder>)")
     add_inference_compile_arg(p)
+    add_tta_flag(p, "test-time augmentation: every figure from the logits averaged over views (off, flip, translate "
+                    "or flip-translate; a bare --tta, after RUN: the strongest the data allows, flips only if trained "
+                    "with them; default: off)")
     p.add_argument("--json", action="store_true")
     add_raw_weights_flag(p)
     p.set_defaults(func=cmd_evaluate)

@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 from .specs import parse_arch
+from .tta import TTA_LEVELS
 
 
 DEFAULT_RECIPE = "fast"
@@ -70,6 +71,7 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     eval_every_epoch_on_test: bool = True
+    tta: str = "off"  # test-time augmentation (tta.TTA_LEVELS) beside the final test figure; never picks a checkpoint
     # fine-tuning (pretrained.py) and TensorBoard
     init_from: str | None = None  # initial weights (--init): a run, checkpoint, .pth/.safetensors file or vgg16...
     freeze: int | str = 0  # blocks kept as they are, from the first: a number or "features" (all)
@@ -116,6 +118,7 @@ CHOICES = {
     "allocator": ("auto", "retain", "default"),
     "init": ("xavier", "kaiming"),
     "kernels": ("auto", "fast", "plain"),
+    "tta": tuple(TTA_LEVELS),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 # With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
@@ -287,8 +290,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
     atomic_write_text(path, tomli_w.dumps({"train": config.to_dict()}))
 
 
-# Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging).
-ADDED_LATER = {key: getattr(TrainConfig, key) for key in ("ema", "ema_every")}
+# Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging, no TTA).
+ADDED_LATER = {key: getattr(TrainConfig, key) for key in ("ema", "ema_every", "tta")}
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -25,6 +25,7 @@ from .pipeline import BatchLoader
 from .preprocess import fit_size, settings_from_meta
 from .rundir import evaluation_dir, find_config
 from .runtime import pick_device, speed_settings
+from .tta import TtaPlan, black_after_preprocessing, check_level, flip_safety, tta_forward, tta_plan
 
 SPLITS = ("test", "val")
 TOP_K = 5  # reported where there are more classes than this
@@ -41,7 +42,7 @@ def run_config_for(path: Path) -> TrainConfig:
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
              device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
              test_limit: int | None = None, skip_bad: bool | None = None, averaged: bool = True, compile: str = "auto",
-             log=print) -> dict:
+             tta: str = "off", log=print) -> dict:
     """Evaluate a run (its best checkpoint), a checkpoint directory or a weights file.
 
     split: "test" (default) or "val" of the run's data (or of the named dataset `data`);
@@ -50,9 +51,11 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     averaged: the averaged weights of a run with --ema (the default), else the raw ones; result["weights"] says which.
     compile: torch.compile the model for inference: "auto" (where measured faster here), "on" or "off"
     (inference.InferenceRunner).
+    tta: a tta.TTA_LEVELS name; every figure then comes from the logits averaged over its views.
     """
     check_policy(compile)
     path = Path(path)
+    check_level(tta)
     config = run_config_for(path)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device, averaged=averaged)
@@ -64,15 +67,28 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
                                    skip_bad=skip_bad, log=log)
     loader = BatchLoader(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
                          out_channels=meta["model"]["in_channels"], **settings_from_meta(meta))
-    forward = InferenceRunner(model, speed, torch_device, images=len(dataset), batch_size=batch_size,
-                              compile=compile, log=log)
+    plan = _tta_plan(tta, config, meta, log)
+    runner = InferenceRunner(model, speed, torch_device, images=len(dataset) * len(plan.views), batch_size=batch_size,
+                             compile=compile, log=log)
+    forward = tta_forward(runner, plan.views, black_after_preprocessing(loader), max_images=loader.batch_size) \
+        if plan.active else runner
     loss, predicted, in_top_k, confidence = _score(forward, loader, TOP_K)
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
+    if tta != "off":  # asked for: the report says which views were used, even none
+        result["tta"] = {"level": plan.level, "views": list(plan.views), "description": plan.describe()}
     out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
     return result | {"out_dir": str(out_dir), "weights": meta["weights"]}
+
+
+def _tta_plan(level: str, config: TrainConfig, meta: dict, log) -> TtaPlan:
+    """The TTA views for `level` on this run's data (flips only where it trained with them)."""
+    plan = tta_plan(level, *flip_safety(config.flip, meta.get("dataset")))
+    if plan.note:
+        log(plan.note)
+    return plan
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
@@ -153,7 +169,8 @@ def format_report(result: dict) -> str:
     width = max(len(c) for c in classes)
     what = {"test": "test", "val": "validation"}.get(result["split"], f"{result['split']}:")
     top_k = result.get(f"top{TOP_K}_acc")
-    lines = [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
+    lines = [tta_line(result["tta"])] if "tta" in result else []
+    lines += [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
              + (f", top-{TOP_K} accuracy {top_k:.4f}" if top_k is not None else ""),
              "", "per-class accuracy:"]
     lines += [f"  {c:<{width}}  {a:.4f}" if a is not None else f"  {c:<{width}}  (no images)"
@@ -164,6 +181,12 @@ def format_report(result: dict) -> str:
     lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
               f"wrote {result['out_dir']}/confusion.png and misclassified.png"]
     return "\n".join(lines)
+
+
+def tta_line(tta: dict) -> str:
+    if tta["views"] == ["identity"]:
+        return "TTA: none (1 view: identity); the figures below are plain"
+    return (f"TTA: {tta['description']} ({', '.join(tta['views'])}); every figure below is from their mean logits")
 
 
 def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:

@@ -196,6 +196,8 @@ def best_line(best: dict, last_epoch: int) -> str:
     chosen_by = f"val acc {best['val_acc']:.4f}" if "val_acc" in best else \
         f"train acc {best['train_acc']:.4f} (no validation split)"
     test = f"test acc {best['test_acc']:.4f}" if "test_acc" in best else "no test split"
+    if "tta_test_acc" in best:  # train --tta: reported beside the plain figure, chose nothing
+        test += f", with TTA ({best['tta']}) {best['tta_test_acc']:.4f}"
     return (f"best checkpoint (what evaluate, predict and export use): epoch {best['epoch']} of {last_epoch} "
             f"by {chosen_by}; {test}")
 
@@ -282,8 +284,12 @@ class EventLog(Logger):
         self.run.log_event({"event": "diverged", "epoch": epoch, "step": step})
 
     def end(self, summary):
+        best = summary.best or {}
+        # train --tta: the best checkpoint's test figures, plain and with TTA (test_acc above is the last epoch's)
+        tta = {"best_checkpoint": {k: best.get(k) for k in ("epoch", "test_acc", "tta", "tta_test_acc", "tta_test_loss")}
+               } if "tta_test_acc" in best else {}
         self.run.log_event({"event": "end", "test_acc": summary.test_acc, "seconds": round(summary.seconds, 2),
-                            "images_per_s": round(summary.images_per_s, 1)})
+                            "images_per_s": round(summary.images_per_s, 1), **tta})
 
 
 class CurvesPlot(Logger):

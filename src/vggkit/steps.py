@@ -16,7 +16,8 @@ from .runtime import Speed, autocast
 def evaluate_loader(model, loader, speed: Speed, device: torch.device, want_predictions: bool = False,
                     forward=None):
     """Mean loss, accuracy and (optionally) predicted labels over a loader, summed across ranks.
-    forward(x): how the model runs a batch (an inference.InferenceRunner; default: eagerly)."""
+    forward(x): how the model runs a batch (an inference.InferenceRunner, or tta.tta_forward over one;
+    default: eagerly)."""
     model.eval()
     forward = forward or partial(forward_pass, model, speed=speed, device=device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -36,6 +37,7 @@ from .data.carve import carve
 from .decide import REFERENCE_LR, decide
 from .ema import EMA
 from .errors import VggkitError
+from .inference import forward_pass
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
 from .model import set_kernels
 from .optim import lr_at, make_optimizer, set_lr
@@ -45,6 +47,7 @@ from .rundir import WEIGHTS, RunDir
 from .preprocess import preprocess_meta
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
+from .tta import black_after_preprocessing, flip_safety, tta_forward, tta_plan
 
 if TYPE_CHECKING:
     from .data import DataSplits
@@ -313,6 +316,8 @@ def finish(t: Trainer, loop: LoopState) -> History:
         history.test_loss, history.test_acc = (last["test_loss"], last["test_acc"]) if "test_acc" in last \
             else evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device)
     history.best = best_checkpoint(t, history.epochs)
+    if history.best is not None and t.test_loader and t.config.tta != "off":
+        history.best |= best_with_tta(t)
     t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device,
                          best=history.best))
     return history
@@ -366,12 +371,31 @@ def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
         return None
     best = dict(max(reversed(rows), key=selection_score))  # the last of equals, as end_epoch keeps it
     if t.test_loader and "test_acc" not in best:
-        from safetensors.torch import load_file
-
-        raw, averaged = split_averaged(load_file(str(t.run.best / WEIGHTS)))
-        t.model.load_state_dict(averaged or raw)  # training is over: the weights are free
+        load_best_weights(t)
         best["test_loss"], best["test_acc"] = evaluate_loader(t.model, t.test_loader, t.speed, t.device)
     return best
+
+
+def best_with_tta(t: Trainer) -> dict:
+    """The best checkpoint's test figures with config.tta's views (flips only if the run trained with
+    them), for the final report beside the plain ones: reported only, they choose nothing."""
+    plan = tta_plan(t.config.tta, *flip_safety(t.config.flip, t.splits.name))
+    if plan.note:
+        t.log(plan.note)
+    load_best_weights(t)
+    model = partial(forward_pass, t.model, speed=t.speed, device=t.device)
+    forward = tta_forward(model, plan.views, black_after_preprocessing(t.test_loader),
+                          max_images=t.test_loader.batch_size)
+    loss, acc = evaluate_loader(t.model, t.test_loader, t.speed, t.device, forward=forward)
+    return {"tta_test_loss": loss, "tta_test_acc": acc, "tta": plan.describe()}
+
+
+def load_best_weights(t: Trainer) -> None:
+    """checkpoints/best's weights (the averaged ones with --ema) into t.model: training is over, they are free."""
+    from safetensors.torch import load_file
+
+    raw, averaged = split_averaged(load_file(str(t.run.best / WEIGHTS)))
+    t.model.load_state_dict(averaged or raw)
 
 
 def save_last(t: Trainer, loop: LoopState, meta: dict) -> None:
