@@ -32,7 +32,7 @@ def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: b
     return VGGBlock(*layers)
 
 
-KERNELS = ("reordered", "fused", "plain")  # how a block computes its last ReLU and its pool; see VGGBlock
+KERNELS = ("reordered", "fused", "plain")  # how a block computes its batch norms, last ReLU and pool; see VGGBlock
 
 
 class VGGBlock(nn.Sequential):
@@ -42,8 +42,9 @@ class VGGBlock(nn.Sequential):
     - "reordered" (the default): the last ReLU runs after the pool. They commute (max(relu(x)) =
       relu(max(x)); gradients agree except at exact zero ties), and the ReLU then touches a quarter
       of the values;
-    - "fused": as "reordered", with pool and ReLU in one pass of the C++ kernels (vggkit.kernels)
-      when training on the CPU; elsewhere (inference, other devices, no kernels) PyTorch's ops;
+    - "fused": as "reordered", with the C++ kernels (vggkit.kernels) when training on the CPU: each
+      batch norm with the ReLU after it (the last one alone) in one pass, pool and last ReLU in one
+      pass; elsewhere (inference, other devices, no kernels, hooks on a batch norm) PyTorch's ops;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -72,11 +73,31 @@ class VGGBlock(nn.Sequential):
     @torch.jit.unused
     def _pool_first(self, x):
         *body, relu, pool = self
-        for layer in body:
-            x = layer(x)
-        if self.kernels == "fused" and cpu_kernels.fusable(x):
-            return cpu_kernels.max_pool_relu(x)
+        if self.kernels == "fused":
+            x = self._fused_layers(body, x)
+            if cpu_kernels.fusable(x):
+                return cpu_kernels.max_pool_relu(x)
+        else:
+            for layer in body:
+                x = layer(x)
         return relu(pool(x))
+
+    @torch.jit.unused
+    def _fused_layers(self, layers, x):
+        """The layers in order, each batch norm the kernels take run by them together with the ReLU
+        after it (when there is one, without hooks)."""
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.BatchNorm2d) and cpu_kernels.batch_norm_fusable(x, layer):
+                after = layers[i + 1] if i + 1 < len(layers) else None
+                relu = isinstance(after, nn.ReLU) and not (after._forward_hooks or after._forward_pre_hooks)
+                x = cpu_kernels.batch_norm_relu(x, layer, relu)
+                i += 2 if relu else 1
+            else:
+                x = layer(x)
+                i += 1
+        return x
 
     def extra_repr(self) -> str:
         return f"kernels={self.kernels}"
@@ -89,7 +110,7 @@ def _global_hooks() -> bool:
 
 
 def set_kernels(model: nn.Module, mode: str) -> str:
-    """Set how every VGGBlock of `model` computes its pool and last ReLU (KERNELS, see VGGBlock);
+    """Set how every VGGBlock of `model` computes its batch norms, pool and last ReLU (KERNELS, see VGGBlock);
     returns the mode set: "fused" becomes "reordered" where the C++ kernels cannot be had (the
     process then says why once on stderr). The state dict is the same in every mode."""
     if mode not in KERNELS:

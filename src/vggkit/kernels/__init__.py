@@ -2,11 +2,15 @@
 ops as the fallback.
 
 - pool_relu.py: `max_pool_relu(x)`, relu(max_pool2d(x, 2, 2)) fused, forward and backward
+- bn_relu.py: `batch_norm_relu(x, bn, relu)`, a training-mode BatchNorm2d (and the ReLU after it)
+  fused, forward and backward
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
-- max_pool_relu.cpp: the kernels (NCHW and channels-last; float32, bfloat16, float64)
+- max_pool_relu.cpp, batch_norm_relu.cpp: the kernels (NCHW and channels-last; float32 and
+  bfloat16, and float64 for the pool)
 """
 from . import build
 from .build import KernelLibrary
+from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
 from .pool_relu import MaxPoolReLU, fusable, max_pool_relu
 
 
@@ -15,4 +19,5 @@ def available() -> bool:
     return build.LIBRARY.available()
 
 
-__all__ = ["KernelLibrary", "MaxPoolReLU", "available", "fusable", "max_pool_relu"]
+__all__ = ["BatchNormReLU", "KernelLibrary", "MaxPoolReLU", "available", "batch_norm_fusable", "batch_norm_relu",
+           "fusable", "max_pool_relu"]
