@@ -199,6 +199,8 @@ def test_what_stays_with_pytorch(fused):
     assert not kernels.batch_norm_fusable(x, hooked)
     assert not kernels.batch_norm_fusable(x, type("MyBatchNorm", (nn.BatchNorm2d,), {})(4))  # may change forward
     assert not kernels.batch_norm_fusable(torch.randn(2, 4, 5, requires_grad=True), nn.BatchNorm1d(4))
+    traced = torch.jit.trace(lambda t: kernels.batch_norm_relu(t, batch_norm(4), relu=True), x, check_trace=False)
+    assert "vggkit::" not in str(traced.graph) and "aten::batch_norm" in str(traced.graph)
     eval_bn = batch_norm(4).eval()
     torch.testing.assert_close(kernels.batch_norm_relu(x, eval_bn, relu=True), torch.relu(eval_bn(x)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # PyTorch's message

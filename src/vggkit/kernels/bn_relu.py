@@ -40,11 +40,15 @@ class BatchNormReLU(torch.autograd.Function):
 def batch_norm_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
     """Whether the fused kernels take bn(x): an nn.BatchNorm2d (no subclass) in training mode without
     hooks, with float32 parameters and statistics, and more than one value per channel, on an input
-    that `kernels.fusable` takes in float32 or bfloat16. Everything else keeps PyTorch's module."""
+    that `kernels.fusable` takes in float32 or bfloat16, outside tracing. Everything else (exporters
+    included) keeps PyTorch's module."""
     if type(bn) is not nn.BatchNorm2d or not bn.training or bn._forward_hooks or bn._forward_pre_hooks:
         return False
+    if torch.jit.is_tracing():
+        return False
     tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if any(t is not None and (t.dtype != torch.float32 or t.device != x.device) for t in tensors):
+    if any(t is not None and (t.dtype != torch.float32 or t.device != x.device or not t.is_contiguous())
+           for t in tensors):
         return False
     return x.dtype in DTYPES and x.dim() == 4 and x.numel() > x.shape[1] > 0 and _fusable_input(x)
 
