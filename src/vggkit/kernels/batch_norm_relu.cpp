@@ -243,7 +243,9 @@ void finish_statistics(const std::vector<double>& sums, const float* first, int6
     mean[c] = static_cast<float>(m);
     invstd[c] = static_cast<float>(1.0 / std::sqrt(var + eps));
     if (running_mean) running_mean[c] = static_cast<float>(momentum * m + (1 - momentum) * running_mean[c]);
-    if (running_var) running_var[c] = static_cast<float>(momentum * var * n / (n - 1) + (1 - momentum) * running_var[c]);
+    if (running_var) {
+      running_var[c] = static_cast<float>(momentum * var * n / (n - 1) + (1 - momentum) * running_var[c]);
+    }
   }
 }
 
@@ -384,7 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
   at::Tensor dgamma = at::empty({s.C}, x.options().dtype(at::kFloat));
   at::Tensor dbeta = at::empty({s.C}, x.options().dtype(at::kFloat));
   dispatch(x.scalar_type(), relu, [&](auto scalar, auto on) {
-    backward_kernel<decltype(scalar), decltype(on)::value>(dy, x, s, gamma, beta, m.data(), r.data(), dx, dgamma, dbeta);
+    backward_kernel<decltype(scalar), decltype(on)::value>(dy, x, s, gamma, beta, m.data(), r.data(), dx, dgamma,
+                                                           dbeta);
   });
   return {dx, dgamma, dbeta};
 }

@@ -2,9 +2,10 @@
 
 The sources (SOURCES) make one library, in <cache>/vggkit/kernels/<torch version>-<hash>, <cache>
 being $XDG_CACHE_HOME or ~/.cache; the hash covers the sources, the compiler flags, Python's
-version and the CPU (the build targets the CPU it runs on). torch.utils.cpp_extension builds it with ninja (a vggkit
-dependency) and the C++ compiler ($CXX, else c++); a later process finds it built and only loads
-it. Processes building at once wait on torch's lock file in that folder.
+version and the CPU (the build targets the CPU it runs on). torch.utils.cpp_extension builds it
+with ninja (a vggkit dependency) and the C++ compiler ($CXX, else c++), with OpenMP where that is
+torch's (openmp_flags); a later process finds it built and only loads it. Processes building at
+once wait on torch's lock file in that folder.
 
 Where the library cannot be had (VGGKIT_KERNELS=plain, no compiler, a failed build) the process
 says so once on stderr and vggkit uses PyTorch's own ops.
@@ -48,10 +49,10 @@ def compiler_flags() -> list[str]:
 
 
 def openmp_flags() -> list[str]:
-    """["-fopenmp"] where torch runs its threads on OpenMP and the compiler is GCC (Linux): at::parallel_for
-    is an OpenMP loop written in torch's headers, and a library built without the flag runs it on one
-    thread. The library then uses libgomp.so.1, the runtime torch has already loaded. Elsewhere
-    (clang would bring another runtime) nothing: the kernels run on one thread."""
+    """["-fopenmp"] where torch's threads are OpenMP's and the compiler is GCC (Linux): at::parallel_for
+    is an OpenMP loop in torch's headers, which a library built without the flag runs on one thread.
+    The library then uses libgomp.so.1, the runtime torch has already loaded. Elsewhere (clang would
+    bring another runtime) nothing: the kernels run on one thread."""
     if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
         return []
     return ["-fopenmp"] if _is_gcc(compiler()) else []
