@@ -177,7 +177,7 @@ def test_compile_error_is_reported_in_one_line(monkeypatch, tmp_path, fresh_note
     assert "\n" not in library.reason
 
 
-def test_cache_folder_names_torch_and_the_source(monkeypatch, tmp_path):
+def test_cache_folder_names_torch_and_the_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folder = build.KernelLibrary().build_dir()
     assert folder.parent == tmp_path / "vggkit" / "kernels"
@@ -185,6 +185,20 @@ def test_cache_folder_names_torch_and_the_source(monkeypatch, tmp_path):
     other = tmp_path / "other.cpp"
     other.write_text("// another source\n")
     assert build.KernelLibrary(other).build_dir() != folder
+    first, *rest = build.SOURCES
+    assert rest and build.KernelLibrary([first, other]).build_dir() != folder  # every source counts
+
+
+def test_openmp_only_with_gcc_on_linux(monkeypatch):
+    """at::parallel_for is OpenMP in torch's headers: without -fopenmp the kernels run on one thread."""
+    monkeypatch.setattr(build.sys, "platform", "linux")
+    monkeypatch.setattr(build, "_is_gcc", lambda command: True)
+    assert build.openmp_flags() == (["-fopenmp"] if torch.backends.openmp.is_available() else [])
+    monkeypatch.setattr(build, "_is_gcc", lambda command: False)
+    assert build.openmp_flags() == []
+    monkeypatch.setattr(build.sys, "platform", "darwin")
+    monkeypatch.setattr(build, "_is_gcc", lambda command: True)
+    assert build.openmp_flags() == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +226,15 @@ def test_training_step_fused_equals_plain(fused, precision, batch_norm):
     y = torch.randint(0, 5, (8,))
     loss, grads = step(model, x, y, precision)
     loss_plain, grads_plain = step(plain, x, y, precision)
-    # max(relu(x)) = relu(max(x)) exactly; the one-channel first conv sums in another order
-    torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=1e-6)
     tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
+    # max(relu(x)) = relu(max(x)) exactly; the one-channel first conv and the fused batch norm sum in another order
+    torch.testing.assert_close(loss, loss_plain, **tolerance)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
     calls = [type(fn).__name__ for fn in _graph(model(x).sum().grad_fn)]
     assert calls.count("MaxPoolReLUBackward") == 2 and "MaxPool2DWithIndicesBackward0" not in calls
     assert ("ConvReLUBackward" in calls) == (not batch_norm)  # the second block's first conv and its ReLU
+    assert calls.count("BatchNormReLUBackward") == (3 if batch_norm else 0)
 
 
 def _graph(fn):

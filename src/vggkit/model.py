@@ -32,7 +32,7 @@ def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: b
     return VGGBlock(*layers)
 
 
-KERNELS = ("reordered", "fused", "plain")  # how a block computes its last ReLU and its pool; see VGGBlock
+KERNELS = ("reordered", "fused", "plain")  # how a block computes its batch norms, last ReLU and pool; see VGGBlock
 
 
 class VGGBlock(nn.Sequential):
@@ -42,10 +42,10 @@ class VGGBlock(nn.Sequential):
     - "reordered" (the default): the last ReLU runs after the pool. They commute (max(relu(x)) =
       relu(max(x)); gradients agree except at exact zero ties), and the ReLU then touches a quarter
       of the values;
-    - "fused": as "reordered", with pool and ReLU in one pass of the C++ kernels (vggkit.kernels)
-      when training on the CPU (elsewhere: inference, other devices, no kernels, PyTorch's ops),
-      a conv and its ReLU as one oneDNN call, and a one-channel first conv run on two channels
-      (kernels.conv_relu, kernels.one_channel) on the CPU;
+    - "fused": as "reordered", with vggkit's CPU kernels (vggkit.kernels) when training on the CPU:
+      each batch norm with the ReLU after it (the last one alone) in one pass, pool and last ReLU in
+      one pass (C++); a conv and its ReLU as one oneDNN call, a one-channel first conv run on two
+      channels (also in inference); elsewhere (other devices, no kernels, hooks) PyTorch's ops;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -74,14 +74,13 @@ class VGGBlock(nn.Sequential):
     @torch.jit.unused
     def _pool_first(self, x):
         *body, relu, pool = self
-        fast = self.kernels == "fused"
-        if fast:
+        if self.kernels == "fused":
             x = _fast_layers(body, x)
+            if cpu_kernels.fusable(x):
+                return cpu_kernels.max_pool_relu(x)
         else:
             for layer in body:
                 x = layer(x)
-        if fast and cpu_kernels.fusable(x):
-            return cpu_kernels.max_pool_relu(x)
         return relu(pool(x))
 
     def extra_repr(self) -> str:
@@ -89,15 +88,18 @@ class VGGBlock(nn.Sequential):
 
 
 def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The layers in order, with a conv and the ReLU after it as one oneDNN call, and a
-    one-channel conv on two channels (vggkit.kernels), where they apply."""
+    """The layers in order, through vggkit.kernels where they apply: a batch norm and the ReLU after
+    it (C++), a conv and the ReLU after it (oneDNN), a one-channel conv on two channels."""
     i = 0
     while i < len(layers):
         layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-        if cpu_kernels.conv_relu_fusable(layer, after, x):
+        if isinstance(layer, nn.BatchNorm2d) and cpu_kernels.batch_norm_fusable(x, layer):
+            relu = isinstance(after, nn.ReLU) and not (after._forward_hooks or after._forward_pre_hooks)
+            x, i = cpu_kernels.batch_norm_relu(x, layer, relu), i + (2 if relu else 1)
+        elif cpu_kernels.conv_relu_fusable(layer, after, x):
             x, i = cpu_kernels.conv_relu(layer, x), i + 2
-            continue
-        x, i = cpu_kernels.conv_one_channel(layer, x) if cpu_kernels.widens(layer, x) else layer(x), i + 1
+        else:
+            x, i = cpu_kernels.conv_one_channel(layer, x) if cpu_kernels.widens(layer, x) else layer(x), i + 1
     return x
 
 

@@ -1,29 +1,33 @@
 """Build the C++ kernels at first use and load them; the build is cached per machine.
 
-The library lands in <cache>/vggkit/kernels/<torch version>-<hash>, <cache> being $XDG_CACHE_HOME
-or ~/.cache; the hash covers the source, the compiler flags, Python's version and the CPU (the
-build targets the CPU it runs on). torch.utils.cpp_extension builds it with ninja (a vggkit
-dependency) and the C++ compiler ($CXX, else c++); a later process finds it built and only loads
-it. Processes building at once wait on torch's lock file in that folder.
+The sources (SOURCES) make one library, in <cache>/vggkit/kernels/<torch version>-<hash>, <cache>
+being $XDG_CACHE_HOME or ~/.cache; the hash covers the sources, the compiler flags, Python's
+version and the CPU (the build targets the CPU it runs on). torch.utils.cpp_extension builds it
+with ninja (a vggkit dependency) and the C++ compiler ($CXX, else c++), with OpenMP where that is
+torch's (openmp_flags); a later process finds it built and only loads it. Processes building at
+once wait on torch's lock file in that folder.
 
 Where the library cannot be had (VGGKIT_KERNELS=plain, no compiler, a failed build) the process
 says so once on stderr and vggkit uses PyTorch's own ops.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("max_pool_relu.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp"))
 SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
 
 
@@ -38,10 +42,29 @@ def compiler() -> str:
 def compiler_flags() -> list[str]:
     if sys.platform == "win32":
         return ["/O2"]
-    flags = ["-O3"]
+    flags = ["-O3", *openmp_flags()]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")  # AVX-512 / AVX2 for the loops over channels; hence the CPU in the hash
     return flags
+
+
+def openmp_flags() -> list[str]:
+    """["-fopenmp"] where torch's threads are OpenMP's and the compiler is GCC (Linux): at::parallel_for
+    is an OpenMP loop in torch's headers, which a library built without the flag runs on one thread.
+    The library then uses libgomp.so.1, the runtime torch has already loaded. Elsewhere (clang would
+    bring another runtime) nothing: the kernels run on one thread."""
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"] if _is_gcc(compiler()) else []
+
+
+@functools.lru_cache(maxsize=None)
+def _is_gcc(command: str) -> bool:
+    try:
+        out = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=30).stdout.lower()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "free software foundation" in out and "clang" not in out
 
 
 def cpu_fingerprint() -> str:
@@ -54,11 +77,12 @@ def cpu_fingerprint() -> str:
 
 
 class KernelLibrary:
-    """The C++ kernels of one source file: built or loaded on the first `available()` call, which
-    remembers the outcome for the process (`reason` says why they are unavailable)."""
+    """The C++ kernels of one or more source files, one library: built or loaded on the first
+    `available()` call, which remembers the outcome for the process (`reason` says why they are
+    unavailable)."""
 
-    def __init__(self, source: Path = SOURCE):
-        self.source = Path(source)
+    def __init__(self, sources: Path | Sequence[Path] = SOURCES):
+        self.sources = (Path(sources),) if isinstance(sources, (str, os.PathLike)) else tuple(map(Path, sources))
         self.reason: str | None = None
         self._tried = False
         self._lock = threading.Lock()
@@ -73,8 +97,8 @@ class KernelLibrary:
         return self.reason is None
 
     def digest(self) -> str:
-        parts = [self.source.read_bytes(), " ".join(compiler_flags()).encode(), torch.__version__.encode(),
-                 sys.version.split()[0].encode(), cpu_fingerprint().encode()]
+        parts = [*(source.read_bytes() for source in self.sources), " ".join(compiler_flags()).encode(),
+                 torch.__version__.encode(), sys.version.split()[0].encode(), cpu_fingerprint().encode()]
         return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
     def build_dir(self) -> Path:
@@ -101,7 +125,8 @@ class KernelLibrary:
             note("building the fast CPU kernels (once per machine and PyTorch version, about a minute)")
         with _ninja_on_path(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's compiler-version and ABI warnings
-            cpp_extension.load(name=name, sources=[str(self.source)], extra_cflags=compiler_flags(),
+            cpp_extension.load(name=name, sources=[str(source) for source in self.sources],
+                               extra_cflags=compiler_flags(), extra_ldflags=openmp_flags(),
                                build_directory=str(folder), is_python_module=False, verbose=False)
         return None
 
