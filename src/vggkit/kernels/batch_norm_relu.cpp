@@ -8,10 +8,10 @@
 // ReLU's mask applied; the mask is recomputed from x (which both passes read anyway) by the very
 // expression that gave y, so it is the forward's to the bit.
 //
-// Sums: in float over a block of at most kFlush values per channel, then in double; each chunk of
-// rows has its own partial sums, added in chunk order afterwards, so the result does not depend on
-// the number of threads. The variance is summed around the channel's first value: a mean far from
-// zero costs no precision.
+// Sums: in float (in registers) over at most kFlush values per accumulator, then in double; each
+// chunk of rows has its own partial sums, added in chunk order afterwards, so the result does not
+// depend on the number of threads. The variance is summed around the channel's first value: a mean
+// far from zero costs no precision.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
