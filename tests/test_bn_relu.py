@@ -18,7 +18,7 @@ from vggkit.model import set_kernels
 from vggkit.optim import make_optimizer
 
 SHAPES = {"odd": (4, 17, 9, 7), "one-channel": (2, 1, 5, 5), "rgb": (3, 3, 4, 4), "one-image": (1, 16, 3, 5),
-          "several-chunks": (8, 17, 32, 32)}
+          "whole-blocks": (4, 32, 6, 5), "several-chunks": (8, 17, 32, 32)}
 # Against PyTorch, whose own channels-last sums are off by up to ~1e-5 (float32 statistics) and ~3e-3
 # (bf16: the weight gradient) of the exact values: see test_results_are_roundings_of_the_exact_ones.
 AGAINST_PYTORCH = {
@@ -144,15 +144,16 @@ def test_statistics_are_float32_roundings_of_the_exact_ones(fused, offset, layou
     torch.testing.assert_close(bn.running_var.double(), exact.var((0, 2, 3)), rtol=2.5e-7, atol=0)
 
 
-def test_results_do_not_depend_on_the_number_of_threads(fused):
-    x = sample((8, 24, 32, 32), "nhwc").to(torch.bfloat16).requires_grad_()
+@pytest.mark.parametrize("channels", [17, 32])  # 32: whole blocks of 16 channels, one loop over all values
+def test_results_do_not_depend_on_the_number_of_threads(fused, channels):
+    x = sample((8, channels, 32, 32), "nhwc").to(torch.bfloat16).requires_grad_()
     grad = torch.randn(x.shape).to(torch.bfloat16)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            bn = batch_norm(24)
+            bn = batch_norm(channels)
             y, gx, gp = run(fused_fn(True), bn, x, grad, "fp32")
             results.append((y, gx, gp["weight"], gp["bias"], bn.running_var))
     finally:

@@ -8,10 +8,10 @@
 // ReLU's mask applied; the mask is recomputed from x (which both passes read anyway) by the very
 // expression that gave y, so it is the forward's to the bit.
 //
-// Sums: in float over a block of at most kFlush values per channel, then in double; each chunk of
-// rows has its own partial sums, added in chunk order afterwards, so the result does not depend on
-// the number of threads. The variance is summed around the channel's first value: a mean far from
-// zero costs no precision.
+// Sums: in float (in registers) over at most kFlush values per accumulator, then in double; each
+// chunk of rows has its own partial sums, added in chunk order afterwards, so the result does not
+// depend on the number of threads. The variance is summed around the channel's first value: a mean
+// far from zero costs no precision.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -104,43 +104,74 @@ inline void in_lanes(int64_t n, const Body& body) {
   for (; i < n; ++i) body(i);
 }
 
-// out[i] = f(c, i) for every value i of the tensor, c its channel.
+// out[i] = f(c, i) for every value i of the tensor, c its channel. Each task works on its own copy
+// of f: the pointers it holds stay in registers instead of being reloaded row after row.
 template <typename scalar_t, typename F>
 void for_each_value(const Layout& s, scalar_t* out, const F& f) {
-  const int64_t length = s.row_length();
-  at::parallel_for(0, s.rows(), std::max<int64_t>(1, kGrainValues / length), [&](int64_t begin, int64_t end) {
+  const int64_t length = s.row_length(), C = s.C;
+  const bool nhwc = s.nhwc;
+  at::parallel_for(0, s.rows(), std::max<int64_t>(1, kGrainValues / length), [=](int64_t begin, int64_t end) {
+    const F fn = f;
+    if (nhwc && C % kLanes == 0) {  // the pixels as one run of blocks of kLanes channels: no loop per pixel
+      for (int64_t i = begin * C, c0 = 0; i < end * C; i += kLanes) {
+        VGGKIT_NO_ALIAS
+        for (int64_t j = 0; j < kLanes; ++j) out[i + j] = narrow<scalar_t>(fn(c0 + j, i + j));
+        c0 = c0 + kLanes == C ? 0 : c0 + kLanes;
+      }
+      return;
+    }
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * length;
       scalar_t* o = out + base;
-      if (s.nhwc) {
-        in_lanes(length, [&](int64_t c) { o[c] = narrow<scalar_t>(f(c, base + c)); });
+      if (nhwc) {
+        in_lanes(length, [&](int64_t c) { o[c] = narrow<scalar_t>(fn(c, base + c)); });
       } else {
-        const int64_t c = row % s.C;
-        in_lanes(length, [&](int64_t i) { o[i] = narrow<scalar_t>(f(c, base + i)); });
+        const int64_t c = row % C;
+        in_lanes(length, [&](int64_t i) { o[i] = narrow<scalar_t>(fn(c, base + i)); });
       }
     }
   });
 }
 
-// NHWC rows [begin, end): out[c] and out[C + c] += the sums of the terms u and v of channel c.
+// One pixel's terms for channels [c0, c0 + width) added to the accumulators u and v.
+template <typename Term>
+inline void add_pixel(const Term& term, int64_t base, int64_t c0, int64_t width, float* u, float* v) {
+  VGGKIT_NO_ALIAS
+  for (int64_t j = 0; j < width; ++j) {
+    float a, b;
+    term(c0 + j, base + c0 + j, a, b);
+    u[j] += a;
+    v[j] += b;
+  }
+}
+
+// Channels [c0, c0 + width), width <= kLanes, of pixels [first, last) added to out. The float sums
+// live in registers, two sets (even and odd pixels) so that consecutive additions do not wait on
+// each other; accumulators in memory, updated pixel after pixel, would.
+template <typename Term>
+inline void sum_channels(const Term& term, int64_t C, int64_t c0, int64_t width, int64_t first, int64_t last,
+                         double* out) {
+  float u0[kLanes] = {}, v0[kLanes] = {}, u1[kLanes] = {}, v1[kLanes] = {};
+  int64_t p = first;
+  for (; p + 2 <= last; p += 2) {
+    add_pixel(term, p * C, c0, width, u0, v0);
+    add_pixel(term, (p + 1) * C, c0, width, u1, v1);
+  }
+  if (p < last) add_pixel(term, p * C, c0, width, u0, v0);
+  for (int64_t j = 0; j < width; ++j) {
+    out[c0 + j] += static_cast<double>(u0[j]) + u1[j];
+    out[C + c0 + j] += static_cast<double>(v0[j]) + v1[j];
+  }
+}
+
+// NHWC rows (pixels) [begin, end): out[c] and out[C + c] += the sums of the terms u and v of channel c.
 template <typename Term>
 void sum_pixels(const Layout& s, const Term& term, int64_t begin, int64_t end, double* out) {
-  const int64_t C = s.C;
-  std::vector<float> block(2 * C);
-  float* su = block.data();
-  float* sv = su + C;
-  for (int64_t first = begin; first < end; first += kFlush) {
-    std::fill(block.begin(), block.end(), 0.f);
-    for (int64_t p = first; p < std::min(end, first + kFlush); ++p) {
-      const int64_t base = p * C;
-      in_lanes(C, [&](int64_t c) {
-        float u, v;
-        term(c, base + c, u, v);
-        su[c] += u;
-        sv[c] += v;
-      });
-    }
-    for (int64_t i = 0; i < 2 * C; ++i) out[i] += block[i];
+  const int64_t C = s.C, full = C - C % kLanes;
+  for (int64_t first = begin; first < end; first += 2 * kFlush) {  // kFlush values per set
+    const int64_t last = std::min(end, first + 2 * kFlush);
+    for (int64_t c0 = 0; c0 < full; c0 += kLanes) sum_channels(term, C, c0, kLanes, first, last, out);
+    if (full < C) sum_channels(term, C, full, C - full, first, last, out);
   }
 }
 
@@ -188,13 +219,14 @@ std::vector<double> channel_sums(const Layout& s, const Term& term) {
   const int64_t chunks = divup(rows, per_chunk);
   std::vector<double> partial(chunks * 2 * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    const Term own = term;  // as in for_each_value
     for (int64_t k = first; k < last; ++k) {
       const int64_t begin = k * per_chunk, end = std::min(rows, begin + per_chunk);
       double* out = partial.data() + k * 2 * C;
       if (s.nhwc) {
-        sum_pixels(s, term, begin, end, out);
+        sum_pixels(s, own, begin, end, out);
       } else {
-        sum_planes(s, term, begin, end, out);
+        sum_planes(s, own, begin, end, out);
       }
     }
   });
@@ -259,7 +291,7 @@ void forward_kernel(const at::Tensor& x, const Layout& s, const std::vector<floa
   std::vector<float> first(s.C);
   for (int64_t c = 0; c < s.C; ++c) first[c] = widen(xp[s.first_of_channel(c)]);
   const float* k = first.data();
-  const auto sums = channel_sums(s, [&](int64_t c, int64_t i, float& u, float& v) {
+  const auto sums = channel_sums(s, [=](int64_t c, int64_t i, float& u, float& v) {
     u = widen(xp[i]) - k[c];
     v = u * u;
   });
@@ -269,7 +301,7 @@ void forward_kernel(const at::Tensor& x, const Layout& s, const std::vector<floa
   const Affine a = affine_of(m, r, gamma, beta);
   const float* scale = a.scale.data();
   const float* shift = a.shift.data();
-  for_each_value(s, y.mutable_data_ptr<scalar_t>(), [&](int64_t c, int64_t i) {
+  for_each_value(s, y.mutable_data_ptr<scalar_t>(), [=](int64_t c, int64_t i) {
     const float out = affine(widen(xp[i]), scale[c], shift[c]);
     return relu && !passes(out) ? 0.f : out;
   });
@@ -288,7 +320,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const Layout& s,
     const float g = widen(gp[i]);  // loaded either way: a conditional load would not vectorise
     return relu && !passes(affine(xv, scale[c], shift[c])) ? 0.f : g;
   };
-  const auto sums = channel_sums(s, [&](int64_t c, int64_t i, float& u, float& v) {
+  const auto sums = channel_sums(s, [=](int64_t c, int64_t i, float& u, float& v) {
     const float xv = widen(xp[i]);
     u = masked(c, i, xv);
     v = u * (xv - mean[c]);
@@ -308,7 +340,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const Layout& s,
     mean_g[c] = static_cast<float>(sums[c] / n);
   }
   const float *ca = coef_a.data(), *cb = coef_b.data(), *mg = mean_g.data();
-  for_each_value(s, dx.mutable_data_ptr<scalar_t>(), [&](int64_t c, int64_t i) {
+  for_each_value(s, dx.mutable_data_ptr<scalar_t>(), [=](int64_t c, int64_t i) {
     const float xv = widen(xp[i]);
     return ca[c] * (masked(c, i, xv) - mg[c]) - (xv - mean[c]) * cb[c];
   });
