@@ -10,8 +10,9 @@ accuracy-against-wall-time plot.
 
 Results land in benchmarks/results/records/LABEL.json (the command, the CPU, each seed's wall time,
 test accuracy of the last epoch and of the best checkpoint (chosen on validation, never on test),
-and the per-epoch curve). With --tta, `vggkit evaluate RUN --tta` scores the best checkpoint with
-test-time augmentation afterwards; its time is reported apart. Run it alone: it times 2 busy cores.
+and the per-epoch curve). A recipe trained with --tta reports its closing TTA figure (inside the
+wall time); else --tta here scores the best checkpoint with `vggkit evaluate RUN --tta` afterwards,
+its time reported apart. Run it alone: it times 2 busy cores.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -35,13 +35,11 @@ DATA_DIR = ROOT.parent / "shared" / "data" / "fashion-mnist"
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    import torch
+
+    from vggkit.bench.machine import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 def vggkit(*args: str) -> list[str]:
@@ -60,9 +58,22 @@ def one_run(out: Path, seed: int, flags: list[str], data_dir: str, tta: bool) ->
     result = {"seed": seed, "wall_s": round(wall, 2), "epochs": len(rows),
               "test_acc_last": float(rows[-1]["test_acc"]), "test_acc_best": best_row_test_acc(rows),
               "curve": [(round(startup + float(r["elapsed"]), 2), float(r["test_acc"])) for r in rows]}
-    if tta:
+    end = trained_with_tta(out / name)
+    if end:  # train --tta: the closing figure, inside the wall time
+        result["test_acc_tta"] = end["tta_test_acc"]
+        result["tta"] = end["tta"]
+    elif tta:
         result.update(tta_score(out / name))
     return result
+
+
+def trained_with_tta(run: Path) -> dict | None:
+    """The best checkpoint's TTA figures of a run trained with --tta (its end event), else None."""
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "end" and "best_checkpoint" in event:
+            return event["best_checkpoint"]
+    return None
 
 
 def best_row_test_acc(rows: list[dict]) -> float:

@@ -227,7 +227,7 @@ def test_training_step_fused_equals_plain(fused, precision, batch_norm):
     loss, grads = step(model, x, y, precision)
     loss_plain, grads_plain = step(plain, x, y, precision)
     tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
-    # max(relu(x)) = relu(max(x)) exactly; the one-channel first conv and the fused batch norm sum in another order
+    # max(relu(x)) = relu(max(x)) exactly; the fused batch norm sums in another order
     torch.testing.assert_close(loss, loss_plain, **tolerance)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
@@ -265,27 +265,6 @@ def test_fused_optimizer_step_equals_the_plain_one(optimizer):
             opt.step()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
-
-
-@pytest.mark.parametrize("layout", FORMATS)
-@pytest.mark.parametrize("precision", DTYPES)
-def test_one_channel_convolution_equals_the_plain_one(layout, precision):
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(1, 6, 3, padding=1)
-    x = torch.randn(3, 1, 9, 7).contiguous(memory_format=FORMATS[layout]).requires_grad_()
-    assert kernels.widens(conv, x)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        wide = kernels.conv_one_channel(conv, x)
-        plain = conv(x)
-    assert wide.shape == plain.shape == (3, 6, 9, 7)
-    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(wide, plain, **tolerance)
-    grad = torch.randn_like(plain)
-    got = torch.autograd.grad(wide, (x, conv.weight, conv.bias), grad)
-    want = torch.autograd.grad(plain, (x, conv.weight, conv.bias), grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.float(), b.float(), **tolerance)
-    assert not kernels.widens(torch.nn.Conv2d(2, 6, 3, padding=1), torch.randn(1, 2, 4, 4))
 
 
 @pytest.mark.parametrize("layout", FORMATS)

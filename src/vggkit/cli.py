@@ -101,7 +101,8 @@ TRAIN_HELP = {
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
-    "kernels": "fast: pool before the last ReLU, fused C++ kernels on CPU (auto: fast); plain: the network as it was",
+    "kernels": "fast: vggkit's CPU kernels (pool+ReLU and batch norm+ReLU in C++, conv+ReLU in one oneDNN call, "
+                "fast dropout masks; auto: fast); plain: the network as it was",
     "threads": "CPU threads, 1 to 1024 (default: PyTorch's, one per core)",
     "seed": "seed of the splits, the initialisation and the batches, 0 to 2**64-1",
     "out": "directory holding runs", "name": "run name (default: preset and time)",

@@ -65,7 +65,7 @@ class TrainConfig:
     compile: str = "auto"  # auto|on|off
     allocator: str = "auto"  # auto|retain|default: CPU malloc, see allocator.py
     threads: int | None = None
-    kernels: str = "auto"  # auto|fast|plain: fused pool+ReLU on CPU (vggkit.kernels) or the plain network
+    kernels: str = "auto"  # auto|fast|plain: vggkit's CPU kernels (vggkit.kernels) or the plain network
     # run
     seed: int = 0
     out: str = "runs"

@@ -44,8 +44,8 @@ class VGGBlock(nn.Sequential):
       of the values;
     - "fused": as "reordered", with vggkit's CPU kernels (vggkit.kernels) when training on the CPU:
       each batch norm with the ReLU after it (the last one alone) in one pass, pool and last ReLU in
-      one pass (C++); a conv and its ReLU as one oneDNN call, a one-channel first conv run on two
-      channels (also in inference); elsewhere (other devices, no kernels, hooks) PyTorch's ops;
+      one pass (C++); a conv and its ReLU as one oneDNN call (also in inference); elsewhere (other
+      devices, no kernels, hooks) PyTorch's ops;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -89,7 +89,7 @@ class VGGBlock(nn.Sequential):
 
 def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The layers in order, through vggkit.kernels where they apply: a batch norm and the ReLU after
-    it (C++), a conv and the ReLU after it (oneDNN), a one-channel conv on two channels."""
+    it (C++), a conv and the ReLU after it (oneDNN)."""
     i = 0
     while i < len(layers):
         layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
@@ -99,7 +99,7 @@ def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
         elif cpu_kernels.conv_relu_fusable(layer, after, x):
             x, i = cpu_kernels.conv_relu(layer, x), i + 2
         else:
-            x, i = cpu_kernels.conv_one_channel(layer, x) if cpu_kernels.widens(layer, x) else layer(x), i + 1
+            x, i = layer(x), i + 1
     return x
 
 

@@ -8,7 +8,7 @@
 
 vggkit's path is the real training step of train.py: speed_settings (autocast precision,
 channels-last, compile, kernels: `kernels="plain"` times the network and optimizer step as they
-were before the fused pool+ReLU and the fused optimizer step), the BatchLoader (uint8 images on
+were before vggkit's CPU kernels and the fused optimizer step), the BatchLoader (uint8 images on
 the device, whole-batch resize, the recipe's flip/crop/erasing), make_optimizer, cross-entropy
 with the recipe's label smoothing, denormals flushed to zero on CPU, plus the CPU allocator
 setting of allocator.py. Inference runs as `vggkit evaluate` runs it (inference.InferenceRunner):
@@ -81,7 +81,7 @@ class BenchSettings:
     compile: str = "auto"
     allocator: str = "auto"  # auto (retain freed memory on CPU, see allocator.py), retain or default
     threads: int | None = None
-    kernels: str = "auto"  # auto|fast|plain: fused pool+ReLU (vggkit.kernels) or the network as it was
+    kernels: str = "auto"  # auto|fast|plain: vggkit's CPU kernels (vggkit.kernels) or the network as it was
     # how to measure
     steps: int | None = None  # steps per timed run; None: runs of about `run_seconds`
     warmup: int | None = None  # None: DEFAULT_WARMUP steps

@@ -98,7 +98,7 @@ def group_of(event) -> str:
 def format_profile(r: dict) -> str:
     total = r["total_ms_per_step"] or 1e-12
     lines = [f"vggkit bench --profile: {r['arch']}, batch {r['batch_size']}, {r['device']}, "
-             f"{r['settings'] or 'fp32'}, {r['kernels']} pool+ReLU; {r['steps']} steps after {r['warmup']} warm-up",
+             f"{r['settings'] or 'fp32'}, kernels {r['kernels']}; {r['steps']} steps after {r['warmup']} warm-up",
              "", f"{'':<16}{'ms/step':>10}{'%':>8}"]
     for name in GROUPS:
         ms = r["groups"][name]

@@ -21,7 +21,7 @@ def _heading(r: dict) -> list[str]:
         + f" ({r['arch']}), input {shape}, batch {r['batch_size']}, {r['params']:,} params, "
         f"{r['macs_per_image'] / 1e9:.3f} GMACs/image",
         f"device: {r['device']} ({r['device_name']}, {r['threads']} threads); vggkit: {r['settings'] or 'fp32'}, "
-        f"{r.get('kernels', 'plain')} pool+ReLU, allocator {r['allocator']}; data: {r['data']}",
+        f"kernels {r.get('kernels', 'plain')}, allocator {r['allocator']}; data: {r['data']}",
     ]
 
 

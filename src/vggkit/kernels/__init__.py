@@ -6,7 +6,6 @@ ops as the fallback.
   fused, forward and backward
 - conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
-- one_channel.py: `conv_one_channel(conv, x)`, a one-channel convolution run as a two-channel one
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
 - max_pool_relu.cpp, batch_norm_relu.cpp: the kernels (NCHW and channels-last; float32 and
   bfloat16, and float64 for the pool)
@@ -16,7 +15,6 @@ from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
-from .one_channel import conv_one_channel, widens
 from .pool_relu import MaxPoolReLU, fusable, max_pool_relu
 
 
@@ -26,5 +24,5 @@ def available() -> bool:
 
 
 __all__ = ["BatchNormReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU", "available", "batch_norm_fusable",
-           "batch_norm_relu", "conv_one_channel", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable",
-           "fusable", "max_pool_relu", "widens"]
+           "batch_norm_relu", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable",
+           "fusable", "max_pool_relu"]

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .one_channel import wide_input, wide_weight, widens
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,8 +47,6 @@ def conv_relu_fusable(conv: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """relu(conv(x)) in one oneDNN call (see conv_relu_fusable), autocast-aware."""
     weight, bias = conv.weight, conv.bias
-    if widens(conv, x):
-        x, weight = wide_input(x), wide_weight(weight)
     dtype = _dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)

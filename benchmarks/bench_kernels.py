@@ -1,0 +1,113 @@
+"""vggkit's CPU kernels, op by op, against PyTorch's ops on the shapes of the d2l and fast presets
+(bf16, channels-last, the retained allocator as in training): the figures behind each choice of
+`--kernels fast`. Median of --repeats calls after two warm-up calls; run it alone.
+
+    .venv/bin/python benchmarks/bench_kernels.py [--repeats 7] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vggkit import allocator, kernels
+
+CL = torch.channels_last
+BF16 = torch.bfloat16
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def pool_relu(repeats: int) -> list[dict]:
+    rows = []
+    for n, c, h in [(128, 16, 224), (128, 32, 112), (128, 64, 56), (128, 128, 28), (256, 32, 28), (256, 64, 14)]:
+        x = torch.randn(n, c, h, h, dtype=BF16).contiguous(memory_format=CL).requires_grad_()
+        y_ref = torch.relu(F.max_pool2d(x, 2, 2))
+        g = torch.randn_like(y_ref)
+        y = kernels.MaxPoolReLU.apply(x)
+        rows.append({"op": "max-pool + ReLU", "shape": [n, c, h, h],
+                     "pytorch_fwd_ms": median_ms(lambda: torch.relu(F.max_pool2d(x.detach(), 2, 2)), repeats),
+                     "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, x, g, retain_graph=True), repeats),
+                     "vggkit_fwd_ms": median_ms(lambda: kernels.MaxPoolReLU.apply(x), repeats),
+                     "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, x, g, retain_graph=True), repeats)})
+    return rows
+
+
+def conv_relu(repeats: int) -> list[dict]:
+    rows = []
+    for n, cin, cout, h in [(128, 32, 64, 56), (128, 64, 128, 28), (128, 128, 128, 14)]:
+        conv, relu = torch.nn.Conv2d(cin, cout, 3, padding=1).to(memory_format=CL), torch.nn.ReLU()
+        x = torch.randn(n, cin, h, h).contiguous(memory_format=CL).requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            y_ref, y = relu(conv(x)), kernels.conv_relu(conv, x)
+            g = torch.randn_like(y_ref)
+            rows.append({"op": "conv 3x3 + ReLU", "shape": [n, cin, h, h, cout],
+                         "pytorch_fwd_ms": median_ms(lambda: relu(conv(x)), repeats),
+                         "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, (x, conv.weight), g, retain_graph=True), repeats),
+                         "vggkit_fwd_ms": median_ms(lambda: kernels.conv_relu(conv, x), repeats),
+                         "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, (x, conv.weight), g, retain_graph=True), repeats)})
+    return rows
+
+
+def batch_norm_relu(repeats: int) -> list[dict]:
+    rows = []
+    for n, c, h in [(256, 32, 28), (256, 64, 14), (256, 128, 7)]:
+        bn, relu = torch.nn.BatchNorm2d(c), torch.nn.ReLU()
+        x = torch.randn(n, c, h, h, dtype=BF16).contiguous(memory_format=CL).requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            y_ref, y = relu(bn(x)), kernels.batch_norm_relu(x, bn, True)
+            g = torch.randn_like(y_ref)
+            rows.append({"op": "batch norm (training) + ReLU", "shape": [n, c, h, h],
+                         "pytorch_fwd_ms": median_ms(lambda: relu(bn(x)), repeats),
+                         "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, (x, bn.weight), g, retain_graph=True), repeats),
+                         "vggkit_fwd_ms": median_ms(lambda: kernels.batch_norm_relu(x, bn, True), repeats),
+                         "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, (x, bn.weight), g, retain_graph=True), repeats)})
+    return rows
+
+
+def dropout(repeats: int) -> list[dict]:
+    x = torch.randn(128, 4096, dtype=BF16)
+    return [{"op": "dropout 0.5 (training)", "shape": [128, 4096],
+             "pytorch_fwd_ms": median_ms(lambda: F.dropout(x, 0.5, True), repeats),
+             "vggkit_fwd_ms": median_ms(lambda: kernels.dropout(x, 0.5), repeats)}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    allocator.retain_freed_memory()
+    assert kernels.available(), "the C++ kernels are not available here"
+    rows = [*pool_relu(args.repeats), *conv_relu(args.repeats),
+            *batch_norm_relu(args.repeats), *dropout(args.repeats)]
+    print(f"threads {torch.get_num_threads()}, bf16, channels-last; median ms of {args.repeats} calls")
+    print("| op | shape | PyTorch fwd / bwd ms | vggkit fwd / bwd ms | speed-up fwd / bwd |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        bwd = "pytorch_bwd_ms" in r
+        ours = f"{r['vggkit_fwd_ms']:.1f}" + (f" / {r['vggkit_bwd_ms']:.1f}" if bwd else "")
+        theirs = f"{r['pytorch_fwd_ms']:.1f}" + (f" / {r['pytorch_bwd_ms']:.1f}" if bwd else "")
+        gain = f"{r['pytorch_fwd_ms'] / r['vggkit_fwd_ms']:.2f}x" + \
+            (f" / {r['pytorch_bwd_ms'] / r['vggkit_bwd_ms']:.2f}x" if bwd else "")
+        print(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {theirs} | {ours} | {gain} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
