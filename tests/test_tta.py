@@ -2,6 +2,7 @@
 `vggkit evaluate --tta`, and `train --tta`'s labelled figure in the final report (tiny runs on the
 bundled sample and on a drawn, not flip-safe folder)."""
 import json
+from pathlib import Path
 import tomllib
 
 import numpy as np
@@ -203,6 +204,13 @@ def test_evaluate_tta_reports_its_views_and_its_figures_come_from_them(sample_ru
     confusion = np.array(result["confusion"])
     assert confusion.sum() == TEST_LIMIT and np.trace(confusion) == round(result["acc"] * TEST_LIMIT)
     assert len(result["misclassified"]) == TEST_LIMIT - np.trace(confusion)
+
+
+def test_evaluate_tta_writes_its_plots_beside_the_plain_ones(sample_run):
+    run_dir = sample_run[0].run_dir
+    plain, flip = Path(evaluate_sample(run_dir)["out_dir"]), Path(evaluate_sample(run_dir, tta="flip")["out_dir"])
+    assert flip == plain.with_name(plain.name + "-tta-flip")
+    assert (plain / "confusion.png").is_file() and (flip / "confusion.png").is_file()
 
 
 def test_cli_evaluate_tta_prints_the_views_line_and_the_accuracy(sample_run, tmp_path, capsys):

@@ -76,7 +76,7 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
     if tta != "off":  # asked for: the report says which views were used, even none
         result["tta"] = {"level": plan.level, "views": list(plan.views), "description": plan.describe()}
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name)
+    out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
@@ -159,9 +159,13 @@ def _summary(dataset: Dataset, classes: list[str], name: str, loss: float, predi
     return result
 
 
-def _default_out_dir(path: Path, name: str) -> Path:
-    """<checkpoint>/evaluation for the test split, evaluation-val, evaluation-<folder name> otherwise."""
-    return evaluation_dir(path, None if name == "test" else name if name in SPLITS else Path(name).expanduser().resolve().name)
+def _default_out_dir(path: Path, name: str, tta: TtaPlan) -> Path:
+    """<checkpoint>/evaluation for the test split, evaluation-val, evaluation-<folder name> otherwise;
+    with TTA, "-tta-<level>" added (evaluation-tta-flip), so the plain plots stay."""
+    label = None if name == "test" else name if name in SPLITS else Path(name).expanduser().resolve().name
+    if tta.active:
+        label = f"{label}-tta-{tta.level}" if label else f"tta-{tta.level}"
+    return evaluation_dir(path, label)
 
 
 def format_report(result: dict) -> str:
