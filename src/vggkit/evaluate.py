@@ -25,7 +25,7 @@ from .pipeline import BatchLoader
 from .preprocess import fit_size, settings_from_meta
 from .rundir import evaluation_dir, find_config
 from .runtime import pick_device, speed_settings
-from .tta import TtaPlan, black_after_preprocessing, check_level, flip_safety, tta_forward, tta_plan
+from .tta import TtaPlan, check_level, loader_forward, run_plan
 
 SPLITS = ("test", "val")
 TOP_K = 5  # reported where there are more classes than this
@@ -67,11 +67,10 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
                                    skip_bad=skip_bad, log=log)
     loader = BatchLoader(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
                          out_channels=meta["model"]["in_channels"], **settings_from_meta(meta))
-    plan = _tta_plan(tta, config, meta, log)
+    plan = run_plan(tta, config.flip, meta.get("dataset"), log)
     runner = InferenceRunner(model, speed, torch_device, images=len(dataset) * len(plan.views), batch_size=batch_size,
                              compile=compile, log=log)
-    forward = tta_forward(runner, plan.views, black_after_preprocessing(loader), max_images=loader.batch_size) \
-        if plan.active else runner
+    forward = loader_forward(runner, plan, loader) if plan.active else runner
     loss, predicted, in_top_k, confidence = _score(forward, loader, TOP_K)
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
     if tta != "off":  # asked for: the report says which views were used, even none
@@ -81,14 +80,6 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
     return result | {"out_dir": str(out_dir), "weights": meta["weights"]}
-
-
-def _tta_plan(level: str, config: TrainConfig, meta: dict, log) -> TtaPlan:
-    """The TTA views for `level` on this run's data (flips only where it trained with them)."""
-    plan = tta_plan(level, *flip_safety(config.flip, meta.get("dataset")))
-    if plan.note:
-        log(plan.note)
-    return plan
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,

@@ -47,7 +47,7 @@ from .rundir import WEIGHTS, RunDir
 from .preprocess import preprocess_meta
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
-from .tta import black_after_preprocessing, flip_safety, tta_forward, tta_plan
+from .tta import loader_forward, run_plan
 
 if TYPE_CHECKING:
     from .data import DataSplits
@@ -333,9 +333,10 @@ def check_saveable(t: Trainer, loop: LoopState, loss: float | None) -> None:
     if not all_finite([*t.model.state_dict().values(), *averaged]):
         raise diverged(t, loop, "the weights became NaN or infinite")
     checked = [(t.evaluated, loss)] + ([(t.model, None)] if t.ema else [])  # the raw weights must be sound too
+    first_batch = None
     for model, model_loss in checked:
         if model_loss is None:
-            first_batch = list(itertools.islice(t.train_loader.iter_from(0), 1))
+            first_batch = first_batch or list(itertools.islice(t.train_loader.iter_from(0), 1))
             model_loss = evaluate_loader(model, first_batch, t.speed, t.device)[0]
         if not math.isfinite(model_loss):
             which = "averaged" if model is not t.model else "current"
@@ -379,13 +380,9 @@ def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
 def best_with_tta(t: Trainer) -> dict:
     """The best checkpoint's test figures with config.tta's views (flips only if the run trained with
     them), for the final report beside the plain ones: reported only, they choose nothing."""
-    plan = tta_plan(t.config.tta, *flip_safety(t.config.flip, t.splits.name))
-    if plan.note:
-        t.log(plan.note)
+    plan = run_plan(t.config.tta, t.config.flip, t.splits.name, t.log)
     load_best_weights(t)
-    model = partial(forward_pass, t.model, speed=t.speed, device=t.device)
-    forward = tta_forward(model, plan.views, black_after_preprocessing(t.test_loader),
-                          max_images=t.test_loader.batch_size)
+    forward = loader_forward(partial(forward_pass, t.model, speed=t.speed, device=t.device), plan, t.test_loader)
     loss, acc = evaluate_loader(t.model, t.test_loader, t.speed, t.device, forward=forward)
     return {"tta_test_loss": loss, "tta_test_acc": acc, "tta": plan.describe()}
 

@@ -129,6 +129,20 @@ def tta_forward(model, views: tuple[str, ...], fill: torch.Tensor | float = 0.0,
     return lambda x: tta_logits(model, x, views, fill, max_images)
 
 
+def run_plan(level: str, trained_with_flip: bool | None, dataset: str | None, log) -> TtaPlan:
+    """tta_plan for a run's data (flips only where it trained with them, see flip_safety), the note
+    about left-out flips said through `log`."""
+    plan = tta_plan(level, *flip_safety(trained_with_flip, dataset))
+    if plan.note:
+        log(plan.note)
+    return plan
+
+
+def loader_forward(model, plan: TtaPlan, loader) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tta_forward over the batches of `loader`: shifts fill with its black, at most a batch per forward."""
+    return tta_forward(model, plan.views, black_after_preprocessing(loader), max_images=loader.batch_size)
+
+
 def black_after_preprocessing(loader) -> torch.Tensor:
     """Per channel of the loader's batches, the value of a black (0) pixel after its preprocessing:
     what training's crop padding becomes."""
