@@ -86,15 +86,10 @@ def iter_predictions(path: str | Path, inputs: Iterable[str | Path], *, top_k: i
     """
     if top_k < 1:
         raise VggkitError(f"top-k must be at least 1, got {top_k}")
-    check_policy(compile)
-    paths = image_paths(inputs)
-    torch_device = pick_device(device)
-    model, meta = load_model(path, torch_device, averaged=averaged)
+    paths, forward, meta, torch_device = _runner(path, inputs, device, averaged, compile, batch_size, log)
     classes = meta["classes"]
     k = min(top_k, len(classes))
     bad: list[tuple[Path, str]] = []
-    forward = InferenceRunner(model, SPEED, torch_device, images=len(paths), batch_size=batch_size, compile=compile,
-                              log=log)
     for kept, logits in _logit_batches(forward, meta, paths, batch_size, torch_device, bad, progress):
         top = logits.softmax(1).topk(k)
         for image, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
@@ -116,15 +111,23 @@ def predict_logits(path: str | Path, images: list[str | Path], *, device: str = 
                    batch_size: int = BATCH_SIZE, averaged: bool = True,
                    compile: str = "auto") -> tuple[torch.Tensor, dict]:
     """(logits N x classes as fp32 on the CPU, the model's metadata) for image files; unreadable ones raise."""
-    check_policy(compile)
-    torch_device = pick_device(device)
-    model, meta = load_model(path, torch_device, averaged=averaged)
-    paths = image_paths(images)
+    paths, forward, meta, torch_device = _runner(path, images, device, averaged, compile, batch_size, log=None)
     bad: list[tuple[Path, str]] = []
-    forward = InferenceRunner(model, SPEED, torch_device, images=len(paths), batch_size=batch_size, compile=compile)
     batches = [logits for _, logits in _logit_batches(forward, meta, paths, batch_size, torch_device, bad, "none")]
     _report_unreadable(bad, skip_bad=False, log=None)
     return torch.cat(batches) if batches else torch.empty(0, len(meta["classes"])), meta
+
+
+def _runner(path, inputs, device: str, averaged: bool, compile: str, batch_size: int, log):
+    """(the image files of `inputs`, the model stored at `path` as an InferenceRunner for them, its
+    metadata, the device)."""
+    check_policy(compile)
+    paths = image_paths(inputs)
+    torch_device = pick_device(device)
+    model, meta = load_model(path, torch_device, averaged=averaged)
+    forward = InferenceRunner(model, SPEED, torch_device, images=len(paths), batch_size=batch_size, compile=compile,
+                              log=log)
+    return paths, forward, meta, torch_device
 
 
 def write_csv(results: Iterable[dict], out: str | Path) -> int:
