@@ -69,7 +69,7 @@ class VGGBlock(nn.Sequential):
         relu, pool = self[-2], self[-1]  # not so in a slice of a block, say
         if not (isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)):
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in (relu, pool)) and not _global_hooks()
+        return not cpu_kernels.hooked(relu, pool) and not _global_hooks()
 
     @torch.jit.unused
     def _pool_first(self, x):
@@ -94,7 +94,7 @@ def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     while i < len(layers):
         layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, nn.BatchNorm2d) and cpu_kernels.batch_norm_fusable(x, layer):
-            relu = isinstance(after, nn.ReLU) and not (after._forward_hooks or after._forward_pre_hooks)
+            relu = isinstance(after, nn.ReLU) and not cpu_kernels.hooked(after)
             x, i = cpu_kernels.batch_norm_relu(x, layer, relu), i + (2 if relu else 1)
         elif cpu_kernels.conv_relu_fusable(layer, after, x):
             x, i = cpu_kernels.conv_relu(layer, x), i + 2

@@ -15,7 +15,7 @@ from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
-from .pool_relu import MaxPoolReLU, fusable, max_pool_relu
+from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
 
 
 def available() -> bool:
@@ -25,4 +25,4 @@ def available() -> bool:
 
 __all__ = ["BatchNormReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU", "available", "batch_norm_fusable",
            "batch_norm_relu", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable",
-           "fusable", "max_pool_relu"]
+           "fusable", "hooked", "max_pool_relu"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .pool_relu import fusable as _fusable_input
+from .pool_relu import fusable as _fusable_input, hooked
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -42,7 +42,7 @@ def batch_norm_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
     hooks, with float32 parameters and statistics, and more than one value per channel, on an input
     that `kernels.fusable` takes in float32 or bfloat16, outside tracing. Everything else (exporters
     included) keeps PyTorch's module."""
-    if type(bn) is not nn.BatchNorm2d or not bn.training or bn._forward_hooks or bn._forward_pre_hooks:
+    if type(bn) is not nn.BatchNorm2d or not bn.training or hooked(bn):
         return False
     if torch.jit.is_tracing():
         return False

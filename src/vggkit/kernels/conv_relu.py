@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .pool_relu import hooked
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -41,7 +42,7 @@ def conv_relu_fusable(conv: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool
     return (isinstance(conv, nn.Conv2d) and isinstance(relu, nn.ReLU) and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and x.device.type == "cpu" and x.dim() == 4
             and _dtype(x) in DTYPES and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in (conv, relu)))
+            and not hooked(conv, relu))
 
 
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

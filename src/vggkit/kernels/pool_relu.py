@@ -31,6 +31,12 @@ class MaxPoolReLU(torch.autograd.Function):
         return torch.ops.vggkit.max_pool_relu_backward(grad, code, *ctx.input_size)
 
 
+def hooked(*modules: torch.nn.Module) -> bool:
+    """Whether any of `modules` has forward (pre-)hooks: such layers run as they are, never fused,
+    so that the hooks see the tensors they expect."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def fusable(x: torch.Tensor) -> bool:
     """Whether the fused kernels take x: a 4-D CPU tensor of a supported dtype that autograd tracks
     (inference and other devices keep PyTorch's ops), outside torch.compile, with the library built."""
