@@ -3,6 +3,8 @@ accuracy-against-wall-time plot.
 
     # one configuration, N seeds, each a fresh `vggkit train` process timed from launch to exit
     .venv/bin/python benchmarks/records.py run LABEL --seeds 0,1,2 [--tta] -- --preset fast --epochs 10
+    # a seed run by hand (its run directory, its wall time) added to LABEL's record
+    .venv/bin/python benchmarks/records.py add LABEL RUN_DIR --seed 0 --wall 1884.2 --how "/usr/bin/time -v vggkit train ..."
     # a markdown table of every stored configuration (the ablation table of BENCHMARKS.md)
     .venv/bin/python benchmarks/records.py table [LABEL ...]
     # test accuracy against wall time, one line per label (the median-accuracy seed)
@@ -52,18 +54,22 @@ def one_run(out: Path, seed: int, flags: list[str], data_dir: str, tta: bool) ->
                      "--seed", str(seed), *flags)
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    wall = time.perf_counter() - start
-    rows = list(csv.DictReader(open(out / name / "metrics.csv")))
+    return run_record(out / name, seed, time.perf_counter() - start, tta)
+
+
+def run_record(run: Path, seed: int, wall: float, tta: bool = False) -> dict:
+    """One seed's entry, from its finished run directory and its wall time from launch to exit."""
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
     startup = wall - float(rows[-1]["elapsed"])  # imports, data loading, final writes: counted up front
     result = {"seed": seed, "wall_s": round(wall, 2), "epochs": len(rows),
               "test_acc_last": float(rows[-1]["test_acc"]), "test_acc_best": best_row_test_acc(rows),
               "curve": [(round(startup + float(r["elapsed"]), 2), float(r["test_acc"])) for r in rows]}
-    end = trained_with_tta(out / name)
+    end = trained_with_tta(run)
     if end:  # train --tta: the closing figure, inside the wall time
         result["test_acc_tta"] = end["tta_test_acc"]
         result["tta"] = end["tta"]
     elif tta:
-        result.update(tta_score(out / name))
+        result.update(tta_score(run))
     return result
 
 
@@ -108,11 +114,25 @@ def run(args, flags: list[str]) -> None:
             tta = f", with TTA {r['test_acc_tta']:.4f}" if r.get("test_acc_tta") else ""
             print(f"{args.label} seed {seed}: test {r['test_acc_best']:.4f} (best ckpt), {r['test_acc_last']:.4f} "
                   f"(last){tta}, wall {r['wall_s']:.1f} s", flush=True)
+    save(record)
+
+
+def save(record: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.label}.json"
+    path = RESULTS / f"{record['label']}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(summary_line(record))
     print(f"wrote {path.relative_to(ROOT)}")
+
+
+def add(args) -> None:
+    """A seed run by hand (e.g. under /usr/bin/time) into LABEL's record: its run directory and wall time.
+    The record must exist (made by `run`, so its flags and command are the ones measured)."""
+    record = json.loads((RESULTS / f"{args.label}.json").read_text())
+    entry = run_record(Path(args.run_dir), args.seed, args.wall)
+    entry["source"] = f"{args.run_dir} (added by hand: {args.how})"
+    record["runs"] = sorted([r for r in record["runs"] if r["seed"] != args.seed] + [entry], key=lambda r: r["seed"])
+    save(record)
 
 
 def stats(record: dict, key: str) -> tuple[float, float, float] | None:
@@ -163,8 +183,10 @@ def plot(args) -> None:
     for record in load(args.labels):
         runs = sorted(record["runs"], key=lambda r: r["test_acc_best"])
         middle = runs[len(runs) // 2]
+        if not middle.get("curve"):  # lost (see the record's note): the nearest seed that has one
+            middle = min((r for r in runs if r.get("curve")), key=lambda r: abs(r["test_acc_best"] - middle["test_acc_best"]))
         ax.plot(*zip(*middle["curve"]), marker="o", markersize=3,
-                label=f"{record['label']} (seed {middle['seed']}, median of {len(runs)})")
+                label=f"{record['label']} (seed {middle['seed']}, of {len(runs)} seeds)")
     for spec in args.reference or []:
         label, folder = spec.split("=", 1)
         ax.plot(*zip(*reference_curve(Path(folder))), marker="s", markersize=3, linestyle="--", label=label)
@@ -190,6 +212,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tta", action="store_true", help="also score the best checkpoint with `vggkit evaluate --tta`")
     p.add_argument("--data-dir", default=str(DATA_DIR))
+    p = sub.add_parser("add")
+    p.add_argument("label")
+    p.add_argument("run_dir")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--wall", type=float, required=True, help="seconds from launch to exit, measured outside")
+    p.add_argument("--how", required=True, help="the command that ran it, for the record")
     p = sub.add_parser("table")
     p.add_argument("labels", nargs="*")
     p = sub.add_parser("plot")
@@ -200,6 +228,8 @@ def main() -> None:
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args, flags)
+    elif args.command == "add":
+        add(args)
     elif args.command == "table":
         table(args)
     else:

@@ -85,6 +85,18 @@ def test_notes_say_why():
     assert decided(splits("f/", 9, 28, 28), batch_size=4)[1]["val_size"] == "too few images to hold some out"
 
 
+@pytest.mark.parametrize("data,given,tta", [
+    (splits("fashion-mnist", 60_000, 28, 28), {}, "flip"),  # trains with flips: the closing report mirrors too
+    (splits("mnist", 60_000, 28, 28, flips_safe=False), {}, "off"),
+    (splits("digits/", 1617, 8, 8), {}, "off"),
+    (splits("digits/", 1617, 8, 8), {"flip": True}, "flip"),
+    (splits("fashion-mnist", 60_000, 28, 28), {"tta": "off"}, "off"),  # what is given is kept
+    (splits("fashion-mnist", 60_000, 28, 28), {"flip": False, "tta": "translate"}, "translate"),
+])
+def test_test_time_augmentation_follows_the_flips(data, given, tta):
+    assert decide(TrainConfig(**given), data)[0].tta == tta
+
+
 def test_an_image_folder_gets_no_flips_though_its_splits_do_not_say_so():
     folder = splits("cifar10/", 1000, 32, 32, 3, flips_safe=True)  # a folder that happens to be called cifar10/
     assert decided(folder)[0][4] is False
@@ -102,7 +114,7 @@ def test_the_recipes_keep_their_values():
 def test_the_fast_recipe_on_fashion_mnist_is_what_bench_assumes():
     config, _ = decide(TrainConfig(), LIKE_FASHION_MNIST)
     assert tuple(getattr(config, key) for key in KEYS) == (5000, 28, 256, 8, True)
-    assert set(FROM_THE_DATA) == {*KEYS, "lr"} and config.lr == 0.1
+    assert set(FROM_THE_DATA) == {*KEYS, "lr", "tta"} and config.lr == 0.1 and config.tta == "flip"
 
 
 def test_a_batch_is_shared_evenly_among_processes():

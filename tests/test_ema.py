@@ -180,7 +180,8 @@ def straight_run(tmp_path_factory):
 
 def test_training_evaluates_and_saves_the_average(straight_run):
     history, lines = straight_run
-    assert lines[1].endswith("; ema: decay 0.9, every 2 steps; evaluated with the averaged weights")
+    assert lines[1].endswith("; ema: decay 0.9, every 2 steps; evaluated with the averaged weights; closing test figure "
+                             "also with flip TTA")
     for which in ("last", "best"):
         directory = history.run_dir / "checkpoints" / which
         stored = load_file(str(directory / "model.safetensors"))

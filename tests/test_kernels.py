@@ -177,6 +177,32 @@ def test_compile_error_is_reported_in_one_line(monkeypatch, tmp_path, fresh_note
     assert "\n" not in library.reason
 
 
+def test_a_finished_build_is_loaded_without_the_builder(fused, tmp_path):
+    """Once built, a new process loads the library straight from the cache: no cpp_extension import
+    (setuptools) and no ninja run at every start."""
+    import subprocess
+    import sys
+
+    assert (build.LIBRARY.build_dir() / build.BUILT).is_file()
+    probe = ("import sys; from vggkit.kernels import build; assert build.LIBRARY.available(), build.LIBRARY.reason; "
+             "import torch; assert hasattr(torch.ops.vggkit, 'max_pool_relu'); "
+             "print('torch.utils.cpp_extension' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == "False"
+
+
+def test_a_damaged_or_unfinished_build_is_not_loaded(tmp_path):
+    """BUILT naming a file that is gone or not a library, or a build still holding its lock: the
+    builder runs instead (and repairs it)."""
+    assert not build.KernelLibrary._load_built(tmp_path)  # nothing built
+    (tmp_path / build.BUILT).write_text("vggkit_kernels_gone.so")
+    assert not build.KernelLibrary._load_built(tmp_path)
+    (tmp_path / "vggkit_kernels_bad.so").write_text("not a library")
+    (tmp_path / build.BUILT).write_text("vggkit_kernels_bad.so")
+    assert not build.KernelLibrary._load_built(tmp_path)
+
+
 def test_cache_folder_names_torch_and_the_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folder = build.KernelLibrary().build_dir()

@@ -79,14 +79,16 @@ def test_run_writes_every_file_and_tells_every_logger(tmp_path):
     assert lines[0] == "vggkit: fashion-mnist (bundled sample (500 train + 100 test images per class of " \
         "Fashion-MNIST)) [bundled sample: accuracy not comparable to published figures]"
     assert lines[1] == "data: train 1,000, val 200, test 500 images; input 28x28 (native); batch 100, lr 0.05, " \
-        "10 steps per epoch, 2 epochs; augment: crop 2, flip"
+        "10 steps per epoch, 2 epochs; augment: crop 2, flip; closing test figure also with flip TTA"
     assert lines[2].startswith("device: cpu (fp32, channels-last, 2 threads") and \
         lines[2].endswith(f"; 27,802 parameters; run dir {run}")
     assert lines[3].startswith("epoch 1/2, train loss ") and ", val acc " in lines[3] and " img/s)" in lines[3]
     best = max(reversed(history.epochs), key=lambda row: row["val_acc"])  # of equals, the later
-    assert history.best == best
+    assert history.best == best | {k: history.best[k] for k in ("tta_test_loss", "tta_test_acc", "tta")}
+    assert history.best["tta"] == "flip, 2 views"  # decided from the data: it trains with flips
     assert lines[5] == f"best checkpoint (what evaluate, predict and export use): epoch {best['epoch']} of 2 " \
-        f"by val acc {best['val_acc']:.4f}; test acc {best['test_acc']:.4f}"
+        f"by val acc {best['val_acc']:.4f}; test acc {best['test_acc']:.4f}, with TTA (flip, 2 views) " \
+        f"{history.best['tta_test_acc']:.4f}"
     assert lines[6] == f"last epoch: loss {history.epochs[-1]['train_loss']:.3f}, train acc " \
         f"{history.epochs[-1]['train_acc']:.3f}, test acc {history.test_acc:.3f}"
     assert lines[7].endswith(f"examples/sec on cpu; total {history.seconds:.1f} s; run dir {run}") and len(lines) == 8

@@ -22,7 +22,8 @@ DEFAULT_RECIPE = "fast"
 class TrainConfig:
     """Every field of a training run. The defaults are the `fast` recipe: small VGG blocks, bf16 +
     channels-last on CPU, one-cycle SGD, crop, label smoothing. The FROM_THE_DATA fields are None
-    unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 8, 5,000, flip on)."""
+    unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 8, 5,000, flip on,
+    flip TTA)."""
     preset: str = DEFAULT_RECIPE  # the recipe the run started from
     # model (arch, ratio, fc_width, batch_norm: None when they come from the initial weights)
     arch: str | None = "1x32,2x64,2x128"
@@ -71,7 +72,7 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     eval_every_epoch_on_test: bool = True
-    tta: str = "off"  # test-time augmentation (tta.TTA_LEVELS) beside the final test figure; never picks a checkpoint
+    tta: str | None = None  # test-time augmentation (tta.TTA_LEVELS) beside the final test figure; never picks a checkpoint
     # fine-tuning (pretrained.py) and TensorBoard
     init_from: str | None = None  # initial weights (--init): a run, checkpoint, .pth/.safetensors file or vgg16...
     freeze: int | str = 0  # blocks kept as they are, from the first: a number or "features" (all)
@@ -92,7 +93,7 @@ class TrainConfig:
 
 # Left None, these are decided from the data when the run starts (decide.py); given (flag, TOML or
 # recipe), they are taken as they are.
-FROM_THE_DATA = ("input_size", "batch_size", "epochs", "val_size", "flip", "lr")
+FROM_THE_DATA = ("input_size", "batch_size", "epochs", "val_size", "flip", "lr", "tta")
 
 # A recipe: the fields it sets on top of TrainConfig's defaults.
 RECIPES: dict[str, dict] = {
@@ -101,12 +102,12 @@ RECIPES: dict[str, dict] = {
     "d2l": dict(arch="d2l-vgg11", ratio=4, input_size=224, fc_width=4096, dropout=0.5, batch_norm=False,
                 init="xavier", normalize=False, val_size=0, crop_padding=0, flip=False, epochs=10,
                 batch_size=128, lr=0.05, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=0.0,
-                schedule="none", label_smoothing=0.0, drop_last=False),
+                schedule="none", label_smoothing=0.0, drop_last=False, tta="off"),
     # Wider VGG with batch norm, augmentation and a schedule, for the best accuracy.
     "best": dict(arch="2x64,2x128,3x256", input_size=28, fc_width=512, dropout=0.3, batch_norm=True,
                  init="kaiming", crop_padding=2, flip=True, erasing=0.25, epochs=40, batch_size=128, lr=0.05,
                  optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-                 label_smoothing=0.1),
+                 label_smoothing=0.1, tta="flip"),
 }
 
 CHOICES = {
@@ -153,7 +154,7 @@ SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
 # Examples for the messages where TrainConfig's default is None (or, for ema, off).
 EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "test_limit": 1000, "threads": 4,
             "name": "my-run", "lr": 0.1, "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True,
-            "ema": 0.999, "ema_every": 4}
+            "ema": 0.999, "ema_every": 4, "tta": "flip"}
 LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image",
             **{key: "decided from the data" for key in FROM_THE_DATA}}
 TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
@@ -167,7 +168,7 @@ def validate(config: TrainConfig) -> None:
         _check_type(f.name, getattr(config, f.name), f.type)
     _check_preset(config.preset)
     for key, allowed in CHOICES.items():
-        if getattr(config, key) not in allowed:
+        if getattr(config, key) not in allowed and not (key in FROM_THE_DATA and getattr(config, key) is None):
             raise VggkitError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
     _check_ranges(config)
     if config.arch is not None:  # None: from the initial weights
@@ -291,7 +292,7 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 # Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging, no TTA).
-ADDED_LATER = {key: getattr(TrainConfig, key) for key in ("ema", "ema_every", "tta")}
+ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off"}
 
 
 def load_config(path: Path) -> TrainConfig:

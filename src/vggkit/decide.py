@@ -10,11 +10,13 @@ training images than the smallest batch decided here.
     batch_size  the largest power of two up to 256 that gives an epoch 32 steps or more; at least 8
     epochs      8, or more where an epoch is short: enough for 1,000 steps in all, at most 40
     flip        on only for data known to be flip-safe (Fashion-MNIST, CIFAR), off for MNIST and folders
+    tta         flip where the run trains with flips (the closing report adds the mirrored view's figure,
+                0.1-0.2 points on Fashion-MNIST for a second), else off
     lr          0.1 at batch 256 (the fast recipe's peak), times (batch / 256) ** 0.25 for other batches:
                 at batch 8 the unscaled 0.1 made a 180-photo folder diverge, the square-root rule's 0.018
                 left a 54-image folder half-trained; 0.042 trained both (BENCHMARKS.md)
 
-On Fashion-MNIST these are the fast recipe's values: 5,000, 28, 256, 8 epochs, flip on and lr 0.1.
+On Fashion-MNIST these are the fast recipe's values: 5,000, 28, 256, 8 epochs, flip on, lr 0.1 and flip TTA.
 decide() is pure: it reads the config and the data's sizes, and returns a new config with every
 field set, and a note for each value it decided (the header line shows them).
 """
@@ -44,7 +46,7 @@ REFERENCE_LR = 0.1  # the fast recipe's peak learning rate, at batch MAX_BATCH
 RULES = {
     "val_size": f"{VAL_FRACTION:.0%}, at most {MAX_VAL:,}", "input_size": f"the images' own size, at least {MIN_INPUT}",
     "batch_size": f"{MAX_BATCH}, smaller for small sets", "epochs": f"{MIN_EPOCHS}, more for small sets",
-    "flip": "on for flip-safe data sets only",
+    "flip": "on for flip-safe data sets only", "tta": "flip where the run trains with flips, else off",
     "lr": f"{REFERENCE_LR:g} at batch {MAX_BATCH}, x (batch/{MAX_BATCH})**0.25 for other batches",
 }
 
@@ -87,8 +89,9 @@ def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 
     epochs, notes["epochs"] = decide_epochs(config, steps)
     flip, notes["flip"] = decide_flip(config, facts)
     lr, notes["lr"] = decide_lr(config, batch_size)
+    tta = config.tta if config.tta is not None else ("flip" if flip else "off")
     decided = replace(config, val_size=val_size, input_size=input_size, batch_size=batch_size, epochs=epochs,
-                      flip=flip, lr=lr)
+                      flip=flip, lr=lr, tta=tta)
     return decided, {key: why for key, why in notes.items() if why}
 
 

@@ -52,6 +52,7 @@ class RunStart:
     augment: tuple[str, ...] = ()  # the training augmentations, e.g. ("crop 2", "flip")
     decisions: dict = field(default_factory=dict)  # decide.py's notes, field -> why (val_size, input_size, ...)
     averaging: str = ""  # weight averaging, as EMA.describe() says it; "" when off
+    tta: str = "off"  # the closing report's test-time augmentation (tta.TTA_LEVELS)
 
 
 @dataclass
@@ -188,7 +189,8 @@ def data_line(info: RunStart) -> str:
             f"input {info.input_size}x{info.input_size}{why('input_size')}; "
             f"batch {info.batch_size}{why('batch_size')}, lr {info.lr:g}{why('lr')}, {info.batches} step{'s' if info.batches != 1 else ''} per epoch, "
             f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}"
-            + (f"; {info.averaging}" if info.averaging else ""))
+            + (f"; {info.averaging}" if info.averaging else "")
+            + (f"; closing test figure also with {info.tta} TTA" if info.tta != "off" else ""))
 
 
 def best_line(best: dict, last_epoch: int) -> str:

@@ -565,7 +565,7 @@ def start(t: Trainer, loop: LoopState, resumed: bool) -> None:
         images=(len(splits.train), len(splits.val), len(splits.test) if splits.test is not None else 0),
         input_size=t.config.input_size, batch_size=t.config.batch_size, lr=t.config.lr,
         augment=augmentations(t.config),
-        decisions=t.decisions, averaging=t.ema.describe() if t.ema else ""))
+        decisions=t.decisions, averaging=t.ema.describe() if t.ema else "", tta=t.config.tta))
 
 
 def augmentations(config: TrainConfig) -> tuple[str, ...]:

@@ -4,8 +4,9 @@ The sources (SOURCES) make one library, in <cache>/vggkit/kernels/<torch version
 being $XDG_CACHE_HOME or ~/.cache; the hash covers the sources, the compiler flags, Python's
 version and the CPU (the build targets the CPU it runs on). torch.utils.cpp_extension builds it
 with ninja (a vggkit dependency) and the C++ compiler ($CXX, else c++), with OpenMP where that is
-torch's (openmp_flags); a later process finds it built and only loads it. Processes building at
-once wait on torch's lock file in that folder.
+torch's (openmp_flags); once built and loaded, a file BUILT names it, and a later process loads it
+straight away (torch.ops.load_library: no cpp_extension import, no ninja run). Processes building
+at once wait on torch's lock file in that folder.
 
 Where the library cannot be had (VGGKIT_KERNELS=plain, no compiler, a failed build) the process
 says so once on stderr and vggkit uses PyTorch's own ops.
@@ -29,6 +30,7 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp"))
 SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
+BUILT = "built.txt"  # in the build folder: the library's file name, written once it built and loaded
 
 
 def cache_root() -> Path:
@@ -116,10 +118,12 @@ class KernelLibrary:
             return f"build failed: {_first_error(str(e)) or type(e).__name__}"
 
     def _build_and_load(self) -> None:
-        from torch.utils import cpp_extension
-
         name = f"vggkit_kernels_{self.digest()}"
         folder = self.build_dir()
+        if self._load_built(folder):
+            return None
+        from torch.utils import cpp_extension
+
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob(f"{name}.*")):
             note("building the fast CPU kernels (once per machine and PyTorch version, about a minute)")
@@ -128,7 +132,25 @@ class KernelLibrary:
             cpp_extension.load(name=name, sources=[str(source) for source in self.sources],
                                extra_cflags=compiler_flags(), extra_ldflags=openmp_flags(),
                                build_directory=str(folder), is_python_module=False, verbose=False)
+        library = next((f for f in folder.glob(f"{name}.*") if f.suffix in (".so", ".pyd", ".dylib")), None)
+        if library is not None and not (folder / "lock").exists():
+            from ..atomic import atomic_write_text
+
+            atomic_write_text(folder / BUILT, library.name)
         return None
+
+    @staticmethod
+    def _load_built(folder: Path) -> bool:
+        """Load the library a finished build left in `folder` (see BUILT); False when there is none or it
+        does not load (then cpp_extension builds or repairs it)."""
+        try:
+            library = folder / (folder / BUILT).read_text().strip()
+            if (folder / "lock").exists() or not library.is_file():
+                return False
+            torch.ops.load_library(str(library))
+            return True
+        except (OSError, RuntimeError):
+            return False
 
 
 def _first_error(text: str) -> str:
