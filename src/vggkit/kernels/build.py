@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp", "conv_pool_relu.cpp"))
 SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
 
 
