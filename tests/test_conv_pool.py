@@ -113,6 +113,23 @@ def test_integer_data_gives_pytorchs_values_decisions_and_gradients(fused, layou
             torch.testing.assert_close(a, b, rtol=2**-8, atol=0)
 
 
+def test_any_strides_and_an_empty_batch(fused):
+    """A strided input and a broadcast output gradient (stride 0), as PyTorch's ops take them."""
+    conv = make_conv(3, 16, integer=True)
+    x = make_input(2, 3, 9, 22, "nhwc", integer=True)[:, :, :, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    y, y_ref = kernels.conv_pool_relu(conv, x), plain(conv, x)
+    assert torch.equal(y, y_ref)
+    params = [conv.weight, conv.bias]
+    grad = torch.ones(()).expand_as(y_ref)
+    for a, b in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(y_ref, params, grad)):
+        assert torch.equal(a, b)
+    empty = kernels.conv_pool_relu(conv, make_input(0, 3, 8, 8))
+    assert empty.shape == (0, 16, 4, 4)
+    grads = torch.autograd.grad(empty, params, torch.ones_like(empty))
+    assert not any(g.any() for g in grads)
+
+
 def test_a_constant_image_ties_to_the_first_position(fused):
     """All four values of an inner window equal: max_pool2d's first max, position 0."""
     conv = make_conv(1, 16, integer=True)
