@@ -62,6 +62,31 @@ def conv_relu(repeats: int) -> list[dict]:
     return rows
 
 
+def conv_pool_relu(repeats: int) -> list[dict]:
+    """The first block on the input (no input gradient): the d2l preset's gray layer and an RGB one."""
+    rows = []
+    for n, cin, cout, h in [(128, 1, 16, 224), (64, 3, 32, 64)]:
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(memory_format=CL)
+        x = torch.randn(n, cin, h, h).contiguous(memory_format=CL)
+        params = (conv.weight, conv.bias)
+
+        def pytorch():
+            return torch.relu(F.max_pool2d(conv(x), 2, 2))
+
+        with torch.autocast("cpu", dtype=BF16):
+            y_ref, y = pytorch(), kernels.conv_pool_relu(conv, x)
+            assert type(y.grad_fn).__name__ == "ConvPoolReLUBackward"
+            g = torch.randn_like(y_ref)
+            rows.append({"op": "conv 3x3 + ReLU + max-pool (first layer)", "shape": [n, cin, h, h, cout],
+                         "pytorch_fwd_ms": median_ms(pytorch, repeats),
+                         "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, params, g, retain_graph=True),
+                                                     repeats),
+                         "vggkit_fwd_ms": median_ms(lambda: kernels.conv_pool_relu(conv, x), repeats),
+                         "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, params, g, retain_graph=True),
+                                                    repeats)})
+    return rows
+
+
 def batch_norm_relu(repeats: int) -> list[dict]:
     rows = []
     for n, c, h in [(256, 32, 28), (256, 64, 14), (256, 128, 7)]:
@@ -92,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     allocator.retain_freed_memory()
     assert kernels.available(), "the C++ kernels are not available here"
-    rows = [*pool_relu(args.repeats), *conv_relu(args.repeats),
+    rows = [*pool_relu(args.repeats), *conv_relu(args.repeats), *conv_pool_relu(args.repeats),
             *batch_norm_relu(args.repeats), *dropout(args.repeats)]
     print(f"threads {torch.get_num_threads()}, bf16, channels-last; median ms of {args.repeats} calls")
     print("| op | shape | PyTorch fwd / bwd ms | vggkit fwd / bwd ms | speed-up fwd / bwd |")

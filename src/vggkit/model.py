@@ -44,7 +44,8 @@ class VGGBlock(nn.Sequential):
       of the values;
     - "fused": as "reordered", with vggkit's CPU kernels (vggkit.kernels) when training on the CPU:
       each batch norm with the ReLU after it (the last one alone) in one pass, pool and last ReLU in
-      one pass (C++); a conv and its ReLU as one oneDNN call (also in inference); elsewhere (other
+      one pass (C++); a conv and its ReLU as one oneDNN call (also in inference); a first block of
+      one conv on an input without gradient as one conv + ReLU + pool kernel (C++); elsewhere (other
       devices, no kernels, hooks) PyTorch's ops;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
@@ -75,6 +76,8 @@ class VGGBlock(nn.Sequential):
     def _pool_first(self, x):
         *body, relu, pool = self
         if self.kernels == "fused":
+            if len(body) == 1 and cpu_kernels.conv_pool_relu_fusable(body[0], x):  # a network's first block
+                return cpu_kernels.conv_pool_relu(body[0], x)
             x = _fast_layers(body, x)
             if cpu_kernels.fusable(x):
                 return cpu_kernels.max_pool_relu(x)

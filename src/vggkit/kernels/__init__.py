@@ -5,14 +5,17 @@ ops as the fallback.
 - bn_relu.py: `batch_norm_relu(x, bn, relu)`, a training-mode BatchNorm2d (and the ReLU after it)
   fused, forward and backward
 - conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op
+- conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's
+  first layer (1-4 input channels, no input gradient), forward and weight/bias backward
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
-- max_pool_relu.cpp, batch_norm_relu.cpp: the kernels (NCHW and channels-last; float32 and
-  bfloat16, and float64 for the pool)
+- max_pool_relu.cpp, batch_norm_relu.cpp, conv_pool_relu.cpp: the kernels (NCHW and channels-last;
+  float32 and bfloat16, and float64 for the pool)
 """
 from . import build
 from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
+from .conv_pool import ConvPoolReLU, conv_pool_relu, conv_pool_relu_fusable
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
 from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
@@ -23,6 +26,6 @@ def available() -> bool:
     return build.LIBRARY.available()
 
 
-__all__ = ["BatchNormReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU", "available", "batch_norm_fusable",
-           "batch_norm_relu", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable",
-           "fusable", "hooked", "max_pool_relu"]
+__all__ = ["BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU", "available",
+           "batch_norm_fusable", "batch_norm_relu", "conv_pool_relu", "conv_pool_relu_fusable", "conv_relu",
+           "conv_relu_fusable", "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]
