@@ -103,6 +103,32 @@ def batch_norm_relu(repeats: int) -> list[dict]:
     return rows
 
 
+def batch_norm_pool_relu(repeats: int) -> list[dict]:
+    """The end of a block with batch norm (the fast preset's shapes): the two kernels it used to run
+    (batch norm without ReLU, then max-pool + ReLU) and the one fused kernel, each against PyTorch."""
+    rows = []
+    for n, c, h in [(256, 32, 28), (256, 64, 14), (256, 128, 7)]:
+        bn = torch.nn.BatchNorm2d(c)
+        x = torch.randn(n, c, h, h, dtype=BF16).contiguous(memory_format=CL).requires_grad_()
+        variants = {"two kernels": lambda: kernels.max_pool_relu(kernels.batch_norm_relu(x, bn, False)),
+                    "one kernel": lambda: kernels.batch_norm_pool_relu(x, bn)}
+
+        def pytorch():
+            return F.max_pool2d(torch.relu(bn(x)), 2, 2)
+
+        with torch.autocast("cpu", dtype=BF16):
+            y_ref = pytorch()
+            g = torch.randn_like(y_ref)
+            theirs = {"pytorch_fwd_ms": median_ms(pytorch, repeats),
+                      "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, (x, bn.weight), g, retain_graph=True), repeats)}
+            for name, fn in variants.items():
+                y = fn()
+                rows.append({"op": f"batch norm (training) + max-pool + ReLU, {name}", "shape": [n, c, h, h], **theirs,
+                             "vggkit_fwd_ms": median_ms(fn, repeats),
+                             "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, (x, bn.weight), g, retain_graph=True), repeats)})
+    return rows
+
+
 def dropout(repeats: int) -> list[dict]:
     x = torch.randn(128, 4096, dtype=BF16)
     return [{"op": "dropout 0.5 (training)", "shape": [128, 4096],
@@ -118,7 +144,7 @@ def main() -> None:
     allocator.retain_freed_memory()
     assert kernels.available(), "the C++ kernels are not available here"
     rows = [*pool_relu(args.repeats), *conv_relu(args.repeats), *conv_pool_relu(args.repeats),
-            *batch_norm_relu(args.repeats), *dropout(args.repeats)]
+            *batch_norm_relu(args.repeats), *batch_norm_pool_relu(args.repeats), *dropout(args.repeats)]
     print(f"threads {torch.get_num_threads()}, bf16, channels-last; median ms of {args.repeats} calls")
     print("| op | shape | PyTorch fwd / bwd ms | vggkit fwd / bwd ms | speed-up fwd / bwd |")
     print("| --- | --- | --- | --- | --- |")

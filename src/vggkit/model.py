@@ -43,10 +43,10 @@ class VGGBlock(nn.Sequential):
       relu(max(x)); gradients agree except at exact zero ties), and the ReLU then touches a quarter
       of the values;
     - "fused": as "reordered", with vggkit's CPU kernels (vggkit.kernels) when training on the CPU:
-      each batch norm with the ReLU after it (the last one alone) in one pass, pool and last ReLU in
-      one pass (C++); a conv and its ReLU as one oneDNN call (also in inference); a first block of
-      one conv on an input without gradient as one conv + ReLU + pool kernel (C++); elsewhere (other
-      devices, no kernels, hooks) PyTorch's ops;
+      each batch norm with the ReLU after it in one pass, the last one with the pool and last ReLU
+      (without batch norm: pool and last ReLU in one pass) (C++); a conv and its ReLU as one oneDNN
+      call (also in inference); a first block of one conv on an input without gradient as one
+      conv + ReLU + pool kernel (C++); elsewhere (other devices, no kernels, hooks) PyTorch's ops;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -78,7 +78,12 @@ class VGGBlock(nn.Sequential):
         if self.kernels == "fused":
             if len(body) == 1 and cpu_kernels.conv_pool_relu_fusable(body[0], x):  # a network's first block
                 return cpu_kernels.conv_pool_relu(body[0], x)
-            x = _fast_layers(body, x)
+            bn = body[-1] if body and isinstance(body[-1], nn.BatchNorm2d) else None
+            x = _fast_layers(body[:-1] if bn is not None else body, x)
+            if bn is not None:  # the block ends with bn, pool, ReLU: one kernel where it takes them
+                if cpu_kernels.batch_norm_pool_fusable(x, bn):
+                    return cpu_kernels.batch_norm_pool_relu(x, bn)
+                x = _fast_layers([bn], x)
             if cpu_kernels.fusable(x):
                 return cpu_kernels.max_pool_relu(x)
         else:

@@ -3,19 +3,22 @@ ops as the fallback.
 
 - pool_relu.py: `max_pool_relu(x)`, relu(max_pool2d(x, 2, 2)) fused, forward and backward
 - bn_relu.py: `batch_norm_relu(x, bn, relu)`, a training-mode BatchNorm2d (and the ReLU after it)
-  fused, forward and backward
+  fused, forward and backward; `batch_norm_pool_relu(x, bn)`, the BatchNorm2d, 2x2 max-pool and ReLU
+  that end a block, fused
 - conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op
 - conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's
   first layer (1-4 input channels, no input gradient), forward and weight/bias backward
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
-- max_pool_relu.cpp, batch_norm_relu.cpp, conv_pool_relu.cpp: the kernels (NCHW and channels-last;
-  float32 and bfloat16, and float64 for the pool)
+- max_pool_relu.cpp, batch_norm_relu.cpp, batch_norm_pool_relu.cpp, conv_pool_relu.cpp: the kernels
+  (NCHW and channels-last; float32 and bfloat16, and float64 for the pool); batch_norm_common.h:
+  what the batch-norm ones share
 """
 from . import build
 from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
 from .conv_pool import ConvPoolReLU, conv_pool_relu, conv_pool_relu_fusable
+from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool_relu
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
 from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
@@ -26,6 +29,7 @@ def available() -> bool:
     return build.LIBRARY.available()
 
 
-__all__ = ["BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU", "available",
-           "batch_norm_fusable", "batch_norm_relu", "conv_pool_relu", "conv_pool_relu_fusable", "conv_relu",
-           "conv_relu_fusable", "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]
+__all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
+           "available", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
+           "conv_pool_relu", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable",
+           "fusable", "hooked", "max_pool_relu"]

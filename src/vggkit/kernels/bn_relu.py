@@ -1,11 +1,17 @@
 """Training-mode batch norm, optionally followed by ReLU, as one autograd function on the C++
-kernels (batch_norm_relu.cpp).
+kernels (batch_norm_relu.cpp); and batch norm, 2x2 max-pool and ReLU as another
+(batch_norm_pool_relu.cpp), the end of a VGG block with batch norm.
 
 PyTorch's CPU batch norm backward runs far below the memory's bandwidth on bfloat16 channels-last
 tensors (issue 15), and a ReLU after the batch norm is two more passes over the tensor (clamp_min_,
 threshold_backward). Here the forward reads x twice and writes y once; the backward reads x and
 dy twice and writes dx once, with the ReLU's mask recomputed from x. Outputs, running statistics,
 num_batches_tracked and gradients equal PyTorch's to rounding.
+
+With the pool, the full-size normalised tensor and its gradient are never written: the forward
+writes the pooled output and a code byte per output (where the max was, or that the ReLU blocked
+it), the backward reads the pooled gradient and the codes. The forward equals batch_norm_relu
+(relu=False) then max_pool_relu to the bit; the gradients equal theirs to rounding.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .pool_relu import fusable as _fusable_input, hooked
+from .pool_relu import fusable as _fusable_input, hooked, max_pool_relu
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -35,6 +41,24 @@ class BatchNormReLU(torch.autograd.Function):
                                                                                    invstd, ctx.relu)
         return (grad_x, grad_weight if weight is not None else None, grad_bias if bias is not None else None,
                 None, None, None, None, None)
+
+
+class BatchNormPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        y, code, mean, invstd = torch.ops.vggkit.batch_norm_pool_relu(x, weight, bias, running_mean, running_var,
+                                                                      momentum, eps)
+        ctx.save_for_backward(x, weight, bias, code, mean, invstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, code, mean, invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.vggkit.batch_norm_pool_relu_backward(grad, code, x, weight, bias,
+                                                                                        mean, invstd)
+        return (grad_x, grad_weight if weight is not None else None, grad_bias if bias is not None else None,
+                None, None, None, None)
 
 
 def batch_norm_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
@@ -59,9 +83,28 @@ def batch_norm_relu(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Te
     if not batch_norm_fusable(x, bn):
         y = bn(x)
         return torch.relu(y) if relu else y
-    momentum = _count_batch(bn)
+    return BatchNormReLU.apply(x, *_module_arguments(bn), relu)
+
+
+def batch_norm_pool_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
+    """Whether BatchNormPoolReLU takes relu(max_pool2d(bn(x), 2, 2)): as `batch_norm_fusable`, on a
+    height and width of at least 2 (a pooled output that is not empty)."""
+    return batch_norm_fusable(x, bn) and x.shape[-2] >= 2 and x.shape[-1] >= 2
+
+
+def batch_norm_pool_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """relu(max_pool2d(bn(x), 2, 2)): one fused kernel where `batch_norm_pool_fusable(x, bn)`, else
+    batch_norm_relu (without ReLU) then max_pool_relu, each fused where it can be."""
+    if not batch_norm_pool_fusable(x, bn):
+        return max_pool_relu(batch_norm_relu(x, bn, relu=False))
+    return BatchNormPoolReLU.apply(x, *_module_arguments(bn))
+
+
+def _module_arguments(bn: nn.BatchNorm2d) -> tuple:
+    """The kernels' arguments from bn: weight, bias, running mean and variance (None where it keeps
+    none), momentum and eps; the batch counted as the module counts it."""
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
-    return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, momentum, bn.eps, relu)
+    return (bn.weight, bn.bias, *running, _count_batch(bn), bn.eps)
 
 
 def _count_batch(bn: nn.BatchNorm2d) -> float:

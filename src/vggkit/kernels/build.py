@@ -1,12 +1,12 @@
 """Build the C++ kernels at first use and load them; the build is cached per machine.
 
 The sources (SOURCES) make one library, in <cache>/vggkit/kernels/<torch version>-<hash>, <cache>
-being $XDG_CACHE_HOME or ~/.cache; the hash covers the sources, the compiler flags, Python's
-version and the CPU (the build targets the CPU it runs on). torch.utils.cpp_extension builds it
-with ninja (a vggkit dependency) and the C++ compiler ($CXX, else c++), with OpenMP where that is
-torch's (openmp_flags); once built and loaded, a file BUILT names it, and a later process loads it
-straight away (torch.ops.load_library: no cpp_extension import, no ninja run). Processes building
-at once wait on torch's lock file in that folder.
+being $XDG_CACHE_HOME or ~/.cache; the hash covers the sources (and the headers they include), the
+compiler flags, Python's version and the CPU (the build targets the CPU it runs on).
+torch.utils.cpp_extension builds it with ninja (a vggkit dependency) and the C++ compiler ($CXX,
+else c++), with OpenMP where that is torch's (openmp_flags); once built and loaded, a file BUILT
+names it, and a later process loads it straight away (torch.ops.load_library: no cpp_extension
+import, no ninja run). Processes building at once wait on torch's lock file in that folder.
 
 Where the library cannot be had (VGGKIT_KERNELS=plain, no compiler, a failed build) the process
 says so once on stderr and vggkit uses PyTorch's own ops.
@@ -17,6 +17,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp", "conv_pool_relu.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp",
+                                                             "batch_norm_pool_relu.cpp", "conv_pool_relu.cpp"))
 SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
 BUILT = "built.txt"  # in the build folder: the library's file name, written once it built and loaded
 
@@ -100,7 +101,7 @@ class KernelLibrary:
         return self.reason is None
 
     def digest(self) -> str:
-        parts = [*(source.read_bytes() for source in self.sources), " ".join(compiler_flags()).encode(),
+        parts = [*source_texts(self.sources), " ".join(compiler_flags()).encode(),
                  torch.__version__.encode(), sys.version.split()[0].encode(), cpu_fingerprint().encode()]
         return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -152,6 +153,31 @@ class KernelLibrary:
             return True
         except (OSError, RuntimeError):
             return False
+
+
+_LOCAL_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
+
+
+def source_texts(sources: Sequence[Path]) -> list[bytes]:
+    """The text of each source, each followed by that of the headers it includes with #include "name"
+    (found beside the including file, themselves searched in turn): each file once. A changed header
+    must change the hash, or a stale library would be loaded."""
+    texts, seen = [], set()
+
+    def add(path: Path) -> None:
+        if path in seen:
+            return
+        seen.add(path)
+        text = path.read_bytes()
+        texts.append(text)
+        for name in _LOCAL_INCLUDE.findall(text):
+            header = path.parent / name.decode()
+            if header.is_file():
+                add(header)
+
+    for source in sources:
+        add(source)
+    return texts
 
 
 def _first_error(text: str) -> str:
