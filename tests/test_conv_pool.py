@@ -295,3 +295,14 @@ def test_without_the_library_the_network_still_trains(monkeypatch):
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_plain[name], msg=name)
     assert "ConvPoolReLUBackward" not in graph(model(x).sum().grad_fn)
+
+
+def test_the_network_fuses_gray_first_layers_only(fused):
+    """An RGB first layer keeps oneDNN's convolution and the pool kernel: the fused forward measured
+    slower there (kernels.conv_pool.FASTER_IN_CHANNELS)."""
+    for channels, expected in ((1, 1), (3, 0)):
+        model = VGG("1x8,1x16", in_channels=channels, input_size=16, fc_width=16, num_classes=3, batch_norm=False)
+        set_kernels(model, "fused")
+        calls = graph(model(make_input(2, channels, 16, 16)).sum().grad_fn)
+        assert calls.count("ConvPoolReLUBackward") == expected
+        assert calls.count("MaxPoolReLUBackward") == 2 - expected

@@ -38,9 +38,9 @@ def decided(data, world_size=1, **given):
 
 @pytest.mark.parametrize("data,given,expected", [
     # Fashion-MNIST: the fast recipe's own values, so its accuracy and time stay
-    (splits("fashion-mnist", 60_000, 28, 28), {}, (5000, 28, 256, 8, True)),
-    (splits("mnist", 60_000, 28, 28, flips_safe=False), {}, (5000, 28, 256, 8, False)),
-    (splits("cifar10", 50_000, 32, 32, 3), {}, (5000, 32, 256, 8, True)),
+    (splits("fashion-mnist", 60_000, 28, 28), {}, (5000, 28, 256, 12, True)),
+    (splits("mnist", 60_000, 28, 28, flips_safe=False), {}, (5000, 28, 256, 12, False)),
+    (splits("cifar10", 50_000, 32, 32, 3), {}, (5000, 32, 256, 12, True)),
     # a named set made small by --limit: 10% of it for validation, a smaller batch, more epochs
     (splits("fashion-mnist", 60_000, 28, 28), {"limit": 2000}, (200, 28, 32, 17, True)),
     (splits("fashion-mnist", 60_000, 28, 28), {"limit": 200}, (20, 28, 8, 40, True)),
@@ -57,7 +57,7 @@ def decided(data, world_size=1, **given):
     # what is given is kept
     (splits("digits/", 1617, 8, 8), {"input_size": 32, "batch_size": 64, "epochs": 3, "val_size": 0, "flip": True},
      (0, 32, 64, 3, True)),
-    (splits("fashion-mnist", 60_000, 28, 28), {"arch": "vgg11"}, (5000, 64, 256, 8, True)),  # 5 blocks need 64
+    (splits("fashion-mnist", 60_000, 28, 28), {"arch": "vgg11"}, (5000, 64, 256, 12, True)),  # 5 blocks need 64
 ])
 def test_the_table_of_decisions(data, given, expected):
     assert decided(data, **given)[0] == expected
@@ -113,7 +113,7 @@ def test_the_recipes_keep_their_values():
 
 def test_the_fast_recipe_on_fashion_mnist_is_what_bench_assumes():
     config, _ = decide(TrainConfig(), LIKE_FASHION_MNIST)
-    assert tuple(getattr(config, key) for key in KEYS) == (5000, 28, 256, 8, True)
+    assert tuple(getattr(config, key) for key in KEYS) == (5000, 28, 256, 12, True)
     assert set(FROM_THE_DATA) == {*KEYS, "lr", "tta"} and config.lr == 0.1 and config.tta == "flip"
 
 
@@ -249,11 +249,12 @@ def test_help_shows_every_train_flag_with_its_default(capsys):
     for field in dataclasses.fields(TrainConfig):
         if field.name != "preset":
             assert train_flag(field.name) in text
-    assert "--epochs EPOCHS passes over the training set (default: from the data, 8, more for small sets; d2l: 10; " \
+    assert "--epochs EPOCHS passes over the training set (default: from the data, 12, more for small sets; d2l: 10; " \
            "best: 40)" in text
     assert "--lr LR learning rate (peak for onecycle) (default: from the data, 0.1 at batch 256, x (batch/256)**0.25 " \
            "for other batches; d2l: 0.05; best: 0.05)" in text
     assert "(default: from the data, 10%, at most 5,000; d2l: 0)" in text
+    assert "(default: from the data, flip where the run trains with flips, else off; d2l: off; best: flip)" in text
     parser = argparse.ArgumentParser()
     add_train_args(parser)
     for action in parser._actions[1:]:  # after --help

@@ -22,7 +22,7 @@ DEFAULT_RECIPE = "fast"
 class TrainConfig:
     """Every field of a training run. The defaults are the `fast` recipe: small VGG blocks, bf16 +
     channels-last on CPU, one-cycle SGD, crop, label smoothing. The FROM_THE_DATA fields are None
-    unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 8, 5,000, flip on,
+    unless given: decide.py fills them from the data (on Fashion-MNIST: 28, 256, 12, 5,000, flip on,
     flip TTA)."""
     preset: str = DEFAULT_RECIPE  # the recipe the run started from
     # model (arch, ratio, fc_width, batch_norm: None when they come from the initial weights)

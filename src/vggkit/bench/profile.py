@@ -26,7 +26,8 @@ DATA_RANGE = "vggkit.data"
 RANGE_GROUPS = (("data", (DATA_RANGE,)), ("optimizer", ("optimizer.step#", "optimizer.zero_grad#")))
 OP_GROUPS = (
     ("pooling", ("max_pool", "maxpool")),  # before activations: the fused kernel is max_pool_relu
-    ("convolution", ("convolution", "conv2d")),
+    # the fused ops count where most of their work is: the first layer's conv, a block's batch norm
+    ("convolution", ("convolution", "conv2d", "conv_pool")),
     ("normalization", ("batch_norm", "batchnorm")),
     ("activations", ("relu", "threshold")),
 )

@@ -17,7 +17,7 @@ ops as the fallback.
 from . import build
 from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
-from .conv_pool import ConvPoolReLU, conv_pool_relu, conv_pool_relu_fusable
+from .conv_pool import ConvPoolReLU, conv_pool_relu, conv_pool_relu_faster, conv_pool_relu_fusable
 from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool_relu
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
@@ -31,5 +31,5 @@ def available() -> bool:
 
 __all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
            "available", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
-           "conv_pool_relu", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable", "dropout", "dropout_fusable",
-           "fusable", "hooked", "max_pool_relu"]
+           "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
+           "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]

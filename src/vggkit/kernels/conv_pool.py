@@ -22,6 +22,10 @@ from .pool_relu import hooked
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_IN_CHANNELS = 4  # the C++ kernel's: gray and RGB(A) first layers
+# Where the network uses it (VGGBlock): gray first layers only. Measured (benchmarks/bench_kernels.py,
+# bf16 channels-last, 2 threads): 128x1x224x224 -> 16 forward 2.35x and backward 7.5x PyTorch's, but
+# 64x3x64x64 -> 32 forward 0.78x (oneDNN's convolution uses the matrix units there).
+FASTER_IN_CHANNELS = 1
 
 
 class ConvPoolReLU(torch.autograd.Function):
@@ -58,6 +62,13 @@ def conv_pool_relu_fusable(conv: nn.Module, x: torch.Tensor) -> bool:
             and weight.requires_grad and x.dtype in DTYPES and weight.dtype in DTYPES
             and compute_dtype(x) in DTYPES and same_dtype and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and build.LIBRARY.available())
+
+
+def conv_pool_relu_faster(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the network should run relu(max_pool2d(conv(x))) as ConvPoolReLU: it can
+    (conv_pool_relu_fusable) and it measured faster than oneDNN's convolution then the pool kernel
+    for this many input channels (FASTER_IN_CHANNELS)."""
+    return conv_pool_relu_fusable(conv, x) and conv.in_channels <= FASTER_IN_CHANNELS
 
 
 def _first_layer_geometry(conv: nn.Conv2d) -> bool:
