@@ -1,5 +1,5 @@
 // What the training-mode batch-norm kernels share (batch_norm_relu.cpp, batch_norm_pool_relu.cpp):
-// the storage types' widening and narrowing, the affine map, the per-channel sums, the batch
+// the storage types' widening and narrowing (bfloat16.h), the affine map, the per-channel sums, the batch
 // statistics with the running-statistics update, the input-gradient formula and its coefficients,
 // and the argument checks. Tensors are 4-D CPU, channels-last (NHWC) or NCHW, float or bfloat16;
 // the statistics, weight, bias and running statistics are float32 (as PyTorch keeps them under
@@ -14,6 +14,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+
+#include "bfloat16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,49 +46,15 @@ constexpr int64_t kFlush = 16;
 constexpr int64_t kGrainValues = 32768;  // values per parallel task and per partial sum, at least
 constexpr int64_t kMaxChunks = 256;      // partial sums per reduction, at most
 
-inline float widen(float v) { return v; }
-
-inline float widen(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint32_t bits_of(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-}
-
-inline float float_of(uint32_t b) {
-  float v;
-  std::memcpy(&v, &b, sizeof(v));
-  return v;
-}
+using storage::bits_of;
+using storage::float_of;
+using storage::narrow;
+using storage::round_bits;
+using storage::widen;
 
 inline uint32_t mask_of(bool take) { return 0u - static_cast<uint32_t>(take); }  // all ones or all zeros
 
 inline bool is_nan(float v) { return v != v; }
-
-// bfloat16's round to nearest even on a float's bits: the result's upper 16 bits (NaN aside).
-inline uint32_t round_bits(uint32_t bits) { return bits + 0x7FFFu + ((bits >> 16) & 1u); }
-
-// float to the storage type: for bfloat16, round to nearest even (NaN to the quiet NaN) exactly as
-// c10::BFloat16 does, written without branches.
-template <typename scalar_t>
-inline scalar_t narrow(float v);
-
-template <>
-inline float narrow<float>(float v) {
-  return v;
-}
-
-template <>
-inline c10::BFloat16 narrow<c10::BFloat16>(float v) {
-  const uint32_t rounded = round_bits(bits_of(v)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-}
 
 // widen(narrow<scalar_t>(v)), from v and is_nan(v), for kernels that go on computing with the stored
 // value (batch_norm_pool_relu.cpp). The NaN case is a mask, not ?: (which C++ compiles as a branch

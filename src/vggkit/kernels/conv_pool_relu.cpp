@@ -21,6 +21,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "bfloat16.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -54,46 +56,17 @@ constexpr int64_t kMaxChunks = 256;     // partial sums of the backward, at most
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline float widen(float v) { return v; }
-
-inline float widen(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// float to the storage type: for bfloat16, round to nearest even (NaN to the quiet NaN), as
-// c10::BFloat16 does, without branches (as batch_norm_relu.cpp's narrow).
-template <typename scalar_t>
-inline scalar_t narrow(float v);
-
-template <>
-inline float narrow<float>(float v) {
-  return v;
-}
-
-template <>
-inline c10::BFloat16 narrow<c10::BFloat16>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-}
+using vggkit::storage::narrow;
+using vggkit::storage::widen;
 
 // v at the precision the convolution computes in: widen(narrow<scalar_t>(v)) in integer operations
 // without a branch (GCC leaves a loop over narrow's select scalar).
 template <typename scalar_t>
 inline float rounded(float v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t nearest = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    const uint32_t nearest = vggkit::storage::round_bits(vggkit::storage::bits_of(v)) & 0xFFFF0000u;
     const uint32_t number = 0u - static_cast<uint32_t>(v == v);  // all ones, or 0 for NaN
-    bits = (nearest & number) | (0x7FC00000u & ~number);
-    float out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
+    return vggkit::storage::float_of((nearest & number) | (0x7FC00000u & ~number));
   } else {
     return v;
   }
