@@ -1,6 +1,23 @@
 """Small helpers shared by the tests (tests/ is on sys.path under pytest's default import mode)."""
+import os
+import shutil
+
+import pytest
 import torch
 from torch import nn
+
+
+def require_kernels() -> None:
+    """Skip where vggkit's C++ kernels are switched off or cannot be built (no compiler); else build
+    (or load from the cache) and check them: the fused-kernel test modules' fixtures call it."""
+    from vggkit import kernels
+    from vggkit.kernels import build
+
+    if os.environ.get(build.SWITCH, "").lower() == "plain":
+        pytest.skip(f"{build.SWITCH}=plain: this run tests the plain path only")
+    if shutil.which(build.compiler()) is None:
+        pytest.skip(f"no C++ compiler ({build.compiler()}) to build the fast CPU kernels")
+    assert kernels.available(), build.LIBRARY.reason
 
 
 def like_trained(model: nn.Module, weight_noise: float = 0.0) -> nn.Module:

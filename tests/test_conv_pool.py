@@ -4,13 +4,13 @@ values, window decisions (the code byte), weight and bias gradients, in float32 
 NCHW and channels-last, 1 and 3 input channels, with and without bias, odd sizes, ties; where it
 applies; the network's dispatch, fused against plain; the fallback without the library."""
 import copy
-import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from helpers import require_kernels
 
 from vggkit import kernels
 from vggkit.kernels import build
@@ -28,11 +28,7 @@ CASES = {"gray-16": (1, 16, True, 4, 18, 18), "rgb-odd": (3, 20, False, 3, 11, 1
 @pytest.fixture(scope="module")
 def fused():
     """The C++ kernels, built (or loaded from the cache) once for this module."""
-    if os.environ.get(build.SWITCH, "").lower() == "plain":
-        pytest.skip(f"{build.SWITCH}=plain: this run tests the plain path only")
-    if shutil.which(build.compiler()) is None:
-        pytest.skip(f"no C++ compiler ({build.compiler()}) to build the fast CPU kernels")
-    assert kernels.available(), build.LIBRARY.reason
+    require_kernels()
 
     def op(conv, x):
         """The C++ forward itself: the output and the codes."""

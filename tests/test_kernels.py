@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import require_kernels
+
 from vggkit import kernels
 from vggkit.config import resolve_config
 from vggkit.errors import VggkitError
@@ -26,11 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @pytest.fixture(scope="module")
 def fused():
     """The C++ kernels, built (or loaded from the cache) once for this module."""
-    if os.environ.get(build.SWITCH, "").lower() == "plain":
-        pytest.skip(f"{build.SWITCH}=plain: this run tests the plain path only")
-    if shutil.which(build.compiler()) is None:
-        pytest.skip(f"no C++ compiler ({build.compiler()}) to build the fast CPU kernels")
-    assert kernels.available(), build.LIBRARY.reason
+    require_kernels()
     return kernels.MaxPoolReLU.apply
 
 
