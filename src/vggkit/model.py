@@ -128,6 +128,24 @@ class Dropout(nn.Dropout):
                 and cpu_kernels.dropout_fusable(x, self.p))
 
 
+class Linear(nn.Linear):
+    """nn.Linear; in the "fused" mode, training on the CPU under bf16 autocast with an optimizer that
+    keeps a bfloat16 copy of its weight (kernels.weight_copies), the product takes that copy instead
+    of autocast's cast of the weight, and the gradient stays on the copy for the optimizer."""
+
+    kernels = "reordered"
+    weight_copy = None  # a kernels.WeightCopy, given by the optimizer that keeps it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._copied(x):
+            return cpu_kernels.linear_with_copy(self, x)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _copied(self, x):
+        return self.kernels == "fused" and cpu_kernels.weight_copy_applies(self, x)
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module
 
@@ -135,7 +153,7 @@ def _global_hooks() -> bool:
 
 
 def set_kernels(model: nn.Module, mode: str) -> str:
-    """Set how every VGGBlock (and classifier Dropout) of `model` computes (KERNELS, see VGGBlock);
+    """Set how every VGGBlock (and classifier Dropout and Linear) of `model` computes (KERNELS, see VGGBlock);
     returns the mode set: "fused" becomes "reordered" where the C++ kernels cannot be had (the
     process then says why once on stderr). The state dict is the same in every mode."""
     if mode not in KERNELS:
@@ -143,7 +161,7 @@ def set_kernels(model: nn.Module, mode: str) -> str:
     if mode == "fused" and not cpu_kernels.available():
         mode = "reordered"
     for block in model.modules():
-        if isinstance(block, (VGGBlock, Dropout)):
+        if isinstance(block, (VGGBlock, Dropout, Linear)):
             block.kernels = mode
     return mode
 
@@ -250,9 +268,9 @@ class VGG(nn.Module):
         self.avgpool = StaticAdaptiveAvgPool2d((height, width)) if head_pool == "adaptive" else nn.Identity()
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels * pooled[0] * pooled[1], fc_width), nn.ReLU(inplace=True), Dropout(dropout),
-            nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), Dropout(dropout),
-            nn.Linear(fc_width, num_classes),
+            Linear(channels * pooled[0] * pooled[1], fc_width), nn.ReLU(inplace=True), Dropout(dropout),
+            Linear(fc_width, fc_width), nn.ReLU(inplace=True), Dropout(dropout),
+            Linear(fc_width, num_classes),
         )
         self.apply(INITS[init])
 
@@ -292,7 +310,8 @@ class VGG(nn.Module):
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise VggkitError(f"num_classes must be a positive integer, got {num_classes!r}")
         old = self.classifier[-1]
-        new = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        new = Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        new.kernels = getattr(old, "kernels", new.kernels)
         INITS[self.init](new)
         self.classifier[-1] = new
         self.num_classes = num_classes

@@ -26,11 +26,16 @@ class OptimizerKind:
     trainable: bool = True  # False: a name only the memory estimate knows
 
 
-def _sgd(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
+def _sgd(groups: list[dict], config: TrainConfig, linears=(), **options) -> torch.optim.Optimizer:
+    """SGD; where the model's Linears take bfloat16 weight copies (`linears`, see _copied_linears),
+    the SGD that keeps them."""
     from torch.optim import SGD
 
-    return SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
-               **options)
+    from .kernels import SGDWithWeightCopies
+
+    settings = dict(lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
+                    **options)
+    return SGDWithWeightCopies(groups, list(linears), **settings) if linears else SGD(groups, **settings)
 
 
 def _adam(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
@@ -61,7 +66,22 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return OPTIMIZERS[config.optimizer].build(groups, config, **_fused_step(config, model))
+    options = _fused_step(config, model)
+    if config.optimizer == "sgd":
+        options["linears"] = _copied_linears(model)
+    return OPTIMIZERS[config.optimizer].build(groups, config, **options)
+
+
+def _copied_linears(model: torch.nn.Module) -> list:
+    """The Linears whose weights SGD steps through bfloat16 copies (kernels.weight_copies): those in
+    the "fused" kernels mode, in a single process (under DDP every weight must get its gradient)."""
+    import torch.distributed as dist
+
+    from .kernels import copyable_linears
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return []
+    return [m for m in copyable_linears(model) if m.kernels == "fused"]
 
 
 def _fused_step(config: TrainConfig, model: torch.nn.Module) -> dict:

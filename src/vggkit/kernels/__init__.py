@@ -9,8 +9,11 @@ ops as the fallback.
 - conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's
   first layer (1-4 input channels, no input gradient), forward and weight/bias backward
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
+- weight_copies.py: `SGDWithWeightCopies`, SGD keeping bfloat16 copies of the Linear weights that
+  the Linears multiply by under bf16 autocast (`linear_with_copy`), instead of casting every step
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
-- max_pool_relu.cpp, batch_norm_relu.cpp, batch_norm_pool_relu.cpp, conv_pool_relu.cpp: the kernels
+- max_pool_relu.cpp, batch_norm_relu.cpp, batch_norm_pool_relu.cpp, conv_pool_relu.cpp,
+  sgd_bf16_copy.cpp: the kernels
   (NCHW and channels-last; float32 and bfloat16, and float64 for the pool); batch_norm_common.h:
   what the batch-norm ones share
 """
@@ -22,6 +25,9 @@ from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool
 from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
 from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
+from .weight_copies import SGDWithWeightCopies, WeightCopy, copyable_linears
+from .weight_copies import applies as weight_copy_applies
+from .weight_copies import linear as linear_with_copy
 
 
 def available() -> bool:
@@ -30,6 +36,7 @@ def available() -> bool:
 
 
 __all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
-           "available", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
+           "SGDWithWeightCopies", "WeightCopy", "available", "copyable_linears", "linear_with_copy",
+           "weight_copy_applies", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
            "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
            "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]
