@@ -341,6 +341,13 @@ def test_dropout_keeps_one_minus_p_scaled_and_its_gradient_is_the_mask():
     assert torch.equal(first, kernels.dropout(torch.ones(50), 0.5))  # the seed decides the mask
 
 
+def test_dropout_masks_are_unbiased_at_every_position_and_odd_sizes():
+    torch.manual_seed(0)
+    kept = torch.stack([kernels.dropout(torch.ones(3, 7), 0.25) != 0 for _ in range(4000)]).float().mean(0)
+    assert kept.shape == (3, 7)  # 21 values: not a whole number of 64-bit draws
+    assert (kept - 0.75).abs().max().item() < 0.03  # each of a draw's four 16-bit parts, the sign bit too
+
+
 def test_model_dropout_uses_the_fast_mask_only_when_training_fused():
     model = VGG("1x4", in_channels=1, input_size=8, fc_width=400, num_classes=3, dropout=0.5, batch_norm=False)
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]

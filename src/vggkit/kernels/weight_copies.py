@@ -54,8 +54,32 @@ def applies(linear: nn.Module, x: torch.Tensor) -> bool:
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) with the bfloat16 copy of its weight (applies(module, x) must hold)."""
-    return F.linear(x, module.weight_copy.current(module.weight), module.bias)
+    """module(x) with the bfloat16 copy of its weight (applies(module, x) must hold), in bfloat16 as
+    autocast computes it."""
+    bias = None if module.bias is None else module.bias.to(torch.bfloat16)
+    return LinearOnCopy.apply(x.to(torch.bfloat16), module.weight_copy.current(module.weight), bias)
+
+
+class LinearOnCopy(torch.autograd.Function):
+    """F.linear on bfloat16 tensors whose weight gradient multiplies a contiguous transpose of the
+    output gradient: autograd's go.t() @ x took 5.5 ms where this takes 2.5 (the d2l preset's first
+    classifier layer, 2 cores); the same products otherwise."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        inputs = x.reshape(-1, x.shape[-1])
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = rows.t().contiguous().mm(inputs) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 class SGDWithWeightCopies(SGD):
