@@ -75,11 +75,10 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
 def _copied_linears(model: torch.nn.Module) -> list:
     """The Linears whose weights SGD steps through bfloat16 copies (kernels.weight_copies): those in
     the "fused" kernels mode, in a single process (under DDP every weight must get its gradient)."""
-    import torch.distributed as dist
-
+    from .distributed import world
     from .kernels import copyable_linears
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world()[1] > 1:
         return []
     return [m for m in copyable_linears(model) if m.kernels == "fused"]
 
