@@ -136,6 +136,26 @@ def dropout(repeats: int) -> list[dict]:
              "vggkit_fwd_ms": median_ms(lambda: kernels.dropout(x, 0.5), repeats)}]
 
 
+def conv_weight_grad(repeats: int) -> list[dict]:
+    """A 3x3 convolution's weight and bias gradients: oneDNN's (through PyTorch) against the AMX kernel
+    (kernels/conv_weight_grad.cpp), on the fast (batch 256) and d2l (batch 128) presets' shapes."""
+    if not torch.ops.vggkit.conv3x3_weight_grad_available():
+        return []
+    rows = []
+    for n, cin, cout, h in [(256, 32, 64, 14), (256, 64, 64, 14), (256, 64, 128, 7), (256, 128, 128, 7),
+                            (128, 16, 32, 112), (128, 32, 64, 56), (128, 64, 64, 56), (128, 64, 128, 28),
+                            (128, 128, 128, 28), (128, 128, 128, 14)]:
+        x = torch.randn(n, cin, h, h, dtype=BF16).contiguous(memory_format=CL)
+        g = torch.randn(n, cout, h, h, dtype=BF16).contiguous(memory_format=CL)
+        w = torch.randn(cout, cin, 3, 3, dtype=BF16).contiguous(memory_format=CL)
+        onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [cout], [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                             1, [False, True, True])
+        rows.append({"op": "conv 3x3 weight + bias gradient (in the backward)", "shape": [n, cin, h, h, cout],
+                     "pytorch_fwd_ms": median_ms(onednn, repeats),
+                     "vggkit_fwd_ms": median_ms(lambda: torch.ops.vggkit.conv3x3_weight_grad(g, x), repeats)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
@@ -144,7 +164,8 @@ def main() -> None:
     allocator.retain_freed_memory()
     assert kernels.available(), "the C++ kernels are not available here"
     rows = [*pool_relu(args.repeats), *conv_relu(args.repeats), *conv_pool_relu(args.repeats),
-            *batch_norm_relu(args.repeats), *batch_norm_pool_relu(args.repeats), *dropout(args.repeats)]
+            *batch_norm_relu(args.repeats), *batch_norm_pool_relu(args.repeats), *dropout(args.repeats),
+            *conv_weight_grad(args.repeats)]
     print(f"threads {torch.get_num_threads()}, bf16, channels-last; median ms of {args.repeats} calls")
     print("| op | shape | PyTorch fwd / bwd ms | vggkit fwd / bwd ms | speed-up fwd / bwd |")
     print("| --- | --- | --- | --- | --- |")

@@ -361,3 +361,19 @@ def test_model_dropout_uses_the_fast_mask_only_when_training_fused():
     drops[0].train()
     set_kernels(model, "plain")
     assert drops[0].kernels == "plain" and abs((drops[0](x) == 0).float().mean().item() - 0.5) < 0.02
+
+
+def test_conv_weight_grad_stays_with_onednn_without_amx(monkeypatch):
+    from vggkit.kernels import conv_weight_grad
+
+    monkeypatch.setattr(conv_weight_grad, "_has_amx", False)  # as on a CPU without AMX (e.g. AMD Zen 5)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+    x = torch.randn(2, 64, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.conv_fusable(conv, x)  # a conv before batch norm stays nn.Conv2d
+        assert kernels.conv_relu_fusable(conv, torch.nn.ReLU(), x)
+        fused, plain = kernels.conv_relu(conv, x), torch.relu(conv(x))
+    grad = torch.randn_like(plain)
+    got = torch.autograd.grad(fused, conv.weight, grad)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(plain, conv.weight, grad)[0], rtol=1e-2, atol=1e-2)

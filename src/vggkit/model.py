@@ -97,7 +97,7 @@ class VGGBlock(nn.Sequential):
 
 def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The layers in order, through vggkit.kernels where they apply: a batch norm and the ReLU after
-    it (C++), a conv and the ReLU after it (oneDNN)."""
+    it (C++), a conv and the ReLU after it (oneDNN), a conv whose weight gradient runs on AMX."""
     i = 0
     while i < len(layers):
         layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
@@ -106,6 +106,8 @@ def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
             x, i = cpu_kernels.batch_norm_relu(x, layer, relu), i + (2 if relu else 1)
         elif cpu_kernels.conv_relu_fusable(layer, after, x):
             x, i = cpu_kernels.conv_relu(layer, x), i + 2
+        elif cpu_kernels.conv_fusable(layer, x):  # a conv before batch norm whose weight gradient takes AMX
+            x, i = cpu_kernels.conv_relu(layer, x, relu=False), i + 1
         else:
             x, i = layer(x), i + 1
     return x

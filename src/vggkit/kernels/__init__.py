@@ -5,7 +5,10 @@ ops as the fallback.
 - bn_relu.py: `batch_norm_relu(x, bn, relu)`, a training-mode BatchNorm2d (and the ReLU after it)
   fused, forward and backward; `batch_norm_pool_relu(x, bn)`, the BatchNorm2d, 2x2 max-pool and ReLU
   that end a block, fused
-- conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op
+- conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op;
+  both with the weight gradient from conv_weight_grad.py where it applies
+- conv_weight_grad.py: a 3x3 convolution's weight gradient on the AMX matrix units, where it measured
+  faster than oneDNN's
 - conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's
   first layer (1-4 input channels, no input gradient), forward and weight/bias backward
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
@@ -13,7 +16,7 @@ ops as the fallback.
   the Linears multiply by under bf16 autocast (`linear_with_copy`), instead of casting every step
 - build.py: building, caching and loading the library; the one-line note when it cannot be had
 - max_pool_relu.cpp, batch_norm_relu.cpp, batch_norm_pool_relu.cpp, conv_pool_relu.cpp,
-  sgd_bf16_copy.cpp: the kernels
+  sgd_bf16_copy.cpp, conv_weight_grad.cpp: the kernels
   (NCHW and channels-last; float32 and bfloat16, and float64 for the pool); batch_norm_common.h:
   what the batch-norm ones share
 """
@@ -22,7 +25,7 @@ from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
 from .conv_pool import ConvPoolReLU, conv_pool_relu, conv_pool_relu_faster, conv_pool_relu_fusable
 from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool_relu
-from .conv_relu import ConvReLU, conv_relu, conv_relu_fusable
+from .conv_relu import ConvReLU, conv_fusable, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
 from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
 from .weight_copies import SGDWithWeightCopies, WeightCopy, copyable_linears
@@ -38,5 +41,5 @@ def available() -> bool:
 __all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
            "SGDWithWeightCopies", "WeightCopy", "available", "copyable_linears", "linear_with_copy",
            "weight_copy_applies", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
-           "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
+           "conv_fusable", "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
            "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]

@@ -31,7 +31,7 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp",
                                                              "batch_norm_pool_relu.cpp", "conv_pool_relu.cpp",
-                                                             "sgd_bf16_copy.cpp"))
+                                                             "sgd_bf16_copy.cpp", "conv_weight_grad.cpp"))
 SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
 BUILT = "built.txt"  # in the build folder: the library's file name, written once it built and loaded
 
