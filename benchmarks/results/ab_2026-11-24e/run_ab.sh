@@ -2,7 +2,7 @@
 # issue 15, fifth step: the fast preset with the convolution weight gradients on AMX
 # (kernels/conv_weight_grad.cpp) against the same kernels with oneDNN's weight gradient ("onednn_wgrad":
 # conv_weight_grad.MIN_IN_CHANNELS set out of reach) and the plain path (--kernels plain), alternating,
-# three rounds; then the d2l preset the same way, one round of each. Run alone, from this folder.
+# three rounds; then the d2l preset the same way, two rounds. Run alone, from this folder.
 PY=../../../.venv/bin/python
 export VGGKIT_DATA=${VGGKIT_DATA:-../../../../shared/data} PYTHONPATH=../../../src
 bench() {  # bench NAME PRESET KERNELS OFF
@@ -18,6 +18,7 @@ for round in 1 2 3; do
   bench amx_wgrad_fast_$round fast fast on
 done
 for round in 1 2; do
+  bench plain_d2l_$round d2l plain on
   bench onednn_wgrad_d2l_$round d2l fast off
   bench amx_wgrad_d2l_$round d2l fast on
 done

@@ -4,7 +4,7 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).parent
-for preset, codes in (("fast", ("plain", "onednn_wgrad", "amx_wgrad")), ("d2l", ("onednn_wgrad", "amx_wgrad"))):
+for preset, codes in (("fast", ("plain", "onednn_wgrad", "amx_wgrad")), ("d2l", ("plain", "onednn_wgrad", "amx_wgrad"))):
     medians = {}
     for code in codes:
         runs = [json.loads(p.read_text()) for p in sorted(HERE.glob(f"{code}_{preset}_*.json"))]

@@ -2,11 +2,12 @@
 where it measured faster than oneDNN's.
 
 Measured (benchmarks/bench_kernels.py, weight + bias gradients, bf16 channels-last, 2 threads of an
-Intel Xeon with AMX, 2026-11-24; oneDNN / this, ms): 256x64x14x14 -> 64 4.0 / 2.5, 256x64x7x7 -> 128
-2.4 / 1.2, 256x128x7x7 -> 128 5.8 / 2.3, 128x128x14x14 -> 128 5.9 / 4.4; but 256x32x14x14 -> 64
-1.6 / 1.6, 128x128x28x28 -> 128 18.4 / 18.3, 128x64x28x28 -> 128 9.1 / 10.1 and 128x16x112x112 -> 32
-15.3 / 23.5: on larger images and fewer channels laying the operands out costs more than the
-products gain. Hence at least MIN_IN_CHANNELS input channels and at most MAX_PIXELS pixels.
+Intel Xeon with AMX, 2026-11-24; oneDNN / this, ms): fast preset 256x32x14x14 -> 64 1.47 / 1.05,
+256x64x14x14 -> 64 3.77 / 1.90, 256x64x7x7 -> 128 2.32 / 0.93, 256x128x7x7 -> 128 5.35 / 1.71; d2l
+128x32x56x56 -> 64 8.94 / 8.33, 128x64x56x56 -> 64 21.4 / 14.1, 128x64x28x28 -> 128 7.64 / 6.07,
+128x128x28x28 -> 128 15.2 / 11.2, 128x128x14x14 -> 128 4.87 / 2.92; but 128x16x112x112 -> 32
+14.4 / 17.2: with one block of 16 input channels laying the operands out costs more than the
+products gain. Hence at least MIN_IN_CHANNELS input channels.
 """
 from __future__ import annotations
 
@@ -14,18 +15,17 @@ import torch
 
 from . import build
 
-MIN_IN_CHANNELS = 64
-MAX_PIXELS = 14 * 14
+MIN_IN_CHANNELS = 32
 
 
 def applies(x_shape, weight_shape, dtype: torch.dtype, stride, padding, dilation, groups) -> bool:
     """Whether the weight gradient of a CPU conv2d computing in `dtype` runs on the matrix units:
     bf16, 3x3 weights, stride 1, padding 1, no dilation or groups, channels multiples of 16, at
-    least MIN_IN_CHANNELS in and at most MAX_PIXELS pixels, AMX present (and the library built)."""
+    least MIN_IN_CHANNELS in, AMX present (and the library built)."""
     return (dtype == torch.bfloat16 and len(x_shape) == 4 and tuple(weight_shape[2:]) == (3, 3)
             and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
             and x_shape[1] % 16 == 0 and weight_shape[0] % 16 == 0 and x_shape[1] >= MIN_IN_CHANNELS
-            and x_shape[2] * x_shape[3] <= MAX_PIXELS and build.LIBRARY.available() and _amx())
+            and build.LIBRARY.available() and _amx())
 
 
 def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

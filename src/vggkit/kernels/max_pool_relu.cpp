@@ -106,11 +106,23 @@ int64_t grain(int64_t values_per_task) {
 // is 32 lanes wide, so C = 16 (the first block of VGG-11/4) would run entirely in the compiler's
 // scalar remainder loop: small channel counts get a compile-time trip count instead (kC > 0).
 
-// One output row: a plain function, so that the loop is vectorised as it is here rather than
-// inside the OpenMP region's outlined body (measured 5x slower there with GCC 12).
+// GCC prefers 256-bit vectors on AVX-512 CPUs. In the forward 512-bit ones measured faster for 64
+// channels and more (bench_kernels.py, Intel Xeon: 128x64x56x56 2.1 -> 1.35 ms, 128x128x28x28
+// 1.0 -> 0.7, 256x64x14x14 0.3 -> 0.2) and no faster in the backward; library-wide they made the
+// 32-channel backward 4x slower. So the forward's row loop exists in both widths, the wide one
+// (not inlined: inlined into the parallel region it loses its width) from kWideChannels on.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VGGKIT_WIDE_VECTORS __attribute__((target("prefer-vector-width=512"), noinline))
+#else
+#define VGGKIT_WIDE_VECTORS
+#endif
+constexpr int64_t kWideChannels = 64;
+
 template <typename scalar_t, int kC>
-void forward_row_nhwc(const bits_t<scalar_t>* __restrict__ top, const bits_t<scalar_t>* __restrict__ bottom,
-                      bits_t<scalar_t>* __restrict__ out, uint8_t* __restrict__ code, int64_t OW, int64_t C_) {
+__attribute__((always_inline)) inline void forward_row_body(const bits_t<scalar_t>* __restrict__ top,
+                                                             const bits_t<scalar_t>* __restrict__ bottom,
+                                                             bits_t<scalar_t>* __restrict__ out,
+                                                             uint8_t* __restrict__ code, int64_t OW, int64_t C_) {
   const int64_t C = kC > 0 ? kC : C_;
   for (int64_t ow = 0; ow < OW; ++ow) {
     const auto* p00 = top + 2 * ow * C;
@@ -123,6 +135,20 @@ void forward_row_nhwc(const bits_t<scalar_t>* __restrict__ top, const bits_t<sca
   }
 }
 
+// One output row: a plain function, so that the loop is vectorised as it is here rather than
+// inside the OpenMP region's outlined body (measured 5x slower there with GCC 12).
+template <typename scalar_t, int kC>
+void forward_row_nhwc(const bits_t<scalar_t>* top, const bits_t<scalar_t>* bottom, bits_t<scalar_t>* out,
+                      uint8_t* code, int64_t OW, int64_t C) {
+  forward_row_body<scalar_t, kC>(top, bottom, out, code, OW, C);
+}
+
+template <typename scalar_t, int kC>
+VGGKIT_WIDE_VECTORS void forward_row_nhwc_wide(const bits_t<scalar_t>* top, const bits_t<scalar_t>* bottom,
+                                               bits_t<scalar_t>* out, uint8_t* code, int64_t OW, int64_t C) {
+  forward_row_body<scalar_t, kC>(top, bottom, out, code, OW, C);
+}
+
 template <typename scalar_t, int kC>
 void forward_nhwc(const bits_t<scalar_t>* x, bits_t<scalar_t>* y, uint8_t* code, const Shape& s) {
   const int64_t C = s.C, W = s.W;
@@ -130,7 +156,10 @@ void forward_nhwc(const bits_t<scalar_t>* x, bits_t<scalar_t>* y, uint8_t* code,
     for (int64_t row = begin; row < end; ++row) {  // row = n * OH + oh
       const int64_t n = row / s.OH, oh = row % s.OH;
       const auto* top = x + ((n * s.H + 2 * oh) * W) * C;
-      forward_row_nhwc<scalar_t, kC>(top, top + W * C, y + row * s.OW * C, code + row * s.OW * C, s.OW, C);
+      if (C >= kWideChannels)
+        forward_row_nhwc_wide<scalar_t, kC>(top, top + W * C, y + row * s.OW * C, code + row * s.OW * C, s.OW, C);
+      else
+        forward_row_nhwc<scalar_t, kC>(top, top + W * C, y + row * s.OW * C, code + row * s.OW * C, s.OW, C);
     }
   });
 }
