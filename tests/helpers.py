@@ -20,6 +20,18 @@ def require_kernels() -> None:
     assert kernels.available(), build.LIBRARY.reason
 
 
+def backward_ops(output: torch.Tensor) -> list[str]:
+    """The type names of the autograd nodes behind `output` (each node once): which fused functions
+    a forward pass recorded."""
+    seen, todo = [], [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return [type(node).__name__ for node in seen]
+
+
 def like_trained(model: nn.Module, weight_noise: float = 0.0) -> nn.Module:
     """`model` in eval mode with batch-norm statistics away from their defaults (and, with
     weight_noise, weights moved off their init), as a trained network's would be."""

@@ -9,8 +9,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import backward_ops
 from test_bn_relu import AGAINST_PYTORCH, batch_norm, bf16_input, close_to_scale, run, sample
-from test_kernels import FORMATS, _graph, fused  # noqa: F401 (fused: the fixture)
+from test_kernels import FORMATS, fused  # noqa: F401 (fused: the fixture)
 
 from vggkit import kernels
 from vggkit.kernels import build
@@ -260,7 +261,7 @@ def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, pr
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
     torch.testing.assert_close(model.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-6)
-    calls = [type(fn).__name__ for fn in _graph(model(x).sum().grad_fn)]
+    calls = backward_ops(model(x).sum())
     assert calls.count("BatchNormPoolReLUBackward") == 2 and calls.count("BatchNormReLUBackward") == 1
     assert "MaxPoolReLUBackward" not in calls and not [c for c in calls if "NativeBatchNorm" in c]
 
@@ -270,7 +271,7 @@ def test_a_hook_on_the_last_batch_norm_keeps_the_two_kernels(fused):
     set_kernels(model, "fused")
     seen = []
     model.features[0][1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
-    calls = [type(fn).__name__ for fn in _graph(model(torch.randn(2, 1, 12, 12)).sum().grad_fn)]
+    calls = backward_ops(model(torch.randn(2, 1, 12, 12)).sum())
     assert seen == [(2, 8, 12, 12)]  # the hook sees the batch norm's full-size output
     assert calls.count("BatchNormPoolReLUBackward") == 1 and calls.count("MaxPoolReLUBackward") == 1
 

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kernels import FORMATS, _graph, fused  # noqa: F401 (fused: the fixture)
+from helpers import backward_ops
+from test_kernels import FORMATS, fused  # noqa: F401 (fused: the fixture)
 from torch import nn
 
 from vggkit import kernels
@@ -260,7 +261,7 @@ def test_fast_preset_trains_alike_fused_and_plain(fused, precision):
 def test_fast_preset_graph_and_state_dict(fused):
     (model, _), (plain, _) = fast_preset_pair()
     x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    calls = [type(fn).__name__ for fn in _graph(model(x).sum().grad_fn)]
+    calls = backward_ops(model(x).sum())
     # each block's last batch norm with its pool and ReLU (test_bn_pool.py), the other two alone
     assert calls.count("BatchNormPoolReLUBackward") == 3 and calls.count("BatchNormReLUBackward") == 2
     assert "MaxPoolReLUBackward" not in calls

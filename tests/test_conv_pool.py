@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import require_kernels
+from helpers import backward_ops, require_kernels
 
 from vggkit import kernels
 from vggkit.kernels import build
@@ -237,16 +237,6 @@ def train_step(model, x, y, precision):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def graph(fn):
-    seen, todo = [], [fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.append(node)
-            todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return [type(node).__name__ for node in seen]
-
-
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_network_fused_equals_plain(fused, layout, precision):
@@ -265,7 +255,7 @@ def test_network_fused_equals_plain(fused, layout, precision):
         reference = grads_plain[name]
         assert ((grad - reference).norm() / reference.norm()).item() < tolerance, name
     with autocast(precision):
-        calls = graph(model(x).sum().grad_fn)
+        calls = backward_ops(model(x).sum())
     assert calls.count("ConvPoolReLUBackward") == 1 and calls.count("MaxPoolReLUBackward") == 1
     assert "MaxPool2DWithIndicesBackward0" not in calls
 
@@ -290,7 +280,7 @@ def test_without_the_library_the_network_still_trains(monkeypatch):
     torch.testing.assert_close(loss, loss_plain)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_plain[name], msg=name)
-    assert "ConvPoolReLUBackward" not in graph(model(x).sum().grad_fn)
+    assert "ConvPoolReLUBackward" not in backward_ops(model(x).sum())
 
 
 def test_the_network_fuses_gray_first_layers_only(fused):
@@ -299,6 +289,6 @@ def test_the_network_fuses_gray_first_layers_only(fused):
     for channels, expected in ((1, 1), (3, 0)):
         model = VGG("1x8,1x16", in_channels=channels, input_size=16, fc_width=16, num_classes=3, batch_norm=False)
         set_kernels(model, "fused")
-        calls = graph(model(make_input(2, channels, 16, 16)).sum().grad_fn)
+        calls = backward_ops(model(make_input(2, channels, 16, 16)).sum())
         assert calls.count("ConvPoolReLUBackward") == expected
         assert calls.count("MaxPoolReLUBackward") == 2 - expected

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import require_kernels
+from helpers import backward_ops, require_kernels
 
 from vggkit import VGG
 from vggkit import kernels
@@ -105,17 +105,8 @@ def test_a_batch_norm_network_trains_alike_with_the_tiled_weight_grad():
             loss = F.cross_entropy(net(x), y)
         grads.append(torch.autograd.grad(loss, list(net.parameters())))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        seen = [type(fn).__name__ for fn in _graph(model(x).sum().grad_fn)]
+        seen = backward_ops(model(x).sum())
     assert seen.count("ConvReLUBackward") == 1  # the third block's 32 -> 64 conv at 7x7, before its batch norm
     for (name, _), a, b in zip(model.named_parameters(), *grads):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3, msg=name)
 
-
-def _graph(fn):
-    seen, todo = [], [fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.append(node)
-            todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return seen

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import require_kernels
+from helpers import backward_ops, require_kernels
 
 from vggkit import kernels
 from vggkit.config import resolve_config
@@ -255,23 +255,13 @@ def test_training_step_fused_equals_plain(fused, precision, batch_norm):
     torch.testing.assert_close(loss, loss_plain, **tolerance)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
-    calls = [type(fn).__name__ for fn in _graph(model(x).sum().grad_fn)]
+    calls = backward_ops(model(x).sum())
     # each block's end is one fused op: with batch norm BatchNormPoolReLU (test_bn_pool.py); without, the
     # first block [conv, ReLU, pool] on the input is one ConvPoolReLU (test_conv_pool.py), the second MaxPoolReLU
     expected = {"BatchNormPoolReLUBackward": 2} if batch_norm else {"ConvPoolReLUBackward": 1, "MaxPoolReLUBackward": 1}
     assert {name: calls.count(name) for name in expected} == expected and "MaxPool2DWithIndicesBackward0" not in calls
     assert ("ConvReLUBackward" in calls) == (not batch_norm)  # the second block's first conv and its ReLU
     assert calls.count("BatchNormReLUBackward") == (1 if batch_norm else 0)
-
-
-def _graph(fn):
-    seen, todo = [], [fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.append(node)
-            todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return seen
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])

@@ -23,7 +23,8 @@ def test_ops_are_grouped_by_themselves_or_what_encloses_them():
     data = event("vggkit.data")
     cases = {
         "convolution": [event("aten::mkldnn_convolution"),
-                        event("autograd::engine::evaluate_function: ConvolutionBackward0")],
+                        event("autograd::engine::evaluate_function: ConvolutionBackward0"),
+                        event("vggkit::conv3x3_weight_grad")],
         "pooling": [event("aten::fill_", pool_backward), event("vggkit::max_pool_relu"), event("MaxPoolReLUBackward")],
         "activations": [event("aten::clamp_min", event("aten::relu")), event("aten::threshold_backward")],
         "normalization": [event("aten::native_batch_norm"), event("NativeBatchNormBackward0")],

@@ -27,7 +27,7 @@ RANGE_GROUPS = (("data", (DATA_RANGE,)), ("optimizer", ("optimizer.step#", "opti
 OP_GROUPS = (
     ("pooling", ("max_pool", "maxpool")),  # before activations: the fused kernel is max_pool_relu
     # the fused ops count where most of their work is: the first layer's conv, a block's batch norm
-    ("convolution", ("convolution", "conv2d", "conv_pool")),
+    ("convolution", ("convolution", "conv2d", "conv_pool", "conv3x3")),
     ("normalization", ("batch_norm", "batchnorm")),
     ("activations", ("relu", "threshold")),
 )
