@@ -5,9 +5,10 @@ Measured (benchmarks/bench_kernels.py, weight + bias gradients, bf16 channels-la
 Intel Xeon with AMX, 2026-11-24; oneDNN / this, ms): fast preset 256x32x14x14 -> 64 1.5 / 1.2,
 256x64x14x14 -> 64 4.0 / 1.9, 256x64x7x7 -> 128 2.4 / 1.0, 256x128x7x7 -> 128 5.5 / 1.7; d2l
 128x64x56x56 -> 64 24.0 / 16.2, 128x64x28x28 -> 128 8.5 / 6.5, 128x128x28x28 -> 128 17.6 / 11.0,
-128x128x14x14 -> 128 5.4 / 2.9, and about even at 128x32x56x56 -> 64 (10.6 / 11.0 here, 8.9 / 8.3
-in another run); but 128x16x112x112 -> 32 14.6 / 18.4: with one block of 16 input channels laying
-the operands out costs more than the products gain. Hence at least MIN_IN_CHANNELS input channels.
+128x128x14x14 -> 128 5.4 / 2.9, and about even at 128x32x56x56 -> 64 (10.6 / 11.0); but
+128x16x112x112 -> 32 14.6 / 18.4: with one block of 16 input channels laying the operands out costs
+more than the products gain. Hence at least MIN_IN_CHANNELS input channels (32: the fast preset's
+32-channel layer gains 1.25x; d2l's is about even).
 """
 from __future__ import annotations
 
