@@ -356,7 +356,7 @@ def test_model_dropout_uses_the_fast_mask_only_when_training_fused():
 def test_conv_weight_grad_stays_with_onednn_without_amx(monkeypatch):
     from vggkit.kernels import conv_weight_grad
 
-    monkeypatch.setattr(conv_weight_grad, "_has_amx", False)  # as on a CPU without AMX (e.g. AMD Zen 5)
+    monkeypatch.setattr(conv_weight_grad, "_amx", lambda: False)  # as on a CPU without AMX (e.g. AMD Zen 5)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 32, 3, padding=1)
     x = torch.randn(2, 64, 7, 7).contiguous(memory_format=torch.channels_last)

@@ -5,8 +5,8 @@ ops as the fallback.
 - bn_relu.py: `batch_norm_relu(x, bn, relu)`, a training-mode BatchNorm2d (and the ReLU after it)
   fused, forward and backward; `batch_norm_pool_relu(x, bn)`, the BatchNorm2d, 2x2 max-pool and ReLU
   that end a block, fused
-- conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op;
-  both with the weight gradient from conv_weight_grad.py where it applies
+- conv_relu.py: `conv_relu(conv, x)`, relu(conv(x)) as one oneDNN convolution with a ReLU post-op (or
+  without it, `relu=False`), the weight gradient from conv_weight_grad.py where it applies
 - conv_weight_grad.py: a 3x3 convolution's weight gradient on the AMX matrix units, where it measured
   faster than oneDNN's
 - conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's

@@ -5,7 +5,8 @@ ReLU as the convolution writes its output (mkldnn::_convolution_pointwise, the o
 the backward masks the gradient by the output and calls PyTorch's convolution backward, with the
 weight gradient on the matrix units where conv_weight_grad.py applies. Results equal PyTorch's (the
 same convolution and the same ReLU; the weight gradient up to the order of its sums). Without the
-ReLU (`conv(conv, x)`) the same function serves a convolution whose weight gradient runs there.
+ReLU (`conv_relu(conv, x, relu=False)`) the same function serves a convolution whose weight gradient
+runs there.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ more than the products gain. Hence at least MIN_IN_CHANNELS input channels (32: 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import build
@@ -35,11 +37,7 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.ops.vggkit.conv3x3_weight_grad(grad, x)
 
 
-_has_amx: bool | None = None
-
-
+@functools.lru_cache(maxsize=None)
 def _amx() -> bool:
-    global _has_amx
-    if _has_amx is None:
-        _has_amx = bool(torch.ops.vggkit.conv3x3_weight_grad_available())
-    return _has_amx
+    """Whether the CPU has AMX and Linux lets this process use it (asked once)."""
+    return bool(torch.ops.vggkit.conv3x3_weight_grad_available())
