@@ -87,6 +87,34 @@ def conv_pool_relu(repeats: int) -> list[dict]:
     return rows
 
 
+def conv_batch_norm_pool_relu(repeats: int) -> list[dict]:
+    """The first block with batch norm (no input gradient): the fast preset's gray layer and an RGB
+    one. Two vggkit variants: oneDNN's convolution then the batch norm + pool + ReLU kernel, and the
+    one function with the statistics in closed form (gray inputs only in the network)."""
+    rows = []
+    for n, cin, cout, h in [(256, 1, 32, 28), (256, 3, 32, 32)]:
+        conv, bn = torch.nn.Conv2d(cin, cout, 3, padding=1).to(memory_format=CL), torch.nn.BatchNorm2d(cout)
+        x = torch.randn(n, cin, h, h).contiguous(memory_format=CL)
+        params = (conv.weight, conv.bias, bn.weight, bn.bias)
+        variants = {"conv, then one kernel": lambda: kernels.batch_norm_pool_relu(conv(x), bn),
+                    "one function": lambda: kernels.conv_batch_norm_pool_relu(conv, bn, x)}
+
+        def pytorch():
+            return F.max_pool2d(torch.relu(bn(conv(x))), 2, 2)
+
+        with torch.autocast("cpu", dtype=BF16):
+            y_ref = pytorch()
+            g = torch.randn_like(y_ref)
+            theirs = {"pytorch_fwd_ms": median_ms(pytorch, repeats),
+                      "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, params, g, retain_graph=True), repeats)}
+            for name, fn in variants.items():
+                y = fn()
+                rows.append({"op": f"conv 3x3 + batch norm (training) + max-pool + ReLU (first layer), {name}",
+                             "shape": [n, cin, h, h, cout], **theirs, "vggkit_fwd_ms": median_ms(fn, repeats),
+                             "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, params, g, retain_graph=True), repeats)})
+    return rows
+
+
 def batch_norm_relu(repeats: int) -> list[dict]:
     rows = []
     for n, c, h in [(256, 32, 28), (256, 64, 14), (256, 128, 7)]:
@@ -164,6 +192,7 @@ def main() -> None:
     allocator.retain_freed_memory()
     assert kernels.available(), "the C++ kernels are not available here"
     rows = [*pool_relu(args.repeats), *conv_relu(args.repeats), *conv_pool_relu(args.repeats),
+            *conv_batch_norm_pool_relu(args.repeats),
             *batch_norm_relu(args.repeats), *batch_norm_pool_relu(args.repeats), *dropout(args.repeats),
             *conv_weight_grad(args.repeats)]
     print(f"threads {torch.get_num_threads()}, bf16, channels-last; median ms of {args.repeats} calls")

@@ -44,3 +44,18 @@ def like_trained(model: nn.Module, weight_noise: float = 0.0) -> nn.Module:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     return model.eval()
+
+
+def assert_no_further_off(ours: dict, theirs: dict, reference: dict, factor: float = 2.0, slack: float = 1e-2):
+    """Each of `ours` (name -> gradient, say of a bf16 step) is no further from `reference` (the
+    float32 step's) than `theirs` (PyTorch's bf16 step's), within `factor` and `slack` for the noise.
+    For paths that round differently: after a batch norm's backward, a small difference of large sums,
+    the two bf16 roundings can each be several percent off. Errors are relative to the reference's
+    norm, or 1% of the largest gradient's where that is smaller (a conv bias before a batch norm has
+    no gradient in exact arithmetic)."""
+    scale = max(grad.norm().item() for grad in reference.values())
+
+    def off(grad, name):
+        return ((grad.float() - reference[name]).norm() / max(reference[name].norm().item(), 1e-2 * scale)).item()
+    for name, grad in ours.items():
+        assert off(grad, name) <= factor * off(theirs[name], name) + slack, (name, off(grad, name), off(theirs[name], name))

@@ -234,8 +234,9 @@ def test_what_stays_with_the_two_kernels_or_pytorch(fused):
 
 
 def small_vgg():
+    """RGB: a gray first block would be one ConvBatchNormPoolReLU (test_conv_bn_pool.py)."""
     torch.manual_seed(0)
-    return VGG("1x8,2x16", batch_norm=True, in_channels=1, input_size=12, fc_width=32, num_classes=5, dropout=0.0)
+    return VGG("1x8,2x16", batch_norm=True, in_channels=3, input_size=12, fc_width=32, num_classes=5, dropout=0.0)
 
 
 def step(model, x, y, precision):
@@ -252,7 +253,7 @@ def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, pr
     model = small_vgg().to(memory_format=FORMATS[layout])
     plain = copy.deepcopy(model)
     assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
-    x = torch.randn(8, 1, 12, 12).contiguous(memory_format=FORMATS[layout])
+    x = torch.randn(8, 3, 12, 12).contiguous(memory_format=FORMATS[layout])
     y = torch.randint(0, 5, (8,))
     loss, grads = step(model, x, y, precision)
     loss_plain, grads_plain = step(plain, x, y, precision)
@@ -271,7 +272,7 @@ def test_a_hook_on_the_last_batch_norm_keeps_the_two_kernels(fused):
     set_kernels(model, "fused")
     seen = []
     model.features[0][1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
-    calls = backward_ops(model(torch.randn(2, 1, 12, 12)).sum())
+    calls = backward_ops(model(torch.randn(2, 3, 12, 12)).sum())
     assert seen == [(2, 8, 12, 12)]  # the hook sees the batch norm's full-size output
     assert calls.count("BatchNormPoolReLUBackward") == 1 and calls.count("MaxPoolReLUBackward") == 1
 

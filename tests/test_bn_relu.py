@@ -262,8 +262,10 @@ def test_fast_preset_graph_and_state_dict(fused):
     (model, _), (plain, _) = fast_preset_pair()
     x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     calls = backward_ops(model(x).sum())
-    # each block's last batch norm with its pool and ReLU (test_bn_pool.py), the other two alone
-    assert calls.count("BatchNormPoolReLUBackward") == 3 and calls.count("BatchNormReLUBackward") == 2
+    # each block's last batch norm with its pool and ReLU (test_bn_pool.py), the other two alone; the
+    # first block, one conv on the gray input, with its conv (test_conv_bn_pool.py)
+    assert calls.count("ConvBatchNormPoolReLUBackward") == 1
+    assert calls.count("BatchNormPoolReLUBackward") == 2 and calls.count("BatchNormReLUBackward") == 2
     assert "MaxPoolReLUBackward" not in calls
     assert not [c for c in calls if "NativeBatchNorm" in c]
     assert len([c for c in calls if "Relu" in c or "Threshold" in c]) == 2  # the classifier's

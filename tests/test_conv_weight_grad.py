@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backward_ops, require_kernels
+from helpers import assert_no_further_off, backward_ops, require_kernels
 
 from vggkit import VGG
 from vggkit import kernels
@@ -96,17 +96,19 @@ def test_a_batch_norm_network_trains_alike_with_the_tiled_weight_grad():
     torch.manual_seed(0)
     model = VGG("1x16,1x32,1x64", in_channels=1, input_size=28, fc_width=32, num_classes=5, dropout=0.0,
                 batch_norm=True).to(memory_format=CL)
-    plain = copy.deepcopy(model)
-    set_kernels(model, "fused"), set_kernels(plain, "plain")
-    x, y = torch.randn(8, 1, 28, 28).contiguous(memory_format=CL), torch.randint(0, 5, (8,))
+    plain, float_model = copy.deepcopy(model), copy.deepcopy(model)
+    set_kernels(model, "fused"), set_kernels(plain, "plain"), set_kernels(float_model, "plain")
+    x, y = torch.randn(32, 1, 28, 28).contiguous(memory_format=CL), torch.randint(0, 5, (32,))
     grads = []
-    for net in (model, plain):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    for net, bf16 in ((model, True), (plain, True), (float_model, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(net(x), y)
-        grads.append(torch.autograd.grad(loss, list(net.parameters())))
+        grads.append(dict(zip([name for name, _ in net.named_parameters()],
+                              torch.autograd.grad(loss, list(net.parameters())))))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         seen = backward_ops(model(x).sum())
     assert seen.count("ConvReLUBackward") == 1  # the third block's 32 -> 64 conv at 7x7, before its batch norm
-    for (name, _), a, b in zip(model.named_parameters(), *grads):
-        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3, msg=name)
+    # the gray first block rounds otherwise than PyTorch's modules (test_conv_bn_pool.py): both
+    # networks' bf16 gradients are held against float32
+    assert_no_further_off(*grads)
 

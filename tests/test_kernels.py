@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import backward_ops, require_kernels
+from helpers import assert_no_further_off, backward_ops, require_kernels
 
 from vggkit import kernels
 from vggkit.config import resolve_config
@@ -244,21 +244,29 @@ def test_training_step_fused_equals_plain(fused, precision, batch_norm):
     torch.manual_seed(0)
     model = VGG("1x8,2x16", in_channels=1, input_size=16, fc_width=32, num_classes=5, dropout=0.0,
                 batch_norm=batch_norm).to(memory_format=torch.channels_last)
-    plain = copy.deepcopy(model)
+    plain, float_model = copy.deepcopy(model), copy.deepcopy(model)
     assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
-    x = torch.randn(8, 1, 16, 16).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 5, (8,))
+    set_kernels(float_model, "plain")
+    x = torch.randn(32, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (32,))
     loss, grads = step(model, x, y, precision)
     loss_plain, grads_plain = step(plain, x, y, precision)
     tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
     # max(relu(x)) = relu(max(x)) exactly; the fused batch norm sums in another order
     torch.testing.assert_close(loss, loss_plain, **tolerance)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
+    if precision == "bf16" and batch_norm:
+        # the first block (ConvBatchNormPoolReLU) rounds its bf16 output once, PyTorch's modules twice:
+        # from there on the two differ by more than a rounding, so both are held against float32
+        assert_no_further_off(grads, grads_plain, step(float_model, x, y, "fp32")[1])
+    else:
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
     calls = backward_ops(model(x).sum())
-    # each block's end is one fused op: with batch norm BatchNormPoolReLU (test_bn_pool.py); without, the
-    # first block [conv, ReLU, pool] on the input is one ConvPoolReLU (test_conv_pool.py), the second MaxPoolReLU
-    expected = {"BatchNormPoolReLUBackward": 2} if batch_norm else {"ConvPoolReLUBackward": 1, "MaxPoolReLUBackward": 1}
+    # each block's end is one fused op: the first block [conv, (bn,) ReLU, pool] on the input one
+    # ConvBatchNormPoolReLU (test_conv_bn_pool.py) or ConvPoolReLU (test_conv_pool.py), the second
+    # BatchNormPoolReLU (test_bn_pool.py) or MaxPoolReLU
+    expected = ({"ConvBatchNormPoolReLUBackward": 1, "BatchNormPoolReLUBackward": 1} if batch_norm
+                else {"ConvPoolReLUBackward": 1, "MaxPoolReLUBackward": 1})
     assert {name: calls.count(name) for name in expected} == expected and "MaxPool2DWithIndicesBackward0" not in calls
     assert ("ConvReLUBackward" in calls) == (not batch_norm)  # the second block's first conv and its ReLU
     assert calls.count("BatchNormReLUBackward") == (1 if batch_norm else 0)

@@ -97,6 +97,25 @@ def test_tta_logits_are_the_mean_of_each_views_logits_however_grouped():
         assert tta_logits(net, x[:0], views).shape == (0, 5)  # an empty part of a distributed batch
 
 
+def test_known_identity_logits_are_used_not_computed_again():
+    net, x = model(), batch(n=4, h=8, w=8)
+    views, seen = TTA_LEVELS["flip-translate"], []
+
+    def counted(images):
+        seen.append(len(images))
+        return net(images)
+
+    with torch.no_grad():
+        identity = net(x)
+        for max_images in (None, 4):
+            assert torch.allclose(tta_logits(counted, x, views, -0.5, max_images, identity),
+                                  tta_logits(net, x, views, -0.5, max_images), atol=1e-6)
+        assert sum(seen) == 2 * (len(views) - 1) * len(x)
+        assert tta_logits(counted, x, TTA_LEVELS["off"], identity=identity) is identity
+        with pytest.raises(ValueError):
+            tta_logits(net, x, views, identity=identity[:3])
+
+
 class FlipInvariant(nn.Module):
     """g(x) + g(mirrored x): the same logits for an image and its mirror."""
 

@@ -45,8 +45,9 @@ class VGGBlock(nn.Sequential):
     - "fused": as "reordered", with vggkit's CPU kernels (vggkit.kernels) when training on the CPU:
       each batch norm with the ReLU after it in one pass, the last one with the pool and last ReLU
       (without batch norm: pool and last ReLU in one pass) (C++); a conv and its ReLU as one oneDNN
-      call (also in inference); a first block of one conv on a gray input without gradient as one
-      conv + ReLU + pool kernel (C++); elsewhere (other devices, no kernels, hooks) PyTorch's ops;
+      call (also in inference); a first block of one conv (and batch norm) on a gray input without
+      gradient as one conv + (batch norm +) ReLU + pool kernel (C++); elsewhere (other devices, no
+      kernels, hooks) PyTorch's ops;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -78,6 +79,8 @@ class VGGBlock(nn.Sequential):
         if self.kernels == "fused":
             if len(body) == 1 and cpu_kernels.conv_pool_relu_faster(body[0], x):  # a network's gray first block
                 return cpu_kernels.conv_pool_relu(body[0], x)
+            if len(body) == 2 and cpu_kernels.conv_batch_norm_pool_faster(*body, x):  # the same with batch norm
+                return cpu_kernels.conv_batch_norm_pool_relu(*body, x)
             bn = body[-1] if body and isinstance(body[-1], nn.BatchNorm2d) else None
             x = _fast_layers(body[:-1] if bn is not None else body, x)
             if bn is not None:  # the block ends with bn, pool, ReLU: one kernel where it takes them

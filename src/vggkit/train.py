@@ -148,6 +148,7 @@ class LoopState:
     seconds_before: float = 0.0  # the run's time before this resume
     train_seconds: float = 0.0  # this process's time in training steps, and the images they saw
     train_images: int = 0
+    best_test_logits: list[torch.Tensor] | None = None  # checkpoints/best's, batch by batch, with TTA (not saved)
 
     def next_epoch(self) -> None:
         self.epoch, self.batch = self.epoch + 1, 0
@@ -262,7 +263,8 @@ def end_epoch(t: Trainer, loop: LoopState, trained: EpochRun) -> None:
     loop.train_seconds += trained.seconds
     loop.train_images += trained.images * t.world_size
     dist.all_reduce_sum(loop.sums)
-    row = epoch_row(t, loop, trained)
+    test_logits = [] if t.config.tta != "off" else None  # the closing TTA's identity view, if this is the best
+    row = epoch_row(t, loop, trained, test_logits)
     check_saveable(t, loop, row.get("val_loss", row.get("test_loss")))
     loop.history.epochs.append(row)
     score = selection_score(row)
@@ -271,8 +273,10 @@ def end_epoch(t: Trainer, loop: LoopState, trained: EpochRun) -> None:
     loop.next_epoch()
     meta = t.meta | {"epoch": row["epoch"], **{k: row[k] for k in ("train_acc", "val_acc", "test_acc") if k in row}}
     save_last(t, loop, meta)
-    if is_best and t.main:
-        save_checkpoint(t.run.best, t.model, meta, averaged=t.ema)
+    if is_best:
+        loop.best_test_logits = test_logits or None
+        if t.main:
+            save_checkpoint(t.run.best, t.model, meta, averaged=t.ema)
     t.loggers.epoch(row)
 
 
@@ -281,13 +285,15 @@ def selection_score(row: dict) -> float:
     return row.get("val_acc", row["train_acc"])
 
 
-def epoch_row(t: Trainer, loop: LoopState, trained: EpochRun) -> dict:
+def epoch_row(t: Trainer, loop: LoopState, trained: EpochRun, test_logits: list | None = None) -> dict:
+    """The epoch's figures; the test batches' logits appended to `test_logits` (None: not kept)."""
     loss_sum, correct, count = loop.sums.tolist()
     row = {"epoch": loop.epoch, "train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)}
     if t.val_loader:
         row["val_loss"], row["val_acc"] = evaluate_loader(t.evaluated, t.val_loader, t.speed, t.device)
     if t.test_loader and t.config.eval_every_epoch_on_test:
-        row["test_loss"], row["test_acc"] = evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device)
+        row["test_loss"], row["test_acc"] = evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device,
+                                                            forward=kept_forward(t, test_logits))
     row.update(lr=lr_at(t.config, loop.step, t.total_steps), seconds=round(trained.seconds, 3),
                images_per_s=round(trained.images * t.world_size / trained.seconds, 1),
                elapsed=round(time.perf_counter() - t.started + loop.seconds_before, 2))
@@ -317,7 +323,7 @@ def finish(t: Trainer, loop: LoopState) -> History:
             else evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device)
     history.best = best_checkpoint(t, history.epochs)
     if history.best is not None and t.test_loader and t.config.tta != "off":
-        history.best |= best_with_tta(t)
+        history.best |= best_with_tta(t, loop.best_test_logits)
     t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device,
                          best=history.best))
     return history
@@ -377,14 +383,28 @@ def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
     return best
 
 
-def best_with_tta(t: Trainer) -> dict:
+def best_with_tta(t: Trainer, identity: list[torch.Tensor] | None = None) -> dict:
     """The best checkpoint's test figures with config.tta's views (flips only if the run trained with
-    them), for the final report beside the plain ones: reported only, they choose nothing."""
+    them), for the final report beside the plain ones: reported only, they choose nothing.
+    `identity`: the best epoch's test logits where they were kept (its identity view, not run again)."""
     plan = run_plan(t.config.tta, t.config.flip, t.splits.name, t.log)
     load_best_weights(t)
-    forward = loader_forward(partial(forward_pass, t.model, speed=t.speed, device=t.device), plan, t.test_loader)
+    forward = loader_forward(partial(forward_pass, t.model, speed=t.speed, device=t.device), plan, t.test_loader,
+                             identity)
     loss, acc = evaluate_loader(t.model, t.test_loader, t.speed, t.device, forward=forward)
     return {"tta_test_loss": loss, "tta_test_acc": acc, "tta": plan.describe()}
+
+
+def kept_forward(t: Trainer, logits: list | None) -> Callable | None:
+    """t.evaluated's forward for evaluate_loader, each batch's logits appended to `logits`; None
+    (evaluate_loader's own forward) when they are not kept."""
+    if logits is None:
+        return None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits.append(forward_pass(t.evaluated, x, t.speed, t.device))
+        return logits[-1]
+    return forward
 
 
 def load_best_weights(t: Trainer) -> None:

@@ -18,7 +18,7 @@ views; a level asking for flips on data that is not flip-safe drops its flipped 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -105,17 +105,22 @@ def _shift(x: torch.Tensor, s: int, fill: torch.Tensor | float) -> torch.Tensor:
 
 
 def tta_logits(model, x: torch.Tensor, views: tuple[str, ...], fill: torch.Tensor | float = 0.0,
-               max_images: int | None = None) -> torch.Tensor:
+               max_images: int | None = None, identity: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of model's logits over the views of x: the views batched together, at most
-    max(len(x), max_images) images per forward (default: all of them in one)."""
+    max(len(x), max_images) images per forward (default: all of them in one). `identity`: model(x)
+    where it is known already, then not computed again."""
+    if identity is not None and len(identity) != len(x):
+        raise ValueError(f"identity logits for {len(identity)} images given with a batch of {len(x)}")
     if tuple(views) == ("identity",):
-        return model(x)  # exactly the plain forward
-    per_forward = max(1, (max_images or len(x) * len(views)) // max(len(x), 1))
+        return model(x) if identity is None else identity  # exactly the plain forward
+    known = identity is not None and "identity" in views
+    computed = tuple(name for name in views if name != "identity") if known else tuple(views)
+    per_forward = max(1, (max_images or len(x) * len(computed)) // max(len(x), 1))
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the loader made x
-    total = None
-    for start in range(0, len(views), per_forward):
-        group = views[start:start + per_forward]
+    total = identity.float() if known else None
+    for start in range(0, len(computed), per_forward):
+        group = computed[start:start + per_forward]
         batch = torch.cat([view(x, name, fill) for name in group]).contiguous(memory_format=memory_format)
         logits = model(batch).float()
         logits = logits.view(len(group), len(x), logits.shape[-1]).sum(0)
@@ -123,10 +128,12 @@ def tta_logits(model, x: torch.Tensor, views: tuple[str, ...], fill: torch.Tenso
     return total / len(views)
 
 
-def tta_forward(model, views: tuple[str, ...], fill: torch.Tensor | float = 0.0,
-                max_images: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> tta_logits(model, x, views, ...): what steps.evaluate_loader and evaluate run instead of model(x)."""
-    return lambda x: tta_logits(model, x, views, fill, max_images)
+def tta_forward(model, views: tuple[str, ...], fill: torch.Tensor | float = 0.0, max_images: int | None = None,
+                identity: Iterable[torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> tta_logits(model, x, views, ...): what steps.evaluate_loader and evaluate run instead of model(x).
+    `identity`: model(x) of the batches to come, in their order, where they are known already."""
+    known = iter(identity) if identity is not None else None
+    return lambda x: tta_logits(model, x, views, fill, max_images, next(known) if known is not None else None)
 
 
 def run_plan(level: str, trained_with_flip: bool | None, dataset: str | None, log) -> TtaPlan:
@@ -138,9 +145,11 @@ def run_plan(level: str, trained_with_flip: bool | None, dataset: str | None, lo
     return plan
 
 
-def loader_forward(model, plan: TtaPlan, loader) -> Callable[[torch.Tensor], torch.Tensor]:
-    """tta_forward over the batches of `loader`: shifts fill with its black, at most a batch per forward."""
-    return tta_forward(model, plan.views, black_after_preprocessing(loader), max_images=loader.batch_size)
+def loader_forward(model, plan: TtaPlan, loader,
+                   identity: Iterable[torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tta_forward over the batches of `loader`: shifts fill with its black, at most a batch per forward;
+    `identity`: model's logits of the loader's batches, in order, where they are known already."""
+    return tta_forward(model, plan.views, black_after_preprocessing(loader), loader.batch_size, identity)
 
 
 def black_after_preprocessing(loader) -> torch.Tensor:

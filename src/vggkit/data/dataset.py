@@ -92,15 +92,30 @@ def split_off(dataset: Dataset, n: int, seed: int, salt: int = 1, held_out: bool
     return dataset.subset(rest), dataset.subset(part)
 
 
+STATS_CHUNK = 1 << 16  # pixels per bincount (see histograms)
+
+
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of uint8 images scaled to [0, 1] (via 256-bin histograms)."""
     values = np.arange(256, dtype=np.float64) / 255
     means, stds = [], []
-    for c in range(images.shape[3]):
-        hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+    for hist in histograms(images).astype(np.float64):
         total = hist.sum()
         mean = (hist @ values) / total if total else 0.0
         var = (hist @ (values - mean) ** 2) / total if total else 0.0
         means.append(round(float(mean), 6))
         stds.append(round(float(np.sqrt(var)) or 1.0, 6))  # a constant channel would divide by 0
     return tuple(means), tuple(stds)
+
+
+def histograms(images: np.ndarray) -> np.ndarray:
+    """Per channel (C x 256), how many pixels have each value. bincount copies its input as int64:
+    chunk by chunk that copy stays in cache; whole, it is 8 bytes a pixel of fresh memory (0.4 GB for
+    Fashion-MNIST's train set: 0.2-0.9 s measured, against 0.05-0.08 s in chunks)."""
+    pixels = images.reshape(-1, images.shape[3])
+    counts = np.zeros((images.shape[3], 256), dtype=np.int64)
+    for start in range(0, len(pixels), STATS_CHUNK):
+        chunk = pixels[start:start + STATS_CHUNK]
+        for c, channel in enumerate(counts):
+            channel += np.bincount(chunk[:, c], minlength=256)
+    return counts

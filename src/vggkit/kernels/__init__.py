@@ -10,7 +10,8 @@ ops as the fallback.
 - conv_weight_grad.py: a 3x3 convolution's weight gradient on the AMX matrix units, where it measured
   faster than oneDNN's
 - conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's
-  first layer (1-4 input channels, no input gradient), forward and weight/bias backward
+  first layer (1-4 input channels, no input gradient), forward and weight/bias backward; with a
+  batch norm after the conv, `conv_batch_norm_pool_relu(conv, bn, x)`
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
 - weight_copies.py: `SGDWithWeightCopies`, SGD keeping bfloat16 copies of the Linear weights that
   the Linears multiply by under bf16 autocast (`linear_with_copy`), instead of casting every step
@@ -23,7 +24,8 @@ ops as the fallback.
 from . import build
 from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
-from .conv_pool import ConvPoolReLU, conv_pool_relu, conv_pool_relu_faster, conv_pool_relu_fusable
+from .conv_pool import (ConvBatchNormPoolReLU, ConvPoolReLU, conv_batch_norm_pool_faster, conv_batch_norm_pool_fusable,
+                        conv_batch_norm_pool_relu, conv_pool_relu, conv_pool_relu_faster, conv_pool_relu_fusable)
 from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool_relu
 from .conv_relu import ConvReLU, conv_fusable, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
@@ -38,8 +40,9 @@ def available() -> bool:
     return build.LIBRARY.available()
 
 
-__all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
+__all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvBatchNormPoolReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
            "SGDWithWeightCopies", "WeightCopy", "available", "copyable_linears", "linear_with_copy",
            "weight_copy_applies", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
+           "conv_batch_norm_pool_faster", "conv_batch_norm_pool_fusable", "conv_batch_norm_pool_relu",
            "conv_fusable", "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
            "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]

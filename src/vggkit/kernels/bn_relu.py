@@ -66,15 +66,17 @@ def batch_norm_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
     hooks, with float32 parameters and statistics, and more than one value per channel, on an input
     that `kernels.fusable` takes in float32 or bfloat16, outside tracing. Everything else (exporters
     included) keeps PyTorch's module."""
-    if type(bn) is not nn.BatchNorm2d or not bn.training or hooked(bn):
-        return False
-    if torch.jit.is_tracing():
+    return (module_fusable(bn, x.device) and x.dtype in DTYPES and x.dim() == 4 and x.numel() > x.shape[1] > 0
+            and _fusable_input(x))
+
+
+def module_fusable(bn: nn.Module, device: torch.device) -> bool:
+    """The module's part of batch_norm_fusable: an nn.BatchNorm2d (no subclass) in training mode
+    without hooks, its parameters and statistics float32 and contiguous on `device`, outside tracing."""
+    if type(bn) is not nn.BatchNorm2d or not bn.training or hooked(bn) or torch.jit.is_tracing():
         return False
     tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if any(t is not None and (t.dtype != torch.float32 or t.device != x.device or not t.is_contiguous())
-           for t in tensors):
-        return False
-    return x.dtype in DTYPES and x.dim() == 4 and x.numel() > x.shape[1] > 0 and _fusable_input(x)
+    return all(t is None or (t.dtype == torch.float32 and t.device == device and t.is_contiguous()) for t in tensors)
 
 
 def batch_norm_relu(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
@@ -83,7 +85,7 @@ def batch_norm_relu(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Te
     if not batch_norm_fusable(x, bn):
         y = bn(x)
         return torch.relu(y) if relu else y
-    return BatchNormReLU.apply(x, *_module_arguments(bn), relu)
+    return BatchNormReLU.apply(x, *module_arguments(bn), relu)
 
 
 def batch_norm_pool_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
@@ -97,10 +99,10 @@ def batch_norm_pool_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     batch_norm_relu (without ReLU) then max_pool_relu, each fused where it can be."""
     if not batch_norm_pool_fusable(x, bn):
         return max_pool_relu(batch_norm_relu(x, bn, relu=False))
-    return BatchNormPoolReLU.apply(x, *_module_arguments(bn))
+    return BatchNormPoolReLU.apply(x, *module_arguments(bn))
 
 
-def _module_arguments(bn: nn.BatchNorm2d) -> tuple:
+def module_arguments(bn: nn.BatchNorm2d) -> tuple:
     """The kernels' arguments from bn: weight, bias, running mean and variance (None where it keeps
     none), momentum and eps; the batch counted as the module counts it."""
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)

@@ -8,6 +8,15 @@ four convolution values in registers and writes only the pooled output and one c
 output (max_pool_relu.cpp's); the backward computes the weight and bias gradients from the output
 gradient, the codes and the input, and no input gradient. Results equal conv -> ReLU -> pool up to
 the convolution's summation order (in bf16, one rounding).
+
+With a training-mode batch norm between the convolution and the ReLU (the fast preset's first
+block: 1 -> 32 channels at 28x28), ConvBatchNormPoolReLU computes the batch norm's statistics in
+closed form: the output's per-channel mean and variance follow from the input's tap sums and tap
+products (conv3x3_input_moments: a 9x9 matrix for a gray input) and the weights. Normalising is
+then a convolution with folded weights, so the same forward kernel runs; and since every term of
+the batch norm's backward is a sum over pixels of the output gradient, the output or their
+product with an input tap, the weight, bias and batch-norm gradients follow from the forward
+kernel's backward sums and the same moments. No full-size tensor is written in either direction.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from . import build
 from .conv_relu import _dtype as compute_dtype
+from .bn_relu import module_arguments, module_fusable
 from .pool_relu import hooked
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -83,3 +93,74 @@ def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if not conv_pool_relu_fusable(conv, x):
         return torch.relu(F.max_pool2d(conv(x), 2, 2))
     return ConvPoolReLU.apply(x.to(compute_dtype(x)), conv.weight, conv.bias)
+
+
+class ConvBatchNormPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum: float, eps: float):
+        with torch.autocast("cpu", enabled=False):
+            gram, sums = torch.ops.vggkit.conv3x3_input_moments(x)
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            w, b = _flat(weight, bias)
+            mean_in = sums / count
+            mean = w @ mean_in + b
+            var = ((w @ (gram / count - torch.outer(mean_in, mean_in))) * w).sum(1).clamp_min(0)
+            invstd = (var + eps).rsqrt()
+            scale = invstd if bn_weight is None else invstd * bn_weight.double()
+            shift = (b - mean) * scale + (0.0 if bn_bias is None else bn_bias.double())
+            folded = torch.empty_like(weight, dtype=torch.float32).copy_((w * scale[:, None]).view(weight.shape))
+            y, code = torch.ops.vggkit.conv_pool_relu(x, folded, shift.float())
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.float(), alpha=momentum)
+                running_var.mul_(1 - momentum).add_((var * count / (count - 1)).float(), alpha=momentum)
+        ctx.save_for_backward(x, weight, bias, bn_weight, code, folded, gram, sums, mean, invstd, scale)
+        ctx.count = count
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, bn_weight, code, folded, gram, sums, mean, invstd, scale = ctx.saved_tensors
+        count = ctx.count
+        # s_x[c, k] = sum of g * x_k and s_1[c] = sum of g, over the positions the pool and ReLU passed
+        s_x, s_1 = torch.ops.vggkit.conv_pool_relu_backward(grad, code, x, folded)
+        s_x, s_1 = s_x.double().flatten(1), s_1.double()
+        w, b = _flat(weight, bias)
+        centred = b - mean  # the convolution's output at a pixel, less the batch mean: w . x_k + centred
+        grad_bn_weight = invstd * ((w * s_x).sum(1) + centred * s_1)  # sum of g * normalised output
+        # sum over every pixel of the normalised output times x_k
+        normalised_x = invstd[:, None] * (w @ gram + centred[:, None] * sums)
+        grad_weight = scale[:, None] * (s_x - (torch.outer(s_1, sums) + grad_bn_weight[:, None] * normalised_x) / count)
+        needs = ctx.needs_input_grad
+        return (None, grad_weight.to(weight.dtype).view(weight.shape) if needs[1] else None,
+                torch.zeros_like(bias) if needs[2] else None,  # the batch norm takes away any constant
+                grad_bn_weight.float() if needs[3] else None, s_1.float() if needs[4] else None,
+                None, None, None, None)
+
+
+def _flat(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution's weight as [C_out, C_in * 9] and its bias (zeros without one), in float64."""
+    w = weight.detach().double().flatten(1)
+    return w, (torch.zeros(len(w), dtype=torch.float64) if bias is None else bias.detach().double())
+
+
+def conv_batch_norm_pool_fusable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether relu(max_pool2d(bn(conv(x)), 2, 2)) can run as ConvBatchNormPoolReLU: the conv as
+    conv_pool_relu_fusable has it, then a training-mode batch norm as the fused batch-norm kernels
+    take it (bn_relu.module_fusable), over more than one value per channel."""
+    return (conv_pool_relu_fusable(conv, x) and module_fusable(bn, x.device) and bn.num_features == conv.out_channels
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1)
+
+
+def conv_batch_norm_pool_faster(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the network should run the block as ConvBatchNormPoolReLU: it can, on as many input
+    channels as conv_pool_relu_faster takes."""
+    return conv_batch_norm_pool_fusable(conv, bn, x) and conv.in_channels <= FASTER_IN_CHANNELS
+
+
+def conv_batch_norm_pool_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(bn(conv(x)), 2, 2)): the fused kernels where
+    `conv_batch_norm_pool_fusable(conv, bn, x)`, else PyTorch's modules."""
+    if not conv_batch_norm_pool_fusable(conv, bn, x):
+        return torch.relu(F.max_pool2d(bn(conv(x)), 2, 2))
+    return ConvBatchNormPoolReLU.apply(x.to(compute_dtype(x)), conv.weight, conv.bias, *module_arguments(bn))

@@ -24,6 +24,7 @@
 #include "bfloat16.h"
 
 #include <algorithm>
+#include <numeric>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -366,6 +367,102 @@ std::vector<double> gradient_sums(const at::Tensor& grad, const at::Tensor& code
   return total;
 }
 
+// ---- the input's moments: a following batch norm's statistics in closed form (conv_pool.py)
+
+// Image n's zero-padded planes, [Cin][H + 2][pitch] in float (pitch = s.W rounded up to whole blocks
+// of kLanes pixels, + 2): tap k = ci * 9 + ky * 3 + kx of pixel (h, w) is
+// plane[(ci * (H + 2) + h + ky) * pitch + w + kx].
+template <typename scalar_t, int kCin>
+void load_planes(const View<const scalar_t>& x, const Shape& s, int64_t n, int64_t pitch, float* plane) {
+  const int64_t height = s.H + 2;
+  std::fill(plane, plane + kCin * height * pitch, 0.f);
+  for (int ci = 0; ci < kCin; ++ci) {
+    for (int64_t h = 0; h < s.H; ++h) {
+      const scalar_t* src = x.at(n, ci, h, 0);
+      float* line = plane + (ci * height + h + 1) * pitch + 1;
+      for (int64_t w = 0; w < s.W; ++w) line[w] = widen(src[w * x.sw]);
+    }
+  }
+}
+
+// Adds image n's tap products to gram (k1 <= k2) and its tap values to sums. Taps come in rows of
+// three (a channel's ky): for each pair of tap rows, the image's pixels in blocks of kLanes along a
+// row, 3 + 3 loaded vectors and 9 products summed in 9 vector registers over the whole image (the
+// first row's values masked to 0 past the image's width).
+template <typename scalar_t, int kCin>
+void add_image_moments(const View<const scalar_t>& x, const Shape& s, int64_t n, int64_t pitch, float* plane,
+                       const float* mask, double* gram, double* sums) {
+  constexpr int K = kCin * kTaps, kTapRows = kCin * 3;
+  const int64_t height = s.H + 2;
+  load_planes<scalar_t, kCin>(x, s, n, pitch, plane);
+  for (int r1 = 0; r1 < kTapRows; ++r1) {
+    for (int r2 = r1; r2 < kTapRows; ++r2) {
+      const float* top1 = plane + ((r1 / 3) * height + r1 % 3) * pitch;
+      const float* top2 = plane + ((r2 / 3) * height + r2 % 3) * pitch;
+      float products[3][3][kLanes] = {}, values[3][kLanes] = {};
+      for (int64_t h = 0; h < s.H; ++h) {
+        for (int64_t w = 0; w + 2 < pitch; w += kLanes) {
+          const float* a = top1 + h * pitch + w;
+          const float* b = top2 + h * pitch + w;
+          VGGKIT_UNROLL
+          for (int kx1 = 0; kx1 < 3; ++kx1) {
+            VGGKIT_UNROLL
+            for (int kx2 = 0; kx2 < 3; ++kx2) {
+              VGGKIT_LANES
+              for (int64_t j = 0; j < kLanes; ++j) products[kx1][kx2][j] += a[kx1 + j] * mask[w + j] * b[kx2 + j];
+            }
+            if (r1 == r2) {
+              VGGKIT_LANES
+              for (int64_t j = 0; j < kLanes; ++j) values[kx1][j] += a[kx1 + j] * mask[w + j];
+            }
+          }
+        }
+      }
+      for (int kx1 = 0; kx1 < 3; ++kx1) {
+        for (int kx2 = 0; kx2 < 3; ++kx2) {
+          const int k1 = r1 * 3 + kx1, k2 = r2 * 3 + kx2;
+          if (k1 <= k2) gram[k1 * K + k2] += std::accumulate(products[kx1][kx2], products[kx1][kx2] + kLanes, 0.0);
+        }
+        if (r1 == r2) sums[r1 * 3 + kx1] += std::accumulate(values[kx1], values[kx1] + kLanes, 0.0);
+      }
+    }
+  }
+}
+
+// gram [K][K] and sums [K], float64, K = Cin * 9: the sums over every pixel of the products and values
+// of the zero-padded input under the 3x3 taps (tap k = ci * 9 + ky * 3 + kx). Images are summed in
+// chunks, the chunks in order: the result does not depend on the number of threads.
+template <typename scalar_t, int kCin>
+void input_moments(const at::Tensor& x, const Shape& s, double* gram, double* sums) {
+  constexpr int K = kCin * kTaps;
+  const int64_t size = K * K + K, pitch = divup(s.W, kLanes) * kLanes + 2;
+  const int64_t per_chunk = std::max(divup(kGrainValues, s.H * s.W * kCin), divup(s.N, kMaxChunks));
+  const int64_t chunks = divup(s.N, per_chunk);
+  const View<const scalar_t> in = view(x, x.const_data_ptr<scalar_t>());
+  std::vector<float> mask(pitch, 0.f);
+  std::fill(mask.begin(), mask.begin() + s.W, 1.f);
+  std::vector<double> partial(chunks * size, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> plane(kCin * (s.H + 2) * pitch);
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      double* out = partial.data() + chunk * size;
+      for (int64_t n = chunk * per_chunk; n < std::min(s.N, (chunk + 1) * per_chunk); ++n) {
+        add_image_moments<scalar_t, kCin>(in, s, n, pitch, plane.data(), mask.data(), out, out + K * K);
+      }
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const double* part = partial.data() + chunk * size;
+    for (int k1 = 0; k1 < K; ++k1) {
+      for (int k2 = k1; k2 < K; ++k2) gram[k1 * K + k2] += part[k1 * K + k2];
+      sums[k1] += part[K * K + k1];
+    }
+  }
+  for (int k1 = 0; k1 < K; ++k1) {
+    for (int k2 = 0; k2 < k1; ++k2) gram[k1 * K + k2] = gram[k2 * K + k1];
+  }
+}
+
 // ---- the operators
 
 bool floating(const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; }
@@ -446,14 +543,30 @@ std::tuple<at::Tensor, at::Tensor> conv_pool_relu_backward(const at::Tensor& gra
   return {grad_weight, grad_bias32.to(weight.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> conv3x3_input_moments(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "conv3x3_input_moments: expected a 4-D input, got ", x.dim(), "-D");
+  const Shape s = shape_of(x, at::empty({1, x.size(1), 3, 3}, x.options()), "conv3x3_input_moments");
+  const int64_t K = s.Cin * kTaps;
+  at::Tensor gram = at::zeros({K, K}, x.options().dtype(at::kDouble));
+  at::Tensor sums = at::zeros({K}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0) return {gram, sums};
+  dispatch(x.scalar_type(), s.Cin, [&](auto scalar, auto channels) {
+    input_moments<decltype(scalar), decltype(channels)::value>(x, s, gram.mutable_data_ptr<double>(),
+                                                                sums.mutable_data_ptr<double>());
+  });
+  return {gram, sums};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vggkit, m) {
   m.def("conv_pool_relu(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def("conv_pool_relu_backward(Tensor grad_output, Tensor code, Tensor x, Tensor weight) -> (Tensor, Tensor)");
+  m.def("conv3x3_input_moments(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vggkit, CPU, m) {
   m.impl("conv_pool_relu", &conv_pool_relu);
   m.impl("conv_pool_relu_backward", &conv_pool_relu_backward);
+  m.impl("conv3x3_input_moments", &conv3x3_input_moments);
 }
