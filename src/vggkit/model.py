@@ -77,6 +77,8 @@ class VGGBlock(nn.Sequential):
     def _pool_first(self, x):
         *body, relu, pool = self
         if self.kernels == "fused":
+            if cpu_kernels.block_foldable(body, x):  # inference with batch norm: folded into the convs
+                return cpu_kernels.folded_block(body, x)
             if len(body) == 1 and cpu_kernels.conv_pool_relu_faster(body[0], x):  # a network's gray first block
                 return cpu_kernels.conv_pool_relu(body[0], x)
             if len(body) == 2 and cpu_kernels.conv_batch_norm_pool_faster(*body, x):  # the same with batch norm

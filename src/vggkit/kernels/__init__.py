@@ -12,6 +12,8 @@ ops as the fallback.
 - conv_pool.py: `conv_pool_relu(conv, x)`, relu(max_pool2d(conv(x), 2, 2)) fused for a network's
   first layer (1-4 input channels, no input gradient), forward and weight/bias backward; with a
   batch norm after the conv, `conv_batch_norm_pool_relu(conv, bn, x)`
+- folded.py: `folded_block(body, x)`, inference through a block with batch norm: the batch norms
+  folded into the convolutions, each conv + ReLU one oneDNN call
 - dropout.py: `dropout(x, p)`, its mask from torch.rand instead of bernoulli_
 - weight_copies.py: `SGDWithWeightCopies`, SGD keeping bfloat16 copies of the Linear weights that
   the Linears multiply by under bf16 autocast (`linear_with_copy`), instead of casting every step
@@ -29,6 +31,8 @@ from .conv_pool import (ConvBatchNormPoolReLU, ConvPoolReLU, conv_batch_norm_poo
 from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool_relu
 from .conv_relu import ConvReLU, conv_fusable, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
+from .folded import block as folded_block
+from .folded import block_foldable
 from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
 from .weight_copies import SGDWithWeightCopies, WeightCopy, copyable_linears
 from .weight_copies import applies as weight_copy_applies
@@ -41,7 +45,7 @@ def available() -> bool:
 
 
 __all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvBatchNormPoolReLU", "ConvPoolReLU", "ConvReLU", "KernelLibrary", "MaxPoolReLU",
-           "SGDWithWeightCopies", "WeightCopy", "available", "copyable_linears", "linear_with_copy",
+           "SGDWithWeightCopies", "WeightCopy", "available", "block_foldable", "folded_block", "copyable_linears", "linear_with_copy",
            "weight_copy_applies", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
            "conv_batch_norm_pool_faster", "conv_batch_norm_pool_fusable", "conv_batch_norm_pool_relu",
            "conv_fusable", "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
