@@ -203,16 +203,19 @@ def test_fuses_only_a_first_layer_it_can_compute(fused):
         other = nn.Conv2d(**args)
         assert not kernels.conv_pool_relu_fusable(other, make_input(2, args["in_channels"], 8, 8)), change
     frozen = make_conv(3, 8).requires_grad_(False)
-    assert not kernels.conv_pool_relu_fusable(frozen, x)
+    assert not kernels.conv_pool_relu_fusable(frozen, x) and kernels.conv_pool_relu_takes(frozen, x)
     hooked = make_conv(3, 8)
     hooked.register_forward_hook(lambda *a: None)
     assert not kernels.conv_pool_relu_fusable(hooked, x)
     assert not kernels.conv_pool_relu_fusable(conv, x.double()) and not kernels.conv_pool_relu_fusable(conv, x.half())
     assert not kernels.conv_pool_relu_fusable(conv, x.bfloat16())  # float32 weights, no autocast
     assert not kernels.conv_pool_relu_fusable(conv, make_input(2, 3, 1, 8))  # no window: PyTorch's error
-    with torch.no_grad():
-        assert not kernels.conv_pool_relu_fusable(conv, x)
-        assert torch.equal(kernels.conv_pool_relu(conv, x), plain(conv, x))
+    with torch.no_grad():  # inference: the forward alone
+        assert not kernels.conv_pool_relu_fusable(conv, x) and kernels.conv_pool_relu_takes(conv, x)
+        torch.testing.assert_close(kernels.conv_pool_relu(conv, x), plain(conv, x), rtol=1e-5, atol=1e-6)
+    for change in (dict(stride=2), dict(in_channels=6)):  # what it cannot compute, in inference too
+        args = {**dict(in_channels=3, out_channels=8, kernel_size=3, padding=1), **change}
+        assert not kernels.conv_pool_relu_takes(nn.Conv2d(**args), make_input(2, args["in_channels"], 8, 8))
 
 
 def test_a_hook_on_the_first_conv_sees_its_full_output(fused):
@@ -292,3 +295,17 @@ def test_the_network_fuses_gray_first_layers_only(fused):
         calls = backward_ops(model(make_input(2, channels, 16, 16)).sum())
         assert calls.count("ConvPoolReLUBackward") == expected
         assert calls.count("MaxPoolReLUBackward") == 2 - expected
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_network_inference_fused_equals_plain(fused, precision):
+    """Inference (grad mode off): the gray first block's forward kernel and the pool kernel's forward."""
+    torch.manual_seed(0)
+    model = VGG("1x8,2x16", in_channels=1, input_size=32, fc_width=32, num_classes=5, batch_norm=False).eval()
+    plain_model = copy.deepcopy(model)
+    set_kernels(model, "fused"), set_kernels(plain_model, "plain")
+    x = make_input(4, 1, 32, 32, "nhwc")
+    with torch.no_grad(), autocast(precision):
+        ours, theirs = model(x).float(), plain_model(x).float()
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert ((ours - theirs).norm() / theirs.norm()).item() < tolerance

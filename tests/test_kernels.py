@@ -96,9 +96,10 @@ def test_empty_output_gives_a_zero_gradient(fused):
 def test_max_pool_relu_fuses_only_where_autograd_runs_on_the_cpu(fused):
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
     assert type(kernels.max_pool_relu(x).grad_fn).__name__ == "MaxPoolReLUBackward"
-    with torch.no_grad():
+    with torch.no_grad():  # inference: the kernel's forward alone, PyTorch's values to the bit
         assert_same(kernels.max_pool_relu(x), reference(x))
-    assert not kernels.fusable(x.detach()) and not kernels.fusable(x.half())
+        assert kernels.pool_relu_takes(x) and not kernels.fusable(x)
+    assert not kernels.fusable(x.detach()) and not kernels.fusable(x.half()) and not kernels.pool_relu_takes(x.half())
     assert not kernels.fusable(torch.randn(4, 6, 6, requires_grad=True))  # 3-D: PyTorch's ops
     assert not kernels.fusable(torch.randn(2, 4, 6, 6, device="meta", requires_grad=True))
 

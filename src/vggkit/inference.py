@@ -37,7 +37,7 @@ from .runtime import Speed, autocast
 COMPILE_POLICIES = CHOICES["compile"]  # auto, on, off
 DEFAULT_COMPILE_SECONDS = 60.0  # what a compile is assumed to cost before one was measured here
 TIMED_REPEATS = 2  # timed calls of each path on the same batch, alternately; the fastest of each counts
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: eager inference got vggkit's kernels (issue 15, sixth step); older decisions are stale
 
 
 def check_policy(policy) -> str:

@@ -89,7 +89,7 @@ class VGGBlock(nn.Sequential):
                 if cpu_kernels.batch_norm_pool_fusable(x, bn):
                     return cpu_kernels.batch_norm_pool_relu(x, bn)
                 x = _fast_layers([bn], x)
-            if cpu_kernels.fusable(x):
+            if cpu_kernels.pool_relu_takes(x):
                 return cpu_kernels.max_pool_relu(x)
         else:
             for layer in body:

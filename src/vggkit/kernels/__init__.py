@@ -27,13 +27,15 @@ from . import build
 from .build import KernelLibrary
 from .bn_relu import BatchNormReLU, batch_norm_fusable, batch_norm_relu
 from .conv_pool import (ConvBatchNormPoolReLU, ConvPoolReLU, conv_batch_norm_pool_faster, conv_batch_norm_pool_fusable,
-                        conv_batch_norm_pool_relu, conv_pool_relu, conv_pool_relu_faster, conv_pool_relu_fusable)
+                        conv_batch_norm_pool_relu, conv_pool_relu, conv_pool_relu_faster, conv_pool_relu_fusable,
+                        conv_pool_relu_takes)
 from .bn_relu import BatchNormPoolReLU, batch_norm_pool_fusable, batch_norm_pool_relu
 from .conv_relu import ConvReLU, conv_fusable, conv_relu, conv_relu_fusable
 from .dropout import dropout, dropout_fusable
 from .folded import block as folded_block
 from .folded import block_foldable
 from .pool_relu import MaxPoolReLU, fusable, hooked, max_pool_relu
+from .pool_relu import takes as pool_relu_takes
 from .weight_copies import SGDWithWeightCopies, WeightCopy, copyable_linears
 from .weight_copies import applies as weight_copy_applies
 from .weight_copies import linear as linear_with_copy
@@ -48,5 +50,5 @@ __all__ = ["BatchNormPoolReLU", "BatchNormReLU", "ConvBatchNormPoolReLU", "ConvP
            "SGDWithWeightCopies", "WeightCopy", "available", "block_foldable", "folded_block", "copyable_linears", "linear_with_copy",
            "weight_copy_applies", "batch_norm_fusable", "batch_norm_pool_fusable", "batch_norm_pool_relu", "batch_norm_relu",
            "conv_batch_norm_pool_faster", "conv_batch_norm_pool_fusable", "conv_batch_norm_pool_relu",
-           "conv_fusable", "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_relu", "conv_relu_fusable",
-           "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu"]
+           "conv_fusable", "conv_pool_relu", "conv_pool_relu_faster", "conv_pool_relu_fusable", "conv_pool_relu_takes", "conv_relu", "conv_relu_fusable",
+           "dropout", "dropout_fusable", "fusable", "hooked", "max_pool_relu", "pool_relu_takes"]

@@ -55,11 +55,17 @@ class ConvPoolReLU(torch.autograd.Function):
 
 
 def conv_pool_relu_fusable(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether relu(max_pool2d(conv(x), 2, 2)) can run as ConvPoolReLU: an nn.Conv2d (no subclass)
-    without hooks, 3x3, stride 1, zero padding 1, no dilation or groups, 1 to MAX_IN_CHANNELS input
-    channels, whose weight needs a gradient and whose input does not (a network's first layer); a
-    4-D float32 or bfloat16 CPU input (under CPU autocast, bfloat16 its dtype; else the weight's);
-    autograd recording, outside torch.compile and tracing, with the library built."""
+    """Whether relu(max_pool2d(conv(x), 2, 2)) can run as ConvPoolReLU in training: as
+    `conv_pool_relu_takes`, with autograd recording and the weight needing a gradient."""
+    return conv_pool_relu_takes(conv, x) and conv.weight.requires_grad and torch.is_grad_enabled()
+
+
+def conv_pool_relu_takes(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the kernels take relu(max_pool2d(conv(x), 2, 2)), in training (ConvPoolReLU) or in
+    inference (its forward alone): an nn.Conv2d (no subclass) without hooks, 3x3, stride 1, zero
+    padding 1, no dilation or groups, 1 to MAX_IN_CHANNELS input channels, whose input needs no
+    gradient (a network's first layer); a 4-D float32 or bfloat16 CPU input (under CPU autocast,
+    bfloat16 its dtype; else the weight's); outside torch.compile and tracing, with the library built."""
     if type(conv) is not nn.Conv2d or hooked(conv) or not _first_layer_geometry(conv):
         return False
     weight, bias = conv.weight, conv.bias
@@ -69,16 +75,15 @@ def conv_pool_relu_fusable(conv: nn.Module, x: torch.Tensor) -> bool:
         same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4
             and x.shape[1] == conv.in_channels and min(x.shape[2:]) >= 2 and not x.requires_grad
-            and weight.requires_grad and x.dtype in DTYPES and weight.dtype in DTYPES
-            and compute_dtype(x) in DTYPES and same_dtype and torch.is_grad_enabled()
+            and x.dtype in DTYPES and weight.dtype in DTYPES and compute_dtype(x) in DTYPES and same_dtype
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and build.LIBRARY.available())
 
 
 def conv_pool_relu_faster(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the network should run relu(max_pool2d(conv(x))) as ConvPoolReLU: it can
-    (conv_pool_relu_fusable) and it measured faster than oneDNN's convolution then the pool kernel
-    for this many input channels (FASTER_IN_CHANNELS)."""
-    return conv_pool_relu_fusable(conv, x) and conv.in_channels <= FASTER_IN_CHANNELS
+    """Whether the network should run relu(max_pool2d(conv(x))) on the kernels: they take it
+    (conv_pool_relu_takes) and measured faster than oneDNN's convolution then the pool kernel for
+    this many input channels (FASTER_IN_CHANNELS)."""
+    return conv_pool_relu_takes(conv, x) and conv.in_channels <= FASTER_IN_CHANNELS
 
 
 def _first_layer_geometry(conv: nn.Conv2d) -> bool:
@@ -88,11 +93,14 @@ def _first_layer_geometry(conv: nn.Conv2d) -> bool:
 
 
 def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(max_pool2d(conv(x), 2, 2)): the fused kernels where `conv_pool_relu_fusable(conv, x)`
-    (in the dtype autocast would give the convolution), else PyTorch's ops."""
-    if not conv_pool_relu_fusable(conv, x):
-        return torch.relu(F.max_pool2d(conv(x), 2, 2))
-    return ConvPoolReLU.apply(x.to(compute_dtype(x)), conv.weight, conv.bias)
+    """relu(max_pool2d(conv(x), 2, 2)): the fused kernels where `conv_pool_relu_takes(conv, x)` (with
+    autograd where `conv_pool_relu_fusable`; in the dtype autocast would give the convolution), else
+    PyTorch's ops."""
+    if conv_pool_relu_fusable(conv, x):
+        return ConvPoolReLU.apply(x.to(compute_dtype(x)), conv.weight, conv.bias)
+    if conv_pool_relu_takes(conv, x):  # no gradient to record: the forward alone
+        return torch.ops.vggkit.conv_pool_relu(x.to(compute_dtype(x)), conv.weight, conv.bias)[0]
+    return torch.relu(F.max_pool2d(conv(x), 2, 2))
 
 
 class ConvBatchNormPoolReLU(torch.autograd.Function):

@@ -38,14 +38,23 @@ def hooked(*modules: torch.nn.Module) -> bool:
 
 
 def fusable(x: torch.Tensor) -> bool:
-    """Whether the fused kernels take x: a 4-D CPU tensor of a supported dtype that autograd tracks
-    (inference and other devices keep PyTorch's ops), outside torch.compile, with the library built."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES and x.requires_grad
-            and torch.is_grad_enabled() and not torch.compiler.is_compiling() and build.LIBRARY.available())
+    """Whether the fused kernels take x in training: a 4-D CPU tensor of a supported dtype that
+    autograd tracks (other devices keep PyTorch's ops), outside torch.compile, with the library built."""
+    return takes(x) and x.requires_grad and torch.is_grad_enabled()
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether the kernel takes x, in training (fusable) or inference (its forward alone: faster than
+    PyTorch's pool there too, which computes int64 indices either way; BENCHMARKS.md, sixth session)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES and not torch.compiler.is_compiling()
+            and build.LIBRARY.available())
 
 
 def max_pool_relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(max_pool2d(x, 2, 2)): the fused kernels where `fusable(x)`, else PyTorch's ops."""
+    """relu(max_pool2d(x, 2, 2)): the fused kernels where `takes(x)` (with autograd where `fusable(x)`),
+    else PyTorch's ops."""
     if fusable(x):
         return MaxPoolReLU.apply(x)
+    if takes(x) and not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.ops.vggkit.max_pool_relu(x)[0]
     return torch.relu(F.max_pool2d(x, 2, 2))
