@@ -168,15 +168,19 @@ def test_the_key_follows_batch_size_dtype_and_memory_format():
 def test_a_damaged_cache_file_is_ignored_and_replaced_whole(tmp_path):
     s = Setup(tmp_path, eager_seconds=0.02, compiled_seconds=0.01)
     s.cache.path.parent.mkdir(parents=True)
-    for damaged in ("{not json", json.dumps({"version": 1, "decisions": {"x": {"choice": "compiled"}}}), "[]"):
+    for damaged in ("{not json", json.dumps({"version": inference.CACHE_VERSION, "decisions": {"x": {"choice": "compiled"}}}),
+                    "[]"):
         s.cache.path.write_text(damaged)
         assert s.cache.records() == {}
     runner = s.runner(images=10_000)
     runner(batches([4])[0])
     assert runner.compiled and s.compiles == 1  # measured as if there were no file
     data = json.loads(s.cache.path.read_text())
-    assert data["version"] == 1 and len(data["decisions"]) == 1
+    assert data["version"] == inference.CACHE_VERSION and len(data["decisions"]) == 1
     assert [p.name for p in s.cache.path.parent.iterdir()] == ["inference.json"]  # no temporary left
+    assert len(s.cache.records()) == 1
+    s.cache.path.write_text(json.dumps(data | {"version": inference.CACHE_VERSION - 1}))
+    assert s.cache.records() == {}  # decided by an older vggkit, whose eager path was another
 
 
 def test_an_unwritable_cache_is_said_and_the_job_goes_on(tmp_path):
