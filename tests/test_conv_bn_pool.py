@@ -13,6 +13,7 @@ from torch import nn
 from helpers import assert_no_further_off, backward_ops, require_kernels
 
 from vggkit import kernels
+from vggkit.kernels import build
 from vggkit.model import VGG, set_kernels
 
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -200,3 +201,26 @@ def test_the_network_fuses_gray_first_blocks_only():
         set_kernels(model, "fused")
         calls = backward_ops(model(make_input(2, channels, 16, 16)).sum())
         assert calls.count("ConvBatchNormPoolReLUBackward") == expected
+
+
+def test_without_the_library_the_network_trains_and_evaluates_as_plain(monkeypatch):
+    """The library switched off: the first block runs PyTorch's modules in training; inference still
+    folds the batch norms (oneDNN), with PyTorch's pool."""
+    monkeypatch.setenv(build.SWITCH, "plain")
+    monkeypatch.setattr(build, "LIBRARY", build.KernelLibrary())
+    monkeypatch.setattr(build, "_noted", set())
+    model, x, y = network_and_batch("nhwc")
+    plain_model = copy.deepcopy(model)
+    for block in model.features:
+        block.kernels = "fused"  # as if set before the library was found missing
+    set_kernels(plain_model, "plain")
+    conv, bn = model.features[0][0], model.features[0][1]
+    assert not kernels.conv_batch_norm_pool_fusable(conv, bn, x)
+    loss, grads = train_step(model, x, y, "fp32")
+    loss_plain, grads_plain = train_step(plain_model, x, y, "fp32")
+    torch.testing.assert_close(loss, loss_plain)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_plain[name], msg=name)
+    model.eval(), plain_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain_model(x), rtol=1e-4, atol=1e-5)
