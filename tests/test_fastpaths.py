@@ -51,14 +51,23 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+# PyTorch's float32 channels-last batch-norm backward: on one thread (OMP_NUM_THREADS=1) the network's
+# weight gradients come out 1.7e-3 off the float64 ones (the first conv's, a small difference of large
+# sums, move most), on two under 1e-5; NCHW's stay at float32 rounding either way.
+CHANNELS_LAST_BATCH_NORM_GRADIENTS = 5e-3
+CHANNELS_LAST_BATCH_NORM_WEIGHTS = 5e-4  # after one step at lr 0.05 (absolute; 1e-4 measured on one thread)
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_channels_last_matches_nchw(batch_norm):
     model, (x, y) = small_model(batch_norm), batch()
     plain, fast = step(model, x, y), step(model, x, y, channels_last=True)
     assert torch.allclose(fast[0], plain[0], rtol=1e-5, atol=1e-5)
     assert fast[1] == pytest.approx(plain[1], rel=1e-5)
-    assert rel(fast[2], plain[2]) < 1e-4
-    assert torch.allclose(fast[3], plain[3], rtol=1e-5, atol=1e-6)
+    exact = step(copy.deepcopy(model).double(), x.double(), y)[2]
+    assert rel(plain[2], exact) < 1e-5
+    assert rel(fast[2], exact) < (CHANNELS_LAST_BATCH_NORM_GRADIENTS if batch_norm else 1e-5)
+    assert torch.allclose(fast[3], plain[3], rtol=1e-5, atol=CHANNELS_LAST_BATCH_NORM_WEIGHTS if batch_norm else 1e-6)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -99,8 +108,8 @@ def test_compiled_model_matches_eager():
     eager = step(model, x, y, channels_last=True)
     assert torch.allclose(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
     assert compiled[1] == pytest.approx(eager[1], rel=1e-5)
-    assert rel(compiled[2], eager[2]) < 1e-4
-    assert torch.allclose(compiled[3], eager[3], rtol=1e-5, atol=1e-6)
+    assert rel(compiled[2], eager[2]) < CHANNELS_LAST_BATCH_NORM_GRADIENTS
+    assert torch.allclose(compiled[3], eager[3], rtol=1e-5, atol=CHANNELS_LAST_BATCH_NORM_WEIGHTS)
 
 
 def test_flushing_denormals_leaves_a_training_step_unchanged():
