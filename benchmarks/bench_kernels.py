@@ -95,23 +95,27 @@ def conv_batch_norm_pool_relu(repeats: int) -> list[dict]:
     for n, cin, cout, h in [(256, 1, 32, 28), (256, 3, 32, 32)]:
         conv, bn = torch.nn.Conv2d(cin, cout, 3, padding=1).to(memory_format=CL), torch.nn.BatchNorm2d(cout)
         x = torch.randn(n, cin, h, h).contiguous(memory_format=CL)
-        params = (conv.weight, conv.bias, bn.weight, bn.bias)
         variants = {"conv, then one kernel": lambda: kernels.batch_norm_pool_relu(conv(x), bn),
                     "one function": lambda: kernels.conv_batch_norm_pool_relu(conv, bn, x)}
+        rows += against_pytorch("conv 3x3 + batch norm (training) + max-pool + ReLU (first layer)",
+                                [n, cin, h, h, cout], lambda: F.max_pool2d(torch.relu(bn(conv(x))), 2, 2),
+                                variants, (conv.weight, conv.bias, bn.weight, bn.bias), repeats)
+    return rows
 
-        def pytorch():
-            return F.max_pool2d(torch.relu(bn(conv(x))), 2, 2)
 
-        with torch.autocast("cpu", dtype=BF16):
-            y_ref = pytorch()
-            g = torch.randn_like(y_ref)
-            theirs = {"pytorch_fwd_ms": median_ms(pytorch, repeats),
-                      "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, params, g, retain_graph=True), repeats)}
-            for name, fn in variants.items():
-                y = fn()
-                rows.append({"op": f"conv 3x3 + batch norm (training) + max-pool + ReLU (first layer), {name}",
-                             "shape": [n, cin, h, h, cout], **theirs, "vggkit_fwd_ms": median_ms(fn, repeats),
-                             "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, params, g, retain_graph=True), repeats)})
+def against_pytorch(op: str, shape: list, pytorch, variants: dict, params: tuple, repeats: int) -> list[dict]:
+    """A row per vggkit variant (name -> forward function), each with PyTorch's forward and backward
+    times beside it, under bf16 autocast; backward: the gradients of `params` from one output gradient."""
+    with torch.autocast("cpu", dtype=BF16):
+        y_ref = pytorch()
+        g = torch.randn_like(y_ref)
+        theirs = {"pytorch_fwd_ms": median_ms(pytorch, repeats),
+                  "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, params, g, retain_graph=True), repeats)}
+        rows = []
+        for name, fn in variants.items():
+            y = fn()
+            rows.append({"op": f"{op}, {name}", "shape": shape, **theirs, "vggkit_fwd_ms": median_ms(fn, repeats),
+                         "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, params, g, retain_graph=True), repeats)})
     return rows
 
 
@@ -140,20 +144,8 @@ def batch_norm_pool_relu(repeats: int) -> list[dict]:
         x = torch.randn(n, c, h, h, dtype=BF16).contiguous(memory_format=CL).requires_grad_()
         variants = {"two kernels": lambda: kernels.max_pool_relu(kernels.batch_norm_relu(x, bn, False)),
                     "one kernel": lambda: kernels.batch_norm_pool_relu(x, bn)}
-
-        def pytorch():
-            return F.max_pool2d(torch.relu(bn(x)), 2, 2)
-
-        with torch.autocast("cpu", dtype=BF16):
-            y_ref = pytorch()
-            g = torch.randn_like(y_ref)
-            theirs = {"pytorch_fwd_ms": median_ms(pytorch, repeats),
-                      "pytorch_bwd_ms": median_ms(lambda: torch.autograd.grad(y_ref, (x, bn.weight), g, retain_graph=True), repeats)}
-            for name, fn in variants.items():
-                y = fn()
-                rows.append({"op": f"batch norm (training) + max-pool + ReLU, {name}", "shape": [n, c, h, h], **theirs,
-                             "vggkit_fwd_ms": median_ms(fn, repeats),
-                             "vggkit_bwd_ms": median_ms(lambda: torch.autograd.grad(y, (x, bn.weight), g, retain_graph=True), repeats)})
+        rows += against_pytorch("batch norm (training) + max-pool + ReLU", [n, c, h, h],
+                                lambda: F.max_pool2d(torch.relu(bn(x)), 2, 2), variants, (x, bn.weight), repeats)
     return rows
 
 
