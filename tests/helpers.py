@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,6 +31,16 @@ def backward_ops(output: torch.Tensor) -> list[str]:
             seen.append(node)
             todo.extend(next_fn for next_fn, _ in node.next_functions)
     return [type(node).__name__ for node in seen]
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str):
+    """Loss and parameter gradients (name -> gradient) of one training step, in float32 or under bf16
+    autocast (precision "fp32" or "bf16")."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
 def like_trained(model: nn.Module, weight_noise: float = 0.0) -> nn.Module:

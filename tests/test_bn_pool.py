@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backward_ops
+from helpers import backward_ops, train_step
 from test_bn_relu import AGAINST_PYTORCH, batch_norm, bf16_input, close_to_scale, run, sample
 from test_kernels import FORMATS, fused  # noqa: F401 (fused: the fixture)
 
@@ -239,14 +239,6 @@ def small_vgg():
     return VGG("1x8,2x16", batch_norm=True, in_channels=3, input_size=12, fc_width=32, num_classes=5, dropout=0.0)
 
 
-def step(model, x, y, precision):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, precision):
@@ -255,8 +247,8 @@ def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, pr
     assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
     x = torch.randn(8, 3, 12, 12).contiguous(memory_format=FORMATS[layout])
     y = torch.randint(0, 5, (8,))
-    loss, grads = step(model, x, y, precision)
-    loss_plain, grads_plain = step(plain, x, y, precision)
+    loss, grads = train_step(model, x, y, precision)
+    loss_plain, grads_plain = train_step(plain, x, y, precision)
     tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(loss, loss_plain, **tolerance)
     for name, grad in grads.items():

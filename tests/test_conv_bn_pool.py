@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import assert_no_further_off, backward_ops, require_kernels
+from helpers import assert_no_further_off, backward_ops, require_kernels, train_step
 
 from vggkit import kernels
 from vggkit.kernels import build
@@ -143,14 +143,6 @@ def test_fuses_only_a_block_it_can_compute():
     assert not kernels.conv_batch_norm_pool_fusable(conv, bn, make_input(1, 1, 1, 1))  # one value per channel
     with torch.no_grad():
         assert not kernels.conv_batch_norm_pool_fusable(conv, bn, x)
-
-
-def train_step(model, x, y, precision):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
 def network_and_batch(layout):

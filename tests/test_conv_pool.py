@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import backward_ops, require_kernels
+from helpers import backward_ops, require_kernels, train_step
 
 from vggkit import kernels
 from vggkit.kernels import build
@@ -229,15 +229,6 @@ def test_a_hook_on_the_first_conv_sees_its_full_output(fused):
 
 # ---------------------------------------------------------------------------------------------
 # The network
-
-
-def train_step(model, x, y, precision):
-    """Loss and parameter gradients of one training step."""
-    model.zero_grad(set_to_none=True)
-    with autocast(precision):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("layout", FORMATS)

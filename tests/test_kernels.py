@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_no_further_off, backward_ops, require_kernels
+from helpers import assert_no_further_off, backward_ops, require_kernels, train_step
 
 from vggkit import kernels
 from vggkit.config import resolve_config
@@ -230,15 +230,6 @@ def test_openmp_only_with_gcc_on_linux(monkeypatch):
 # The network
 
 
-def step(model, x, y, precision):
-    """Loss and parameter gradients of one training step."""
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_training_step_fused_equals_plain(fused, precision, batch_norm):
@@ -250,15 +241,15 @@ def test_training_step_fused_equals_plain(fused, precision, batch_norm):
     set_kernels(float_model, "plain")
     x = torch.randn(32, 1, 16, 16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (32,))
-    loss, grads = step(model, x, y, precision)
-    loss_plain, grads_plain = step(plain, x, y, precision)
+    loss, grads = train_step(model, x, y, precision)
+    loss_plain, grads_plain = train_step(plain, x, y, precision)
     tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
     # max(relu(x)) = relu(max(x)) exactly; the fused batch norm sums in another order
     torch.testing.assert_close(loss, loss_plain, **tolerance)
     if precision == "bf16" and batch_norm:
         # the first block (ConvBatchNormPoolReLU) rounds its bf16 output once, PyTorch's modules twice:
         # from there on the two differ by more than a rounding, so both are held against float32
-        assert_no_further_off(grads, grads_plain, step(float_model, x, y, "fp32")[1])
+        assert_no_further_off(grads, grads_plain, train_step(float_model, x, y, "fp32")[1])
     else:
         for name, grad in grads.items():
             torch.testing.assert_close(grad, grads_plain[name], **tolerance, msg=name)
