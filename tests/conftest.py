@@ -13,3 +13,13 @@ def fmnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}; set VGGKIT_TEST_DATA")
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prepared_cache(tmp_path_factory):
+    """Photo folders that tests stream are prepared in a temporary cache, not the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("xdg-cache")
+    patch.setattr("vggkit.data.prepared.cache_root", lambda: root / "vggkit" / "prepared")
+    yield root
+    patch.undo()

@@ -267,3 +267,25 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
     assert exit.value.code == 0 and capsys.readouterr().out == f"vggkit {__version__}\n"
+
+
+@pytest.mark.parametrize("height,width,size,pooled", [(2000, 3000, 224, "adaptive"), (375, 500, 224, "adaptive"),
+                                                      (200, 300, 160, "adaptive"), (130, 140, 112, "adaptive")])
+def test_photos_train_at_vggs_224_where_their_centre_crop_allows_it(height, width, size, pooled):
+    photos = DataFacts("photos/", 300, 0, height, width, known=False, flips_safe=False, photos=True)
+    config, notes = decide(resolve_config(), photos)
+    assert config.input_size == size and config.flip is True and config.head_pool == pooled
+    assert notes["input_size"].startswith(f"photos, {width}x{height} median")
+    assert notes["flip"].startswith("photos are flip-safe") and "7x7" in notes["head_pool"]
+    given = decide(resolve_config(overrides={"input_size": 64, "arch": "2x8,2x8,2x8,2x8,2x8"}), photos)[0]
+    assert given.input_size == 64 and given.head_pool is None  # a 2x2 map: nothing to average
+    assert decide(resolve_config(), LIKE_FASHION_MNIST)[0].head_pool is None  # in-memory data as before
+
+
+def test_initial_weights_train_their_blocks_at_a_tenth_of_the_rate():
+    weights = dataclasses.replace(resolve_config(overrides={"init_from": "vgg16"}), arch="1x8,1x16", ratio=1)
+    config, notes = decide(weights, LIKE_FASHION_MNIST)
+    assert config.backbone_lr == 0.1 and notes["backbone_lr"] == "pretrained blocks at 0.1 x lr"
+    assert decide(resolve_config(), LIKE_FASHION_MNIST)[0].backbone_lr is None  # one rate for all
+    given = dataclasses.replace(resolve_config(overrides={"init_from": "vgg16", "backbone_lr": 1.0}), arch="1x8", ratio=1)
+    assert decide(given, LIKE_FASHION_MNIST)[0].backbone_lr == 1.0

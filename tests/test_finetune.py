@@ -152,3 +152,27 @@ def test_the_readme_head_api_snippet_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README.md (The head API)", "exec"), namespace)
     assert namespace["features"].shape == (4, 128, 3, 3) and namespace["embedding"].shape == (4, 256)
     assert namespace["model"].num_classes == 5 and namespace["model"].frozen_blocks == 2
+
+
+def test_imagenet_weights_bring_their_normalisation_and_a_lower_rate_for_their_blocks(tmp_path, capsys):
+    from vggkit.optim import make_optimizer, set_lr
+
+    path = tmp_path / "imagenet.pth"  # standard layout, 3 channels, 1000 classes: taken as ImageNet weights
+    torch.save(vggkit.to_standard(source_model(num_classes=1000)), path)
+    assert train_cli(tmp_path, "imagenet", "--init", str(path)) == 0
+    out = capsys.readouterr().out
+    assert "; pretrained blocks at 0.1 x lr;" in out
+    run = tmp_path / "runs" / "imagenet"
+    meta = read_meta(run / "checkpoints" / "best" / "model.safetensors")
+    # the sample is gray: ImageNet's statistics averaged, as the first convolution was summed over RGB
+    assert meta["mean"] == [pytest.approx(sum(vggkit.IMAGENET_MEAN) / 3)]
+    assert meta["std"] == [pytest.approx(sum(vggkit.IMAGENET_STD) / 3)]
+    assert tomllib.loads((run / "config.toml").read_text())["train"]["backbone_lr"] == 0.1
+
+    config = resolve_config(overrides={"backbone_lr": 0.1, "lr": 0.5})
+    model = vggkit.VGG(ARCH, in_channels=1, num_classes=10, input_size=28, fc_width=32, batch_norm=True)
+    optimizer = make_optimizer(config, model)
+    set_lr(optimizer, 0.5)
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(rates[id(p)] == pytest.approx(0.05) for p in model.features.parameters())
+    assert {rates[id(p)] for p in model.classifier.parameters()} == {0.5}

@@ -72,7 +72,12 @@ def test_meta_names_the_interpolation_and_the_fit_and_defaults_to_the_old_resize
     assert fit_size(meta) is None
     assert fit_size(meta | preprocess_meta((20, 30))) == (20, 30)
     assert fit_size(meta | preprocess_meta()) == (28, 28)  # a fit without a recorded size: to the input size
-    assert settings_from_meta(meta | preprocess_meta()) == {"input_size": 28, "mean": [0.3], "std": [0.4]}
+    assert settings_from_meta(meta | preprocess_meta()) == {"input_size": 28, "mean": [0.3], "std": [0.4],
+                                                            "crop": None}
+    # photos: stored larger, the input cut from their centre
+    assert settings_from_meta(meta | preprocess_meta((32, 32), "center"))["crop"] == "center"
+    with pytest.raises(VggkitError, match="crop this vggkit does not know"):
+        settings_from_meta(meta | preprocess_meta() | {"crop": "random"})
     for unknown in ({"interpolation": "bicubic"}, {"resize": "letterbox"}):
         with pytest.raises(VggkitError, match="resize this vggkit does not know"):
             settings_from_meta(meta | unknown)

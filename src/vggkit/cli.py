@@ -93,6 +93,10 @@ TRAIN_HELP = {
     "erasing": "random erasing probability",
     "limit": "use at most N training images (default: all)", "test_limit": "use at most N test images (default: all)",
     "skip_bad": "skip unreadable images (listed in the log) instead of stopping",
+    "streaming": "keep an image folder's images on disk, decoded once into a prepared cache (auto: for photos, "
+                 "images of 128 px or more, or folders over 2 GiB decoded)",
+    "workers": "processes that decode and augment streamed images (default: one per core)",
+    "backbone_lr": "the feature blocks' learning rate as a fraction of --lr (default: 0.1 with --init, else 1)",
     "allow_sample": "train on the bundled Fashion-MNIST sample when the data set cannot be had",
     "epochs": "passes over the training set", "batch_size": "images per step",
     "lr": "learning rate (peak for onecycle)", "optimizer": _either(TRAINING_OPTIMIZERS),
@@ -294,7 +298,18 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(**{k: getattr(args, k) for k in keys}, peak=not args.no_peak)
     measure, text = (profile, format_profile) if args.profile else (bench, format_bench)
     result = measure(settings, log=(lambda *a: print(*a, file=sys.stderr)) if args.verbose else None)
+    if "first_pass" in result:  # a folder of photos: the data path's report (bench/data.py)
+        from .bench.data import format_folder_bench
+        text = format_folder_bench
     print(json.dumps(result, indent=2) if args.json else text(result))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .stream import prepare_photos
+
+    prepare_photos(args.folder, input_size=args.input_size, workers=args.workers, skip_bad=args.skip_bad,
+                   log=print, progress=sys.stderr.isatty())
     return 0
 
 
@@ -388,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     add_raw_weights_flag(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prepare", help="decode a folder of photos once into the prepared cache that training reads",
+                       description="Decode every image of a photo folder once, at the size training at the input "
+                                   "size needs (256x256 for 224), into the prepared cache "
+                                   "($XDG_CACHE_HOME or ~/.cache)/vggkit/prepared/; `vggkit train --data FOLDER` "
+                                   "then starts at once. Example: vggkit prepare photos/ --workers 2")
+    p.add_argument("folder", help="an image folder: one sub-folder per class, or train/ [val/] [test/] trees")
+    p.add_argument("--input-size", type=positive_int, default=None,
+                   help="the input size training will use (default: as train decides for the folder, 224 for photos)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    p.add_argument("--skip-bad", action="store_true", help="list images that cannot be decoded instead of stopping")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("bench", help="training/inference images/s, FLOP/s vs measured peak; --compare: vs the textbook loop")
     p.add_argument("--preset", choices=list(RECIPES), default="d2l", help="the recipe's model and optimizer (default: d2l)")

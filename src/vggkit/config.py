@@ -44,6 +44,8 @@ class TrainConfig:
     limit: int | None = None  # cap on training images (quick runs, tests)
     test_limit: int | None = None
     skip_bad: bool = False
+    streaming: str = "auto"  # auto|on|off: an image folder's images stay on disk, prepared once (photos: auto)
+    workers: int | None = None  # processes decoding and augmenting streamed images; None: decided (stream.py)
     allow_sample: bool = True  # fall back to the bundled sample when the dataset can't be had
     # optimisation
     epochs: int | None = None
@@ -76,7 +78,8 @@ class TrainConfig:
     # fine-tuning (pretrained.py) and TensorBoard
     init_from: str | None = None  # initial weights (--init): a run, checkpoint, .pth/.safetensors file or vgg16...
     freeze: int | str = 0  # blocks kept as they are, from the first: a number or "features" (all)
-    head_pool: str | None = None  # none|adaptive; None: none, or adaptive when the initial weights need it
+    head_pool: str | None = None  # none|adaptive; None: decided (adaptive for photos, or where the initial weights need it)
+    backbone_lr: float | None = None  # the feature blocks' learning rate, a fraction of lr; None: 0.1 with --init, else 1
     tensorboard: bool = False  # event files under RUN/tensorboard/ (pip install 'vggkit[tensorboard]')
 
     def build_model(self, in_channels: int, num_classes: int):
@@ -120,6 +123,7 @@ CHOICES = {
     "init": ("xavier", "kaiming"),
     "kernels": ("auto", "fast", "plain"),
     "tta": tuple(TTA_LEVELS),
+    "streaming": ("auto", "on", "off"),
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 # With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
@@ -146,16 +150,17 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
 
 # Ranges, field by field (types come from TrainConfig's annotations; every float must be finite).
 POSITIVE = ("epochs", "batch_size", "input_size", "ratio", "fc_width", "lr", "limit", "test_limit", "threads",
-            "ema_every")
-AT_LEAST_ZERO = ("val_size", "crop_padding", "weight_decay")
+            "ema_every", "backbone_lr")
+AT_LEAST_ZERO = ("val_size", "crop_padding", "weight_decay", "workers")
 FRACTIONS = ("momentum", "label_smoothing", "erasing", "dropout", "warmup", "ema")  # in [0, 1)
 MAX_THREADS = 1024  # torch starts that many threads at once: beyond this, a typo
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
 # Examples for the messages where TrainConfig's default is None (or, for ema, off).
 EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "test_limit": 1000, "threads": 4,
             "name": "my-run", "lr": 0.1, "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True,
-            "ema": 0.999, "ema_every": 4, "tta": "flip"}
+            "ema": 0.999, "ema_every": 4, "tta": "flip", "workers": 2, "backbone_lr": 0.1, "head_pool": "adaptive"}
 LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image",
+            "workers": "one per core, for streamed images",
             **{key: "decided from the data" for key in FROM_THE_DATA}}
 TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
@@ -292,7 +297,7 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 # Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging, no TTA).
-ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off"}
+ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off", "streaming": "off"}
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -6,15 +6,21 @@ training images than the smallest batch decided here.
 
     val_size    10% of the training images (of --limit's when given), at most 5,000; a val/ tree as it is
     input_size  the images' own size (the longer side), at least 16 and 2**(blocks + 1) (a last
-                feature map of 2x2 or more), at most max(64, 7 x 2**blocks) (VGG's 7x7 map)
+                feature map of 2x2 or more), at most max(64, 7 x 2**blocks) (VGG's 7x7 map);
+                photos (streamed): 224, VGG's and ImageNet's, where their shorter side is 256 or more
+                (the centre crop takes 224 of 256), else the largest multiple of 16 in 7/8 of it
+    head_pool   photos whose last feature map is over 7x7: adaptive (averaged to VGG's 7x7)
     batch_size  the largest power of two up to 256 that gives an epoch 32 steps or more; at least 8
     epochs      12, or more where an epoch is short: enough for 1,000 steps in all, at most 40
-    flip        on only for data known to be flip-safe (Fashion-MNIST, CIFAR), off for MNIST and folders
+    flip        on only for data known to be flip-safe (Fashion-MNIST, CIFAR) and photos, off for MNIST and
+                other folders
     tta         flip where the run trains with flips (the closing report adds the mirrored view's figure,
                 0.1-0.2 points on Fashion-MNIST for a second), else off
     lr          0.1 at batch 256 (the fast recipe's peak), times (batch / 256) ** 0.25 for other batches:
                 at batch 8 the unscaled 0.1 made a 180-photo folder diverge, the square-root rule's 0.018
                 left a 54-image folder half-trained; 0.042 trained both (BENCHMARKS.md)
+    backbone_lr with initial weights (--init): the pretrained blocks learn at a tenth of lr, the
+                classifier at lr (discriminative rates, as fastai's fine_tune and ULMFiT do)
 
 On Fashion-MNIST these are the fast recipe's values: 5,000, 28, 256, 12 epochs, flip on, lr 0.1 and flip TTA.
 decide() is pure: it reads the config and the data's sizes, and returns a new config with every
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING
 from .config import TrainConfig
 from .data.registry import REGISTRY
 from .errors import VggkitError
+from .preprocess import storage_size
 from .specs import parse_arch
 
 if TYPE_CHECKING:
@@ -43,6 +50,9 @@ MIN_STEPS_PER_EPOCH = 32
 MIN_EPOCHS, MAX_EPOCHS = 12, 40
 MIN_TOTAL_STEPS = 1000
 REFERENCE_LR = 0.1  # the fast recipe's peak learning rate, at batch MAX_BATCH
+PHOTO_INPUT = 224  # VGG's input, and what ImageNet weights were trained at
+POOLED = 7  # VGG's last feature map (7x7 at 224)
+BACKBONE_LR = 0.1  # pretrained blocks' learning rate, as a fraction of lr, with initial weights
 
 # The rules in a few words, for --help.
 RULES = {
@@ -63,14 +73,15 @@ class DataFacts:
     width: int
     known: bool  # a registered data set (not an image folder)
     flips_safe: bool  # known to stay in its class when mirrored
+    photos: bool = False  # an image folder streamed from disk (folder.py): photo sizes and augmentation
 
     @classmethod
     def of(cls, splits: DataSplits) -> DataFacts:
         """The facts of splits as load_data(val_size=0) gives them (nothing carved yet)."""
-        _, height, width, _ = splits.train.images.shape
+        height, width = splits.image_size
         known = splits.name in REGISTRY  # an image folder's DataSplits says flips_safe=True: nobody checked
         return cls(splits.name, len(splits.train), len(splits.val), height, width, known,
-                   known and splits.flips_safe)
+                   known and splits.flips_safe, photos=splits.streamed is not None)
 
 
 # What bench's random 28x28 images stand for when a recipe leaves fields to the data.
@@ -91,9 +102,11 @@ def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 
     epochs, notes["epochs"] = decide_epochs(config, steps)
     flip, notes["flip"] = decide_flip(config, facts)
     lr, notes["lr"] = decide_lr(config, batch_size)
+    head_pool, notes["head_pool"] = decide_head_pool(config, facts, input_size)
+    backbone_lr, notes["backbone_lr"] = decide_backbone_lr(config)
     tta = config.tta if config.tta is not None else ("flip" if flip else "off")
     decided = replace(config, val_size=val_size, input_size=input_size, batch_size=batch_size, epochs=epochs,
-                      flip=flip, lr=lr, tta=tta)
+                      flip=flip, lr=lr, tta=tta, head_pool=head_pool, backbone_lr=backbone_lr)
     return decided, {key: why for key, why in notes.items() if why}
 
 
@@ -122,6 +135,8 @@ def decide_input_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str]:
         return config.input_size, "native" if (h, w) == (config.input_size,) * 2 else f"configured; {images}"
     blocks = len(parse_arch(config.arch, config.ratio or 1))  # ratio None: from the initial weights
     low, high = max(MIN_INPUT, 2 ** (blocks + 1)), max(MAX_INPUT, 7 * 2 ** blocks)
+    if facts.photos:
+        return photo_input_size(h, w, low)
     native = max(h, w)
     size = min(max(native, low), high)
     if size > native:
@@ -129,6 +144,33 @@ def decide_input_size(config: TrainConfig, facts: DataFacts) -> tuple[int, str]:
     if size < native:
         return size, f"{images} downscaled"
     return size, "native" if h == w else f"{images}, the longer side"
+
+
+def photo_input_size(h: int, w: int, low: int) -> tuple[int, str]:
+    """Photos: PHOTO_INPUT where the centre crop of their shorter side allows it (see the module docstring)."""
+    images = f"photos, {w}x{h} median"
+    if min(h, w) >= storage_size(PHOTO_INPUT):
+        return PHOTO_INPUT, f"{images}: VGG's and ImageNet's 224"
+    size = max(low, int(min(h, w) * PHOTO_INPUT / storage_size(PHOTO_INPUT)) // 16 * 16)
+    return size, f"{images}: smaller than {storage_size(PHOTO_INPUT)}, so under 224"
+
+
+def decide_head_pool(config: TrainConfig, facts: DataFacts, input_size: int) -> tuple[str | None, str | None]:
+    """Photos at an input whose last feature map is over VGG's 7x7: averaged to 7x7 (a dense layer over a
+    28x28 map would hold 16 times the weights). Initial weights choose their own (pretrained.py)."""
+    if config.head_pool is not None or config.init_from or not facts.photos:
+        return config.head_pool, None
+    blocks = len(parse_arch(config.arch, config.ratio or 1))
+    if input_size // 2 ** blocks > POOLED:
+        return "adaptive", f"{input_size // 2 ** blocks}x{input_size // 2 ** blocks} last feature map averaged to 7x7"
+    return None, None
+
+
+def decide_backbone_lr(config: TrainConfig) -> tuple[float | None, str | None]:
+    """With initial weights and no --backbone-lr: BACKBONE_LR; otherwise as given (None: 1, one rate)."""
+    if config.backbone_lr is None and config.init_from:
+        return BACKBONE_LR, f"pretrained blocks at {BACKBONE_LR:g} x lr"
+    return config.backbone_lr, None
 
 
 def decide_batch_size(config: TrainConfig, facts: DataFacts, train_images: int,
@@ -174,6 +216,8 @@ def decide_flip(config: TrainConfig, facts: DataFacts) -> tuple[bool, str | None
         return config.flip, None
     if facts.flips_safe:
         return True, f"{facts.name} is flip-safe"
+    if facts.photos:
+        return True, "photos are flip-safe as a rule; --no-flip for text or signs"
     if facts.known:
         return False, f"no flip: {facts.name} is not flip-safe"
     return False, "no flip: unknown data may not be flip-safe; --flip turns it on"

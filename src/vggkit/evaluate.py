@@ -7,6 +7,7 @@ images the run held out: for an image folder too, as long as the folder is uncha
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,16 @@ from .atomic import atomic_write
 from .checkpoint import load_model
 from .config import TrainConfig, load_config
 from .data import Dataset, load_data, stratified_indices
+from .data.dataset import FileDataset
+from .data.prepared import prepare_datasets
 from .data.folder import load_labelled_folder
 from .data.load import TEST_LIMIT_SALT, is_folder
 from .errors import VggkitError
 from .inference import InferenceRunner, check_policy
-from .pipeline import BatchLoader
-from .preprocess import fit_size, settings_from_meta
+from .preprocess import CENTER, fit_size, settings_from_meta
 from .rundir import evaluation_dir, find_config
 from .runtime import pick_device, speed_settings
+from .stream import loader_for, stream_workers
 from .tta import TtaPlan, check_level, loader_forward, run_plan
 
 SPLITS = ("test", "val")
@@ -65,8 +68,12 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     skip_bad = config.skip_bad if skip_bad is None else skip_bad
     dataset, name = evaluation_set(config, meta, data=data, data_dir=data_dir, split=split, limit=test_limit,
                                    skip_bad=skip_bad, log=log)
-    loader = BatchLoader(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
-                         out_channels=meta["model"]["in_channels"], **settings_from_meta(meta))
+    if isinstance(dataset, FileDataset):  # photos: from the prepared cache at the model's stored size
+        dataset = prepare_datasets({"eval": dataset}, fit_size(meta), skip_bad=skip_bad,
+                                   workers=stream_workers(config.workers), progress=sys.stderr.isatty(), log=log)["eval"]
+    loader = loader_for(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
+                        out_channels=meta["model"]["in_channels"], workers=stream_workers(config.workers),
+                        **settings_from_meta(meta))
     plan = run_plan(tta, config.flip, meta.get("dataset"), log)
     runner = InferenceRunner(model, speed, torch_device, images=len(dataset) * len(plan.views), batch_size=batch_size,
                              compile=compile, log=log)
@@ -87,7 +94,10 @@ def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_di
     """(the images to evaluate on, named "test", "val" or by the folder), at the model's image size and channels."""
     if split not in (None, *SPLITS):
         raise VggkitError(f"unknown split {split!r}; choose {' or '.join(SPLITS)}")
-    shape = dict(image_size=fit_size(meta), channels=meta["model"]["in_channels"])
+    # as the model was trained: photos (a centre crop of the stored image) streamed, other images in memory
+    photos = settings_from_meta(meta)["crop"] == CENTER
+    shape = dict(image_size=fit_size(meta), channels=meta["model"]["in_channels"],
+                 streaming="on" if photos else "off")
     if data is not None and is_folder(data):
         if split is not None:
             raise VggkitError(f"--split picks a split of the run's data, while --data {data} evaluates every image "
@@ -212,7 +222,7 @@ def _plot_misclassified(dataset: Dataset, wrong: list[dict], classes: list[str],
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, wrong):
-        image = dataset.images[item["index"]]
+        image = dataset.pixels(item["index"])
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {item['true']}\n→ {item['predicted']} {item['confidence']:.0%}", fontsize=7)
     fig.tight_layout()

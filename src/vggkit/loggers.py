@@ -185,10 +185,13 @@ def data_line(info: RunStart) -> str:
         return f" ({info.decisions[key]})" if info.decisions.get(key) else ""
 
     train, val, test = info.images
-    return (f"data: train {train:,}, val {val:,}{why('val_size')}, test {test:,} images; "
+    streamed = f"streamed from a prepared cache{why('streaming')}; " if "streaming" in info.decisions else ""
+    return (f"data: train {train:,}, val {val:,}{why('val_size')}, test {test:,} images; {streamed}"
             f"input {info.input_size}x{info.input_size}{why('input_size')}; "
             f"batch {info.batch_size}{why('batch_size')}, lr {info.lr:g}{why('lr')}, {info.batches} step{'s' if info.batches != 1 else ''} per epoch, "
             f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}"
+            + (f"; head pool {why('head_pool').strip(' ()')}" if info.decisions.get("head_pool") else "")
+            + (f"; {info.decisions['backbone_lr']}" if info.decisions.get("backbone_lr") else "")
             + (f"; {info.averaging}" if info.averaging else "")
             + (f"; closing test figure also with {info.tta} TTA" if info.tta != "off" else ""))
 

@@ -62,10 +62,18 @@ OPTIMIZER_STATES = {name: kind.state_tensors for name, kind in OPTIMIZERS.items(
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The config's optimizer over the model's parameters; no weight decay on biases and batch norm."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """The config's optimizer over the model's parameters; no weight decay on biases and batch norm.
+    With config.backbone_lr other than 1, the feature blocks' groups learn at that fraction of the lr
+    ("lr_scale", which set_lr applies)."""
+    parts = [(list(model.parameters()), 1.0)]
+    if (config.backbone_lr or 1.0) != 1.0:
+        features = {id(p) for p in model.features.parameters()}
+        parts = [([p for p in model.parameters() if id(p) in features], config.backbone_lr),
+                 ([p for p in model.parameters() if id(p) not in features], 1.0)]
+    groups = []
+    for params, scale in parts:
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
     options = _fused_step(config, model)
     if config.optimizer == "sgd":
         options["linears"] = _copied_linears(model)
@@ -122,4 +130,4 @@ def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

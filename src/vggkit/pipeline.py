@@ -29,6 +29,7 @@ class Augment:
     crop_padding: int = 0  # random crop with this zero padding, in stored-image pixels (0 = off)
     flip: bool = False  # random horizontal flip
     erasing: float = 0.0  # probability of random erasing per image (0 = off)
+    resized_crop: bool = False  # photos (stream.py): a random-resized crop instead of the padded one
 
     def __post_init__(self):
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
@@ -38,7 +39,7 @@ class Augment:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.erasing)
+        return bool(self.crop_padding or self.flip or self.erasing or self.resized_crop)
 
 
 def _seed(*parts: int) -> int:
@@ -46,8 +47,10 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
 
 
-class BatchLoader:
-    """Batches (x, y) of a Dataset held in memory on `device`; see the module docstring.
+class Batches:
+    """What the in-memory and the streaming loaders share: the epoch's order, global batches split
+    across ranks, iteration from any batch (resume), and the float end of a batch (normalize, erase,
+    channels, dtype, memory format). Subclasses make the uint8 images of a global batch's part.
 
     Distributed: global batch i (batch_size images of the epoch's order) is split into
     world_size contiguous parts and rank r gets part r. Every rank yields the same number of
@@ -55,8 +58,8 @@ class BatchLoader:
     possible (the first ranks get one more), and a part may be empty (x of shape [0, C, S, S]).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, device="cpu", input_size: int = 28,
-                 mean=(0.0,), std=(1.0,), shuffle=False, seed=0, drop_last=False, augment: Augment | None = None,
+    def __init__(self, dataset, batch_size: int, *, device="cpu", input_size: int = 28, mean=(0.0,), std=(1.0,),
+                 crop: str | None = None, shuffle=False, seed=0, drop_last=False, augment: Augment | None = None,
                  channels_last=False, dtype=torch.float32, rank=0, world_size=1, out_channels: int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise VggkitError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -75,11 +78,8 @@ class BatchLoader:
         self.channels_last, self.dtype = channels_last, dtype
         self.channels = out_channels or channels
         self.epoch = 0
-
-        images = dataset.images if dataset.images.flags.writeable else dataset.images.copy()
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # N C H W uint8
         self.labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64).to(self.device)
-        self.preprocess = Preprocess(input_size, mean, std, channels, self.device)
+        self.preprocess = Preprocess(input_size, mean, std, channels, self.device, crop=crop)
 
         self._n = len(dataset)
         full, last = divmod(self._n, batch_size)
@@ -90,9 +90,7 @@ class BatchLoader:
 
     def _part(self, m: int, rank: int) -> tuple[int, int]:
         """Rank's [start, stop) within a global batch of m images: contiguous, as even as possible."""
-        base, extra = divmod(m, self.world_size)
-        start = rank * base + min(rank, extra)
-        return start, start + base + (rank < extra)
+        return rank_part(m, rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -105,19 +103,56 @@ class BatchLoader:
 
     def order(self, epoch: int | None = None) -> torch.Tensor:
         """The epoch's image order (CPU int64), identical on every rank."""
-        epoch = self.epoch if epoch is None else epoch
-        if not self.shuffle:
-            return torch.arange(self._n)
-        return torch.randperm(self._n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+        return epoch_order(self._n, self.seed, self.epoch if epoch is None else epoch, self.shuffle)
 
     def iter_from(self, start_batch: int):
         """Batches start_batch..len-1 of the current epoch, identical to those of a full iteration."""
         if not 0 <= start_batch <= len(self):
             raise VggkitError(f"cannot start at batch {start_batch}: an epoch has {len(self)} batches "
                               "(did the batch size or the data change since the checkpoint?)")
-        return self._batches(self.order(), self.epoch, start_batch)
+        return self._batches(self.epoch, start_batch)
 
-    def _batches(self, order: torch.Tensor, epoch: int, start_batch: int):
+    def _batches(self, epoch: int, start_batch: int):
+        raise NotImplementedError
+
+    def _empty(self) -> torch.Tensor:
+        return torch.empty((0, self.channels, *self.preprocess.size), dtype=self.dtype, device=self.device)
+
+    def _finish(self, x: torch.Tensor, erase: torch.Tensor | None) -> torch.Tensor:
+        """uint8 images of a batch -> the network's input (see the module docstring)."""
+        x = self.preprocess(x)
+        if erase is not None and self.augment is not None and self.augment.erasing:
+            x = _random_erase(x, erase, self.augment.erasing)
+        if self.channels != x.shape[1]:
+            x = x.expand(-1, self.channels, -1, -1)
+        return x.to(self.dtype).contiguous(memory_format=torch.channels_last if self.channels_last
+                                           else torch.contiguous_format)
+
+
+def rank_part(m: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's [start, stop) within a global batch of m images: contiguous, as even as possible."""
+    base, extra = divmod(m, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The order of n images in an epoch (CPU int64): a pure function of (seed, epoch)."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+
+
+class BatchLoader(Batches):
+    """Batches (x, y) of a Dataset held in memory on `device`; see the module docstring and Batches."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, **options):
+        super().__init__(dataset, batch_size, **options)
+        images = dataset.images if dataset.images.flags.writeable else dataset.images.copy()
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # N C H W uint8
+
+    def _batches(self, epoch: int, start_batch: int):
+        order = self.order(epoch)
         for i in range(start_batch, len(self)):
             yield self._batch(order[i * self.batch_size:(i + 1) * self.batch_size], epoch, i)
 
@@ -127,10 +162,9 @@ class BatchLoader:
         idx = global_idx[start:stop].to(self.device)
         y = self.labels[idx]
         if stop == start:
-            x = torch.empty((0, self.channels, *self.preprocess.size), dtype=self.dtype, device=self.device)
-            return x, y
+            return self._empty(), y
         x = self.images[idx]
-        aug = self.augment
+        aug, erase = self.augment, None
         if aug is not None:
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, i, 1))
             # drawn for the whole global batch, always in this order, then sliced to this rank
@@ -141,14 +175,7 @@ class BatchLoader:
                 x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
             if aug.crop_padding:
                 x = _random_crop(x, shift.to(self.device), aug.crop_padding)
-        x = self.preprocess(x)
-        if aug is not None and aug.erasing:
-            x = _random_erase(x, erase, aug.erasing)
-        if self.channels != x.shape[1]:
-            x = x.expand(-1, self.channels, -1, -1)
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last if self.channels_last
-                                         else torch.contiguous_format)
-        return x, y
+        return self._finish(x, erase), y
 
 
 def _random_crop(x: torch.Tensor, shift: torch.Tensor, pad: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write, load_model
-from .data.image import IMAGE_KINDS, fit, image_files, pixels_of
+from .data.image import IMAGE_KINDS, fit, image_files, pixels_of, reduce_on_decode
 from .errors import VggkitError
-from .preprocess import Preprocess, fit_size
+from .preprocess import CENTER, Preprocess, fit_size, interpolation_of
 from .inference import InferenceRunner, check_policy
 from .runtime import Speed, pick_device
 
@@ -28,14 +28,17 @@ BATCH_SIZE = 256
 SPEED = Speed(amp_dtype=None, channels_last=False, compile=False)  # predictions run in float32, NCHW
 
 
-def load_image(path: str | Path, channels: int) -> torch.Tensor:
-    """An image file as a uint8 tensor C x H x W (grayscale or RGB as the model expects)."""
+def load_image(path: str | Path, channels: int, reduced_for: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as a uint8 tensor C x H x W (grayscale or RGB as the model expects).
+    reduced_for (h, w): decoded as the prepared cache decodes photos for that size (image.reduce_on_decode)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with Image.open(path) as image:
+                if reduced_for is not None:
+                    reduce_on_decode(image, reduced_for)
                 array = pixels_of(image, channels)
     except FileNotFoundError:
         raise VggkitError(f"image {path} does not exist; check the path") from None
@@ -71,7 +74,8 @@ def model_inputs(images: list[str | Path], meta: dict, device="cpu") -> torch.Te
     channels = meta["model"]["in_channels"]
     preprocess = Preprocess.from_meta(meta, channels, device)
     size = fit_size(meta)
-    return _network_input([_fitted(load_image(p, channels), size) for p in images], preprocess, device)
+    reduced = _reduced_for(meta, size)
+    return _network_input([_fitted(load_image(p, channels, reduced), size) for p in images], preprocess, device)
 
 
 def iter_predictions(path: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, device: str = "auto",
@@ -167,19 +171,26 @@ def _logit_batches(forward, meta: dict, paths: list[Path], batch_size: int, devi
     channels = meta["model"]["in_channels"]
     preprocess = Preprocess.from_meta(meta, channels, device)
     size = fit_size(meta)
+    reduced = _reduced_for(meta, size)
     show = progress == "bar" or (progress == "auto" and sys.stderr.isatty() and len(paths) > batch_size)
     with tqdm(total=len(paths), unit="image", disable=not show, leave=False, dynamic_ncols=True) as bar:
         for start in range(0, len(paths), batch_size):
             kept, pixels = [], []
             for p in paths[start:start + batch_size]:
                 try:
-                    pixels.append(_fitted(load_image(p, channels), size))
+                    pixels.append(_fitted(load_image(p, channels, reduced), size))
                     kept.append(p)
                 except VggkitError as e:
                     bad.append((p, str(e)))
             if kept:
                 yield kept, forward(_network_input(pixels, preprocess, device)).float().cpu()
             bar.update(min(batch_size, len(paths) - start))
+
+
+def _reduced_for(meta: dict, size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Models trained on streamed photos ("crop": "center") read files as the prepared cache did: reduced
+    on decode for their stored size; others decode whole, as their in-memory training images were."""
+    return size if size is not None and interpolation_of(meta).get("crop") == CENTER else None
 
 
 def _fitted(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:

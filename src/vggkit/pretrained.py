@@ -32,12 +32,11 @@ import torch
 
 from .checkpoint import load_model
 from .convert import load_standard
+from .data.dataset import IMAGENET_MEAN, IMAGENET_STD  # photos are normalised with them too
 from .errors import VggkitError
 from .model import POOLED_SIZE, VGG, feature_size
 from .specs import format_arch, parse_arch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_SIZE = 224
 
 # torchvision's published ImageNet weights (IMAGENET1K_V1), under BASE_URL. Tests point BASE_URL elsewhere.
@@ -226,6 +225,18 @@ def _has_vggkit_metadata(path: Path) -> bool:
 def _imagenet_meta(source: str) -> dict:
     return {"source": source, "dataset": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "input_size": [IMAGENET_SIZE, IMAGENET_SIZE]}
+
+
+def expected_stats(meta: dict, channels: int) -> tuple[tuple, tuple] | None:
+    """(mean, std) that weights with this meta expect of `channels`-channel images, or None where it
+    does not say (standard weights of unknown origin)."""
+    if "mean" not in meta or "std" not in meta:
+        return None
+    have = len(meta["mean"])
+    stats = meta if have == channels else {**meta, **_channel_stats(meta, channels)} if have in (1, 3) else None
+    if stats is None or len(stats["mean"]) != channels:
+        return None
+    return tuple(float(v) for v in stats["mean"]), tuple(float(v) for v in stats["std"])
 
 
 def _channel_stats(meta: dict, channels: int) -> dict:

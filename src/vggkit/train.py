@@ -41,10 +41,11 @@ from .inference import forward_pass
 from .loggers import Interruption, Logger, Loggers, RunEnd, RunStart, default_loggers
 from .model import set_kernels
 from .optim import lr_at, make_optimizer, set_lr
-from .pipeline import Augment, BatchLoader
+from .pipeline import Augment, Batches
+from .stream import loader_for, stream_workers
 from .pretrained import freeze_blocks, init_model
 from .rundir import WEIGHTS, RunDir
-from .preprocess import preprocess_meta
+from .preprocess import CENTER, preprocess_meta, storage_size
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
 from .tta import loader_forward, run_plan
@@ -107,9 +108,9 @@ class Trainer:
     speed: Speed
     allocator: str
     splits: DataSplits
-    train_loader: BatchLoader
-    val_loader: BatchLoader | None
-    test_loader: BatchLoader | None
+    train_loader: Batches
+    val_loader: Batches | None
+    test_loader: Batches | None
     model: torch.nn.Module  # the network whose weights are saved
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
@@ -456,24 +457,57 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
 
     config, splits, decisions = load_and_decide(config, world_size, log)
     channels = splits.train.channels
-    mean, std = (splits.mean, splits.std) if config.normalize else ((0.0,) * channels, (1.0,) * channels)
-    common = dict(device=device, input_size=config.input_size, mean=mean, std=std,
-                  channels_last=speed.channels_last, rank=rank, world_size=world_size)
-    augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)
-    train_loader = BatchLoader(splits.train, config.batch_size, shuffle=True, seed=config.seed,
-                               drop_last=config.drop_last, augment=augment, **common)
+    mean, std = normalization(config, splits)
+    crop = CENTER if splits.streamed else None
+    if splits.streamed:  # photos: decoded once, at the size the centre crop of the input needs
+        splits = prepare_splits(splits, storage_size(config.input_size), config, log)
+    common = dict(device=device, input_size=config.input_size, mean=mean, std=std, crop=crop,
+                  channels_last=speed.channels_last, rank=rank, world_size=world_size,
+                  workers=stream_workers(config.workers))
+    augment = Augment(crop_padding=0 if splits.streamed else config.crop_padding, flip=config.flip,
+                      erasing=config.erasing, resized_crop=bool(splits.streamed))
+    train_loader = loader_for(splits.train, config.batch_size, shuffle=True, seed=config.seed,
+                              drop_last=config.drop_last, augment=augment, **common)
     eval_batch = max(config.batch_size, 256 // world_size * world_size)
-    val_loader = BatchLoader(splits.val, eval_batch, **common) if len(splits.val) else None
-    test_loader = BatchLoader(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
+    val_loader = loader_for(splits.val, eval_batch, **common) if len(splits.val) else None
+    test_loader = loader_for(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
     model, config = build_model(config, splits, device, speed, world_size, log, resumed)
     ema = EMA(model, config.ema, config.ema_every) if config.ema else None
     optimizer = make_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
+    stored = (storage_size(config.input_size),) * 2 if splits.streamed else splits.image_size
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
-            "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(splits.image_size)}
+            "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(stored, crop)}
     return Trainer(config, run, rank, world_size, device, speed, allocator, splits, train_loader, val_loader,
                    test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions, ema=ema)
+
+
+def normalization(config: TrainConfig, splits: DataSplits) -> tuple[tuple, tuple]:
+    """(mean, std) the images are normalised with: the initial weights' own where they carry them
+    (ImageNet's for ImageNet weights), else the training set's (data.stats_of), or none (normalize off)."""
+    channels = splits.train.channels
+    if not config.normalize:
+        return (0.0,) * channels, (1.0,) * channels
+    if config.init_from:
+        from .pretrained import expected_stats, load_init
+
+        _, weights_meta = load_init(config.init_from, log=lambda *a, **k: None)
+        stats = expected_stats(weights_meta, channels)
+        if stats is not None:
+            return stats
+    return splits.mean, splits.std
+
+
+def prepare_splits(splits: DataSplits, size: int, config: TrainConfig, log) -> DataSplits:
+    """Streamed splits with their pixels in the prepared cache at size x size (data/prepared.py); under
+    torchrun rank 0 decodes, the others wait and read the same cache."""
+    from .data.prepared import prepare_datasets
+
+    prepared = dist.from_main(lambda: prepare_datasets(
+        {"train": splits.train, "val": splits.val, "test": splits.test}, (size, size), skip_bad=config.skip_bad,
+        workers=stream_workers(config.workers), progress=sys.stderr.isatty(), log=log))
+    return dataclasses.replace(splits, **prepared)
 
 
 def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainConfig, DataSplits, dict]:
@@ -481,13 +515,15 @@ def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainCon
     split and the limit carved as decided; nothing is written before this has checked the data."""
     splits = load_data(config.data, data_dir=config.data_dir, val_size=0, seed=config.seed,
                        allow_sample=config.allow_sample, skip_bad=config.skip_bad, test_limit=config.test_limit,
-                       log=log)
+                       streaming=config.streaming, log=log)
     if config.arch is None:  # from the initial weights: their blocks bound the input size decide() picks
         from .pretrained import load_init
 
         weights, _ = load_init(config.init_from, log=lambda *a, **k: None)
         config = dataclasses.replace(config, arch=weights.config()["arch"], ratio=1)
     config, decisions = decide(config, splits, world_size)
+    if splits.streamed:
+        decisions["streaming"] = f"{splits.streamed}; {stream_workers(config.workers)} worker process(es), --streaming off to hold them in memory"
     dist.check_batch_size(config.batch_size, world_size)
     return config, carve(splits, config.val_size, config.limit, config.seed), decisions
 
@@ -584,11 +620,12 @@ def start(t: Trainer, loop: LoopState, resumed: bool) -> None:
         world_size=t.world_size, parameters=sum(p.numel() for p in t.model.parameters()),
         images=(len(splits.train), len(splits.val), len(splits.test) if splits.test is not None else 0),
         input_size=t.config.input_size, batch_size=t.config.batch_size, lr=t.config.lr,
-        augment=augmentations(t.config),
+        augment=augmentations(t.config, bool(splits.streamed)),
         decisions=t.decisions, averaging=t.ema.describe() if t.ema else "", tta=t.config.tta))
 
 
-def augmentations(config: TrainConfig) -> tuple[str, ...]:
-    """The training augmentations, for the header line."""
-    return tuple(name for name, on in ((f"crop {config.crop_padding}", config.crop_padding), ("flip", config.flip),
+def augmentations(config: TrainConfig, streamed: bool = False) -> tuple[str, ...]:
+    """The training augmentations, for the header line (streamed photos take a random-resized crop)."""
+    crop = ("random-resized crop", True) if streamed else (f"crop {config.crop_padding}", config.crop_padding)
+    return tuple(name for name, on in (crop, ("flip", config.flip),
                                        (f"erasing {config.erasing:g}", config.erasing)) if on)

@@ -42,6 +42,7 @@ from .textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
 from ..config import RECIPES, TrainConfig, resolve_config
 from ..cost import Report, summary
 from ..data import Dataset, load_data
+from ..data.load import is_folder
 from ..decide import LIKE_FASHION_MNIST, decide
 from ..distributed import batch_loss
 from ..errors import VggkitError
@@ -121,6 +122,12 @@ def bench(settings: BenchSettings | None = None, *, log=None, **changes) -> dict
     settings.check()
     if settings.warmup is None:
         settings = replace(settings, warmup=DEFAULT_WARMUP)
+    if settings.data is not None and is_folder(settings.data):  # photos on disk: the data path against the compute
+        from .data import bench_folder
+
+        result = bench_folder(settings, log)
+        if result is not None:
+            return result
     config = settings.train_config()
     device = pick_device(config.device)
     with ProcessSettings() as process:  # threads, denormals and allocator as train() sets them; restored after
@@ -149,16 +156,23 @@ class VggkitSteps:
     """vggkit's real training step (steps.train_step with the recipe's optimizer, loss and augmentation)
     and its inference step, on one model."""
 
-    def __init__(self, config: TrainConfig, speed: Speed, device: torch.device, dataset: Dataset, seed: int,
-                 relu_inplace: bool = True):
+    def __init__(self, config: TrainConfig, speed: Speed, device: torch.device, dataset: Dataset | None, seed: int,
+                 relu_inplace: bool = True, loader=None):
+        """Batches of `dataset` in memory (unnormalised), or of `loader` (e.g. a stream.StreamLoader) as it is."""
         self.speed, self.device, self.label_smoothing = speed, device, config.label_smoothing
         torch.manual_seed(seed)
-        plain = dict(mean=(0.0,) * dataset.channels, std=(1.0,) * dataset.channels)
-        augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)
-        loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size, **plain,
-                             shuffle=True, seed=seed, drop_last=True, augment=augment,
-                             channels_last=speed.channels_last)
-        self.model = _vggkit_model(config, dataset.channels, device, speed, relu_inplace)
+        channels = loader.channels if loader is not None else dataset.channels
+        if loader is None:
+            plain = dict(mean=(0.0,) * channels, std=(1.0,) * channels)
+            augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)
+            loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size, **plain,
+                                 shuffle=True, seed=seed, drop_last=True, augment=augment,
+                                 channels_last=speed.channels_last)
+            eval_loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size,
+                                      **plain, drop_last=True, channels_last=speed.channels_last)
+        else:
+            eval_loader = loader
+        self.model = _vggkit_model(config, channels, device, speed, relu_inplace)
         self.kernels = set_kernels(self.model, speed.kernels)  # what the blocks really run
         self.optimizer = make_optimizer(config, self.model)
         self.step_model = torch.compile(self.model) if speed.compile else self.model
@@ -169,8 +183,6 @@ class VggkitSteps:
         self.scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.train_batches = _cycle(loader)
-        eval_loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size, **plain,
-                                  drop_last=True, channels_last=speed.channels_last)
         self.eval_batches = _cycle(eval_loader)
 
     def settings(self):

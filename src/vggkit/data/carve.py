@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import VggkitError
-from .dataset import Dataset, DataSplits, channel_stats, split_off, stratified_indices
+from .dataset import Dataset, DataSplits, split_off, stats_of, stratified_indices
 
 VAL_SALT, LIMIT_SALT = 1, 2  # independent seeded draws (load.py has those of the test split)
 
@@ -36,5 +36,5 @@ def carve(splits: DataSplits, val_size: int, limit: int | None, seed: int) -> Da
     train, val = carve_train(splits.train, splits.val, val_size, limit, seed)
     if train is splits.train:
         return splits
-    mean, std = channel_stats(train.images)
+    mean, std = stats_of(train)
     return replace(splits, train=train, val=val, mean=mean, std=std)

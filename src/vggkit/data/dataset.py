@@ -1,6 +1,8 @@
-"""The in-memory dataset types, seeded class-balanced splits and per-channel statistics.
+"""The dataset types, seeded class-balanced splits and per-channel statistics.
 
-Images are uint8 arrays N x H x W x C (C = 1 grayscale, 3 RGB), labels int64.
+Dataset: images in memory, uint8 arrays N x H x W x C (C = 1 grayscale, 3 RGB), labels int64.
+FileDataset: images left on disk (photos): their files, labels and sizes from the headers; the
+pixels come from the prepared cache (prepared.py) once the size to store them at is known.
 """
 from __future__ import annotations
 
@@ -25,10 +27,58 @@ class Dataset:
     def channels(self) -> int:
         return self.images.shape[3]
 
+    def pixels(self, i: int) -> np.ndarray:
+        """Image i, H x W x C uint8."""
+        return self.images[i]
+
     def subset(self, indices) -> "Dataset":
         indices = np.asarray(indices, dtype=np.int64)
         paths = None if self.paths is None else [self.paths[i] for i in indices]
         return Dataset(self.images[indices], self.labels[indices], self.classes, paths)
+
+
+@dataclass(frozen=True)
+class FolderFiles:
+    """Every readable image file of an image folder (all its splits), as the prepared cache holds them."""
+    root: str
+    paths: list[str]  # absolute
+    sizes: np.ndarray  # N x 2: (height, width) as shown (EXIF orientation applied), from the headers
+    stats: list[tuple[int, int]]  # (bytes, mtime in ns) per file: a changed file changes the cache's key
+    channels: int  # 1 when every image is grayscale, else 3
+
+
+@dataclass
+class FileDataset:
+    """Images of a FolderFiles by row, not decoded; `prepared` (prepared.Prepared) reads their pixels
+    once the splits are prepared at a size."""
+    folder: FolderFiles
+    rows: np.ndarray  # int64 rows of folder
+    labels: np.ndarray  # int64, N
+    classes: list[str]
+    prepared: object | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.folder.channels
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.folder.paths[r] for r in self.rows]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.folder.sizes[self.rows]
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Image i as prepared (H x W x C uint8, the stored size)."""
+        return self.prepared.read(self.rows[i])
+
+    def subset(self, indices) -> "FileDataset":
+        indices = np.asarray(indices, dtype=np.int64)
+        return FileDataset(self.folder, self.rows[indices], self.labels[indices], self.classes, self.prepared)
 
 
 @dataclass
@@ -43,19 +93,29 @@ class DataSplits:
     mean: tuple[float, ...]  # per channel, of the train images scaled to [0, 1]
     std: tuple[float, ...]
     flips_safe: bool = True  # False where a mirrored image is another class or no image at all (digits)
+    streamed: str | None = None  # why the images stay on disk (FileDataset splits); None: in memory
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) the images are stored at: what other images are fitted to (image.fit)."""
+        """(height, width) the images are stored at: what other images are fitted to (image.fit); for
+        images on disk, the median of their sizes (they are stored at a size decided for the input)."""
+        if isinstance(self.train, FileDataset):
+            return median_size(self.train.folder.sizes)
         return tuple(int(n) for n in self.train.images.shape[1:3])
 
     def describe(self) -> str:
         """One line for logs: sizes, image shape, origin."""
-        _, h, w, c = self.train.images.shape
+        (h, w), c = self.image_size, self.train.channels
         test = f"{len(self.test):,}" if self.test is not None else "no"
         note = f" -- bundled sample, {SAMPLE_NOTE}" if self.is_sample else ""
         return (f"{self.name}: {len(self.train):,} train / {len(self.val):,} val / {test} test images, "
                 f"{h}x{w}x{c}, {len(self.classes)} classes, from {self.source}{note}")
+
+
+def median_size(sizes: np.ndarray) -> tuple[int, int]:
+    """The lower median of the heights and of the widths (N x 2): the common size when most images share one."""
+    middle = (len(sizes) - 1) // 2
+    return int(np.sort(sizes[:, 0])[middle]), int(np.sort(sizes[:, 1])[middle])
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int, salt: int = 0, held_out: bool = False) -> np.ndarray:
@@ -93,6 +153,27 @@ def split_off(dataset: Dataset, n: int, seed: int, salt: int = 1, held_out: bool
 
 
 STATS_CHUNK = 1 << 16  # pixels per bincount (see histograms)
+
+
+# Photos are normalised with ImageNet's statistics: the convention for natural photos and what
+# ImageNet weights expect; measuring a folder's own would mean decoding it all before training.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def photo_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean and std for RGB; for gray images their averages (as pretrained.py expects of
+    ImageNet weights whose first convolution was summed over the three channels)."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (round(sum(IMAGENET_MEAN) / 3, 6),), (round(sum(IMAGENET_STD) / 3, 6),)
+
+
+def stats_of(dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A training set's normalisation: its exact channel statistics in memory, ImageNet's for photos on disk."""
+    if isinstance(dataset, FileDataset):
+        return photo_stats(dataset.channels)
+    return channel_stats(dataset.images)
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -6,38 +6,52 @@ is in color (then all are RGB). Images of different sizes are fitted (image.fit:
 aspect ratio, bilinear resize) to the median height and the median width, which is the common size
 whenever most images share one; a note in the log says how many. Each file is opened twice: once
 for its size (header only), once for its pixels, so only the fitted pixels are ever held.
+
+Photos stay on disk (streaming="auto"): a folder whose images' median shorter side is PHOTO_SIDE or
+more, or whose pixels at the median size would take more than MEMORY_BUDGET, is listed, labelled and
+split from the headers alone (FileDataset); its pixels are decoded once, at the size training needs,
+into the prepared cache (prepared.py). streaming="on"/"off" forces either path.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import VggkitError
-from .dataset import Dataset
+from .dataset import Dataset, FileDataset, FolderFiles, median_size
 from .image import IMAGE_KINDS, ImageTooLarge, fit, image_files, natural_channels, open_image, pixels_of, shown_size
 from .named import datasets_with_files_in
+from .prepared import read_headers, write_headers
 from .registry import REGISTRY
 
 
+PHOTO_SIDE = 128  # median shorter side from which a folder counts as photos (the digits, CIFAR, own small crops: below)
+MEMORY_BUDGET = 2 << 30  # bytes of pixels at the median size above which any folder is streamed
+STREAMING = ("auto", "on", "off")
+
+
 def load_folder(root: Path, skip_bad: bool, log, image_size: tuple[int, int] | None = None,
-                channels: int | None = None) -> tuple[dict[str, Dataset], list[str]]:
-    """Datasets per tree ("train" and, if present, "val"/"test") with shared classes.
+                channels: int | None = None, streaming: str = "auto"
+                ) -> tuple[dict[str, Dataset | FileDataset], list[str], str | None]:
+    """Datasets per tree ("train" and, if present, "val"/"test") with shared classes, and why they
+    stay on disk (FileDatasets; None: in memory, Datasets).
 
     image_size (h, w) / channels: what to bring every image to (a model's); default: decided from the images.
     """
     trees = _trees(root)
     classes = _classes(trees["train"])
     files = {split: _labelled_files(tree, classes, trees["train"]) for split, tree in trees.items()}
-    images = _read_images(files, classes, root, skip_bad, log, image_size, channels)
+    images, streamed = _read_images(files, classes, root, skip_bad, log, image_size, channels, streaming)
     for split in trees:
         _check_classes_left(files[split], images[split], classes, trees[split])
-    return images, classes
+    return images, classes, streamed
 
 
 def load_labelled_folder(root: Path, classes: list[str], skip_bad: bool, log, image_size: tuple[int, int] | None = None,
-                         channels: int | None = None) -> Dataset:
+                         channels: int | None = None, streaming: str = "auto") -> Dataset | FileDataset:
     """Every image of root's class sub-folders, labelled by the given classes (a model's; a subset may be present)."""
     root = Path(root)
     if not root.is_dir():
@@ -51,7 +65,7 @@ def load_labelled_folder(root: Path, classes: list[str], skip_bad: bool, log, im
                else f"give a folder with one sub-folder per class, e.g. {root / classes[0]}/001.png")
         raise VggkitError(f"{root}: {found} classes of the model ({', '.join(classes)}); {fix}")
     files = _labelled_files(root, classes, root)
-    return _read_images({"all": files}, classes, root, skip_bad, log, image_size, channels)["all"]
+    return _read_images({"all": files}, classes, root, skip_bad, log, image_size, channels, streaming)[0]["all"]
 
 
 def _trees(root: Path) -> dict[str, Path]:
@@ -93,7 +107,7 @@ def _class_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _check_classes_left(files: list[tuple[Path, int]], dataset: Dataset, classes: list[str], tree: Path) -> None:
+def _check_classes_left(files: list[tuple[Path, int]], dataset: Dataset | FileDataset, classes: list[str], tree: Path) -> None:
     empty = sorted({label for _, label in files} - set(dataset.labels.tolist()))
     if empty:
         names = ", ".join(classes[i] for i in empty)
@@ -102,38 +116,83 @@ def _check_classes_left(files: list[tuple[Path, int]], dataset: Dataset, classes
 
 @dataclass
 class _Probe:
-    """What a file's header says: its shown size and whether it is grayscale."""
+    """What a file's header says: its shown size and whether it is grayscale; and its (bytes, mtime in ns)."""
     path: Path
     label: int
     size: tuple[int, int]
     channels: int
+    stat: tuple[int, int]
 
 
 def _read_images(files: dict[str, list[tuple[Path, int]]], classes: list[str], root: Path, skip_bad: bool, log,
-                 image_size, channels) -> dict[str, Dataset]:
-    """One Dataset per split, every image at one size and channel count; unreadable files raise or are skipped."""
+                 image_size, channels, streaming: str = "auto") -> tuple[dict, str | None]:
+    """One dataset per split, every image at one size and channel count (in memory), or left on disk
+    with the reason; unreadable files raise or are skipped."""
+    if streaming not in STREAMING:
+        raise VggkitError(f"streaming must be one of {', '.join(STREAMING)}, got {streaming!r}")
     bad: list[str] = []
-    probes = {split: _probe_all(items, root, bad) for split, items in files.items()}
+    known = read_headers(root)
+    probes = {split: _probe_all(items, root, bad, known) for split, items in files.items()}
     every = [p for items in probes.values() for p in items]
     if not every:
         _report_bad(bad, root, skip_bad, log)
         raise VggkitError(f"no readable images in {root}; add some")
     size = tuple(image_size) if image_size is not None else _median_size(every)
     channels = channels or max(p.channels for p in every)
+    streamed = _stream_reason(every, size, channels, streaming)
+    if streamed:
+        _report_bad(bad, root, skip_bad, log)
+        write_headers(root, {str(p.path): [*p.stat, *p.size, p.channels] for p in every}, known)
+        return _on_disk(probes, root, channels, classes), streamed
     _note_resized(every, size, root, log, image_size is not None)
     datasets = {split: _fitted(items, size, channels, classes, root, bad) for split, items in probes.items()}
     _report_bad(bad, root, skip_bad, log)
+    return datasets, None
+
+
+def _stream_reason(probes: list[_Probe], size: tuple[int, int], channels: int, streaming: str) -> str | None:
+    """Why these images stay on disk, or None: they are read into memory (see the module docstring)."""
+    if streaming != "auto":
+        return "--streaming on" if streaming == "on" else None
+    h, w = _median_size(probes)
+    if min(h, w) >= PHOTO_SIDE:
+        return f"photos, {w}x{h} median"
+    need = len(probes) * size[0] * size[1] * channels
+    if need > MEMORY_BUDGET:
+        return f"{need / 2**30:.1f} GiB of pixels"
+    return None
+
+
+def _on_disk(probes: dict[str, list[_Probe]], root: Path, channels: int, classes: list[str]) -> dict[str, FileDataset]:
+    """A FileDataset per split over one FolderFiles of every readable file (what the prepared cache holds)."""
+    every = [p for items in probes.values() for p in items]
+    resolved = root.resolve()  # once: resolving 20,000 paths one by one takes seconds
+    folder = FolderFiles(str(resolved), [os.path.join(resolved, os.path.relpath(p.path, root)) for p in every],
+                         np.array([p.size for p in every], dtype=np.int64).reshape(-1, 2),
+                         [p.stat for p in every], channels)
+    datasets, start = {}, 0
+    for split, items in probes.items():
+        rows = np.arange(start, start + len(items), dtype=np.int64)
+        datasets[split] = FileDataset(folder, rows, np.array([p.label for p in items], dtype=np.int64), classes)
+        start += len(items)
     return datasets
 
 
-def _probe_all(items: list[tuple[Path, int]], root: Path, bad: list[str]) -> list[_Probe]:
+def _probe_all(items: list[tuple[Path, int]], root: Path, bad: list[str], known: dict) -> list[_Probe]:
+    """Each file's header read (or, where `known` holds the file at the same size and time, remembered)."""
     from PIL import UnidentifiedImageError
 
     probes = []
     for path, label in items:
         try:
+            status = path.stat()
+            stat = (status.st_size, status.st_mtime_ns)
+            remembered = known.get(str(path))
+            if remembered is not None and tuple(remembered[:2]) == stat:
+                probes.append(_Probe(path, label, (remembered[2], remembered[3]), remembered[4], stat))
+                continue
             with open_image(path) as image:
-                probes.append(_Probe(path, label, shown_size(image), natural_channels(image)))
+                probes.append(_Probe(path, label, shown_size(image), natural_channels(image), stat))
         except ImageTooLarge:
             bad.append(f"{path.relative_to(root)} (too large)")
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
@@ -143,10 +202,7 @@ def _probe_all(items: list[tuple[Path, int]], root: Path, bad: list[str]) -> lis
 
 def _median_size(probes: list[_Probe]) -> tuple[int, int]:
     """The lower median of the heights and of the widths: the common size when most images share one."""
-    heights = sorted(p.size[0] for p in probes)
-    widths = sorted(p.size[1] for p in probes)
-    middle = (len(probes) - 1) // 2
-    return heights[middle], widths[middle]
+    return median_size(np.array([p.size for p in probes], dtype=np.int64).reshape(-1, 2))
 
 
 def _note_resized(probes: list[_Probe], size: tuple[int, int], root: Path, log, given: bool) -> None:

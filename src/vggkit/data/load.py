@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import VggkitError
 from .carve import carve_train
-from .dataset import SAMPLE_NOTE, Dataset, DataSplits, channel_stats, split_off, stratified_indices
+from .dataset import SAMPLE_NOTE, Dataset, DataSplits, median_size, split_off, stats_of, stratified_indices
 from .folder import load_folder
 from .image import IMAGE_KINDS
 from .named import DataNotFound, load_named
@@ -42,12 +42,14 @@ class _Source:
     default_val: int
     flips_safe: bool = True
     held_out_val: bool = False  # the default validation split follows stratified_indices' held_out rule
+    streamed: str | None = None  # why an image folder stays on disk (folder.py); None: in memory
 
 
 def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | None = None, seed: int = 0,
               download: bool = True, allow_sample: bool = False, skip_bad: bool = False,
               limit: int | None = None, test_limit: int | None = None, mirrors: list[str] | None = None,
-              image_size: tuple[int, int] | None = None, channels: int | None = None, log=print) -> DataSplits:
+              image_size: tuple[int, int] | None = None, channels: int | None = None, streaming: str = "auto",
+              log=print) -> DataSplits:
     """Train / val / test splits of a named dataset, the bundled sample or an image folder.
 
     val_size: images carved from train for validation (stratified, seeded); default 5,000 for
@@ -55,6 +57,7 @@ def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | Non
     limit / test_limit: class-balanced, seeded caps on train (after val is carved) and test.
     image_size (h, w) / channels: what an image folder's images are brought to (a model's, when
     evaluating it); default: decided from the images (folder.py).
+    streaming: auto|on|off: whether an image folder's images stay on disk (folder.py; photos do).
     """
     _positive("limit", limit)
     _positive("test_limit", test_limit)
@@ -64,7 +67,7 @@ def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | Non
     if key in REGISTRY or key == SAMPLE:
         src = _named_or_sample(key, data_dir, download, allow_sample, mirrors, log)
     elif is_folder(data):
-        src = _folder(str(data), skip_bad, val_size, seed, image_size, channels, log)
+        src = _folder(str(data), skip_bad, val_size, seed, image_size, channels, streaming, log)
     else:
         raise VggkitError(f"unknown dataset {data!r}: use {', '.join(REGISTRY)}, {SAMPLE} or the path of an "
                           "image folder")
@@ -82,9 +85,9 @@ def load_data(data: str = "fashion-mnist", *, data_dir=None, val_size: int | Non
     train, val = carve_train(train, val, n_val, limit, seed, held_out=src.held_out_val and val_size is None)
     if test is not None and test_limit is not None and test_limit < len(test):
         test = test.subset(stratified_indices(test.labels, test_limit, seed, TEST_LIMIT_SALT))
-    mean, std = channel_stats(train.images)
+    mean, std = stats_of(train)
     return DataSplits(name=src.name, train=train, val=val, test=test, classes=list(src.classes), source=src.source,
-                      is_sample=src.is_sample, mean=mean, std=std, flips_safe=src.flips_safe)
+                      is_sample=src.is_sample, mean=mean, std=std, flips_safe=src.flips_safe, streamed=src.streamed)
 
 
 def is_folder(data) -> bool:
@@ -114,9 +117,10 @@ def _named_or_sample(key: str, data_dir, download: bool, allow_sample: bool, mir
                    is_sample=True, default_val=len(train) // 10, flips_safe=entry.flips_safe)
 
 
-def _folder(data: str, skip_bad: bool, val_size: int | None, seed: int, image_size, channels, log) -> _Source:
+def _folder(data: str, skip_bad: bool, val_size: int | None, seed: int, image_size, channels, streaming: str,
+            log) -> _Source:
     root = Path(data).expanduser()
-    trees, classes = load_folder(root, skip_bad, log, image_size, channels)
+    trees, classes, streamed = load_folder(root, skip_bad, log, image_size, channels, streaming)
     train, val, test = trees["train"], trees.get("val"), trees.get("test")
     n = sum(len(d) for d in trees.values())
     default_val = _held_out(len(train), len(classes), FOLDER_VAL_CAP)
@@ -125,12 +129,20 @@ def _folder(data: str, skip_bad: bool, val_size: int | None, seed: int, image_si
     if test is None:
         n_test = _held_out(len(train), len(classes), FOLDER_TEST_CAP)
         train, test = split_off(train, n_test, seed, TEST_SALT, held_out=True)
-    _, h, w, c = train.images.shape
-    source = f"{root} (image folder, {n:,} images, {w}x{h}, {'RGB' if c == 3 else 'grayscale'})"
+    (h, w), c = _stored_size(train), train.channels
+    size = f"{w}x{h} median" if streamed else f"{w}x{h}"
+    source = f"{root} (image folder, {n:,} images, {size}, {'RGB' if c == 3 else 'grayscale'})"
     if val is not None and val_size:  # 0 (e.g. from evaluate) needs no note
         log(f"note: {root}/val exists, so val_size={val_size} is ignored")
     return _Source(data, train, test, val=val, classes=classes, source=source, is_sample=False,
-                   default_val=default_val, held_out_val=True)
+                   default_val=default_val, held_out_val=True, streamed=streamed)
+
+
+def _stored_size(dataset) -> tuple[int, int]:
+    """(height, width): the in-memory images' size, or the median size of images on disk."""
+    if isinstance(dataset, Dataset):
+        return tuple(int(n) for n in dataset.images.shape[1:3])
+    return median_size(dataset.folder.sizes)
 
 
 def _held_out(n: int, n_classes: int, cap: int) -> int:
