@@ -61,7 +61,7 @@ def timed_train(folder: str, flags: list[str], home: str, out: str) -> dict:
 def rss(args) -> dict:
     out = tempfile.mkdtemp(prefix="vggkit-bench-runs-")
     cold = []
-    for _ in range(args.runs):
+    for _ in range(args.cold_runs if args.cold_runs is not None else args.runs):
         home = fresh_cache_home()
         cold.append(timed_train(args.folder, args.flags, home, out))
         print("cold", cold[-1], flush=True)
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("what", choices=["rss", "first-step"])
     parser.add_argument("folder")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cold-runs", type=int, default=None, help="rss: cold runs (default: --runs)")
     parser.add_argument("--json", default=None, help="also write the result here")
     parser.add_argument("flags", nargs="*", help="after --: more train flags (rss) or config key=value (first-step)")
     args = parser.parse_args()

@@ -160,7 +160,7 @@ def test_carving_draws_what_load_data_draws():
 
 def test_facts_of_loaded_splits():
     facts = DataFacts.of(splits("photos/", 162, 200, 300, 3, val=20))
-    assert facts == DataFacts("photos/", 162, 20, 200, 300, known=False, flips_safe=False)
+    assert facts == DataFacts("photos/", 162, 20, 200, 300, known=False, flips_safe=False, channels=3)
 
 
 # ---------------------------------------------------------------------------------------------

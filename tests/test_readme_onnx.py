@@ -73,12 +73,16 @@ def run_snippet(code: str, model: Path, image: Path) -> tuple[str, dict]:
     return out.getvalue().strip(), namespace
 
 
-@pytest.mark.parametrize("preprocess", [preprocess_meta((20, 16)), preprocess_meta(), {}],
-                         ids=["fit-to-20x16", "fit-to-input", "plain"])
+@pytest.mark.parametrize("preprocess", [preprocess_meta((20, 16)), preprocess_meta(), {},
+                                        preprocess_meta((28, 28), "center")],
+                         ids=["fit-to-20x16", "fit-to-input", "plain", "photos"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_readme_onnx_snippet_matches_predict(tmp_path, channels, preprocess):
     run = exported_model(tmp_path, channels, preprocess)
     images = drawn_images(tmp_path)
+    if preprocess.get("crop"):  # a photo model reads JPEGs at reduced scale: one large enough to be reduced
+        Image.open(images[2]).convert("RGB").resize((200, 150)).save(tmp_path / "large.jpg", quality=90)
+        images.append(tmp_path / "large.jpg")
     code = readme_snippet()
     predicted = predict(run, images, top_k=1, device="cpu")
     meta = read_meta(run)

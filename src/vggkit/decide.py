@@ -10,7 +10,9 @@ training images than the smallest batch decided here.
                 photos (streamed): 224, VGG's and ImageNet's, where their shorter side is 256 or more
                 (the centre crop takes 224 of 256), else the largest multiple of 16 in 7/8 of it
     head_pool   photos whose last feature map is over 7x7: adaptive (averaged to VGG's 7x7)
-    batch_size  the largest power of two up to 256 that gives an epoch 32 steps or more; at least 8
+    batch_size  the largest power of two up to 256 that gives an epoch 32 steps or more; at least 8;
+                photos: no more than 1 GiB of the step's activations holds (cost.summary; the fast blocks
+                at 224: 32), so that memory does not grow with the folder
     epochs      12, or more where an epoch is short: enough for 1,000 steps in all, at most 40
     flip        on only for data known to be flip-safe (Fashion-MNIST, CIFAR) and photos, off for MNIST and
                 other folders
@@ -49,6 +51,7 @@ MIN_STEPS_PER_EPOCH = 32
 # recipe's 40: past that a small set is only memorised
 MIN_EPOCHS, MAX_EPOCHS = 12, 40
 MIN_TOTAL_STEPS = 1000
+PHOTO_ACTIVATIONS = 1 << 30  # bytes of a photo step's activations (peak RSS measured ~2x: BENCHMARKS.md)
 REFERENCE_LR = 0.1  # the fast recipe's peak learning rate, at batch MAX_BATCH
 PHOTO_INPUT = 224  # VGG's input, and what ImageNet weights were trained at
 POOLED = 7  # VGG's last feature map (7x7 at 224)
@@ -74,6 +77,7 @@ class DataFacts:
     known: bool  # a registered data set (not an image folder)
     flips_safe: bool  # known to stay in its class when mirrored
     photos: bool = False  # an image folder streamed from disk (folder.py): photo sizes and augmentation
+    channels: int = 1
 
     @classmethod
     def of(cls, splits: DataSplits) -> DataFacts:
@@ -81,11 +85,11 @@ class DataFacts:
         height, width = splits.image_size
         known = splits.name in REGISTRY  # an image folder's DataSplits says flips_safe=True: nobody checked
         return cls(splits.name, len(splits.train), len(splits.val), height, width, known,
-                   known and splits.flips_safe, photos=splits.streamed is not None)
+                   known and splits.flips_safe, photos=splits.streamed is not None, channels=splits.train.channels)
 
 
 # What bench's random 28x28 images stand for when a recipe leaves fields to the data.
-LIKE_FASHION_MNIST = DataFacts("fashion-mnist", 60_000, 0, 28, 28, known=True, flips_safe=True)
+LIKE_FASHION_MNIST = DataFacts("fashion-mnist", 60_000, 0, 28, 28, known=True, flips_safe=True, channels=1)
 
 
 def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 1) -> tuple[TrainConfig, dict]:
@@ -97,12 +101,13 @@ def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 
     if config.limit is not None:
         train_images = min(train_images, config.limit)
     input_size, notes["input_size"] = decide_input_size(config, facts)
-    batch_size, notes["batch_size"] = decide_batch_size(config, facts, train_images, world_size)
+    head_pool, notes["head_pool"] = decide_head_pool(config, facts, input_size)
+    batch_size, notes["batch_size"] = decide_batch_size(replace(config, input_size=input_size, head_pool=head_pool),
+                                                        facts, train_images, world_size)
     steps = train_images // batch_size if config.drop_last else math.ceil(train_images / batch_size)
     epochs, notes["epochs"] = decide_epochs(config, steps)
     flip, notes["flip"] = decide_flip(config, facts)
     lr, notes["lr"] = decide_lr(config, batch_size)
-    head_pool, notes["head_pool"] = decide_head_pool(config, facts, input_size)
     backbone_lr, notes["backbone_lr"] = decide_backbone_lr(config)
     tta = config.tta if config.tta is not None else ("flip" if flip else "off")
     decided = replace(config, val_size=val_size, input_size=input_size, batch_size=batch_size, epochs=epochs,
@@ -188,11 +193,28 @@ def decide_batch_size(config: TrainConfig, facts: DataFacts, train_images: int,
         raise VggkitError(
             f"{facts.name} has {train_images} training image(s){_of(facts, train_images)}, fewer than one batch of "
             f"{MIN_BATCH}; add images, or give --batch-size {max(train_images, 1)}")
-    size = MAX_BATCH
+    size, why = MAX_BATCH, "from the data"
     while size > MIN_BATCH and train_images / size < MIN_STEPS_PER_EPOCH:
         size //= 2
+    if facts.photos:
+        fits = _power_of_two_up_to(PHOTO_ACTIVATIONS // activation_bytes(config, facts.channels))
+        if fits < size:
+            size, why = max(fits, 1), f"what 1 GiB of activations holds at {config.input_size}"
     size = max(size // world_size * world_size, world_size)  # every process gets an equal share
-    return size, "from the data"
+    return size, why
+
+
+def activation_bytes(config: TrainConfig, channels: int) -> int:
+    """What one image's activations take in a training step of config's network (cost.summary, bf16
+    unless the run is fp32), built on the meta device: no memory, no weights."""
+    import torch
+
+    from .cost import summary
+
+    with torch.device("meta"):
+        model = config.build_model(channels, 2)
+    dtype = "float32" if config.precision == "fp32" else "bfloat16"
+    return max(summary(model, batch_size=1, dtype=dtype).memory()["activations"], 1)
 
 
 def decide_epochs(config: TrainConfig, steps_per_epoch: int) -> tuple[int, str | None]:

@@ -468,7 +468,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
                       erasing=config.erasing, resized_crop=bool(splits.streamed))
     train_loader = loader_for(splits.train, config.batch_size, shuffle=True, seed=config.seed,
                               drop_last=config.drop_last, augment=augment, **common)
-    eval_batch = max(config.batch_size, 256 // world_size * world_size)
+    eval_batch = evaluation_batch(config.batch_size, config.input_size, world_size)
     val_loader = loader_for(splits.val, eval_batch, **common) if len(splits.val) else None
     test_loader = loader_for(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
@@ -481,6 +481,16 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
             "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(stored, crop)}
     return Trainer(config, run, rank, world_size, device, speed, allocator, splits, train_loader, val_loader,
                    test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions, ema=ema)
+
+
+EVAL_PIXELS = 256 * 28 * 28  # an evaluation batch: 256 Fashion-MNIST images, or as many pixels at larger inputs
+
+
+def evaluation_batch(batch_size: int, input_size: int, world_size: int) -> int:
+    """Evaluation batches: EVAL_PIXELS (at least the training batch), a multiple of world_size. At 224
+    this is the training batch: 256 images there would take gigabytes of activations."""
+    images = max(EVAL_PIXELS // (input_size * input_size), world_size)
+    return max(batch_size, images // world_size * world_size)
 
 
 def normalization(config: TrainConfig, splits: DataSplits) -> tuple[tuple, tuple]:
