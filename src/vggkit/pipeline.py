@@ -41,6 +41,19 @@ class Augment:
         return bool(self.crop_padding or self.flip or self.erasing)
 
 
+def _check_crop_padding(augment: Augment | None, dataset: Dataset) -> None:
+    """A crop padding larger than the images pads every batch by more than the images themselves
+    (100,000 on 28x28 images: hundreds of GB), for crops that hold padding only: refused before a batch is made."""
+    if augment is None or not augment.crop_padding or not len(dataset):
+        return
+    _, height, width, _ = dataset.images.shape
+    if augment.crop_padding > max(height, width):
+        padded = f"{height + 2 * augment.crop_padding:,}x{width + 2 * augment.crop_padding:,}"
+        raise VggkitError(f"crop padding {augment.crop_padding:,} is larger than the {width}x{height} training images "
+                          f"(every batch would be padded to {padded}); use at most {max(height, width)} "
+                          "(the recipes use 2)")
+
+
 def _seed(*parts: int) -> int:
     """A 64-bit seed mixed from non-negative-mapped integers (no collisions between nearby tuples)."""
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
@@ -68,6 +81,7 @@ class BatchLoader:
         channels = dataset.channels
         if out_channels not in (None, channels) and not (channels == 1 and out_channels == 3):
             raise VggkitError(f"cannot make {out_channels}-channel inputs from {channels}-channel images")
+        _check_crop_padding(augment, dataset)
         self.device = torch.device(device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.input_size, self.shuffle, self.seed, self.drop_last = input_size, shuffle, seed, drop_last
