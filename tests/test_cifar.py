@@ -184,7 +184,8 @@ def damaged(name, member, change):
     ("cifar10", "data_batch_3.bin", lambda b: b[:-100], ["truncated", "3,073-byte records"]),
     ("cifar10", "test_batch.bin", lambda b: b"", ["is empty"]),
     ("cifar10", "data_batch_2.bin", lambda b: b[:-3073], ["100 train records, found 99", "data_batch_2.bin 19"]),
-    ("cifar100", "test.bin", lambda b: b + b[:3074], ["40 test records, found 41"]),
+    # one record too many: refused by its size, before it is read
+    ("cifar100", "test.bin", lambda b: b + b[:3074], ["more than CIFAR-100's 40 test records of 3,074 bytes"]),
     ("cifar10", "data_batch_1.bin", lambda b: bytes([10]) + b[1:], ["record 0 has label 10", "10 classes"]),
     ("cifar100", "train.bin", lambda b: b[:3074 + 1] + bytes([100]) + b[3074 + 2:], ["record 1 has label 100",
                                                                                     "100 classes"]),

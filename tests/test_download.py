@@ -75,7 +75,8 @@ def env(monkeypatch, tmp_path):
     monkeypatch.delenv("VGGKIT_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    use_registry(monkeypatch, md5={f: hashlib.md5(b).hexdigest() for f, b in FILES.items()})
+    use_registry(monkeypatch, md5={f: hashlib.md5(b).hexdigest() for f, b in FILES.items()},
+                 reader=D.IdxFormat("Fashion-MNIST", counts=(20, 10)))
     return tmp_path / "xdg" / "vggkit" / "fashion-mnist"
 
 

@@ -14,6 +14,7 @@ with the rest. load_model returns them by default, the raw weights with averaged
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -109,6 +110,9 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(header["vggkit"])
     except ValueError as e:
         raise VggkitError(f"{weights} has damaged vggkit metadata (not JSON: {e}); use another checkpoint") from None
+    except RecursionError:
+        raise VggkitError(f"{weights} has damaged vggkit metadata (JSON nested too deeply to read); "
+                          "use another checkpoint") from None
     missing = [key for key in REQUIRED_META if key not in meta] if isinstance(meta, dict) else ["all"]
     if missing or not isinstance(meta["model"], dict):
         raise VggkitError(f"{weights} has incomplete vggkit metadata (missing {', '.join(missing) or 'model'}); "
@@ -127,13 +131,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", averaged: b
     """Rebuild the network stored at `path` (run dir, checkpoint dir or weights file); returns (model, meta).
 
     With weight averaging, the averaged weights unless `averaged` is False; meta["weights"] says
-    which were loaded: "ema" or "raw"."""
+    which were loaded: "ema" or "raw". The checkpoint is checked first (check_checkpoint): nothing
+    larger than what its file holds is built. meta has classes, mean, std and input_size (defaults
+    where the file has none: as export.preprocessing fills them)."""
     weights = weights_file(path)
     meta = read_meta(weights)
-    try:
-        model = VGG.from_config(meta["model"])
-    except VggkitError as e:
-        raise VggkitError(f"{weights}: {e}") from None
+    check_checkpoint(weights, meta, device)
+    model = VGG.from_config(meta["model"])
+    meta = with_defaults(meta, model)
     try:
         raw, ema = split_averaged(load_file(str(weights)))
         state = ema if averaged and ema is not None else raw
@@ -147,3 +152,197 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", averaged: b
                           "it comes from a diverged training; train again with a lower --lr")
     meta["weights"] = "ema" if state is ema else "raw"
     return model.to(device).eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# One validation of a checkpoint, used by every loader (evaluate, predict, export, --init through
+# load_model; --resume through check_weights and check_training_state): the metadata's values by
+# type and range, the network it describes against the tensors the file holds (names, shapes and
+# dtypes from the safetensors header: nothing is loaded), and one image's inference against what the
+# machine can hold. A file that passes builds nothing larger than itself.
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the floating-point dtypes
+COUNTER_DTYPES = ("I64", "I32")  # batch norm's num_batches_tracked, a step counter
+COUNTER = "num_batches_tracked"
+
+
+def file_tensors(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, safetensors dtype)} of every tensor in the file, from its header only."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VggkitError(f"{weights} is not a readable safetensors file ({e}); point to a vggkit checkpoint") from None
+
+
+def check_checkpoint(weights: Path, meta: dict, device: str | torch.device = "cpu") -> None:
+    """Refuse (VggkitError, one line naming the file) a checkpoint whose metadata is damaged, whose
+    network is not the one its tensors make, whose weights are not floating point, or whose one-image
+    inference cannot fit the machine. meta: read_meta's."""
+    from .bounds import check_inference_fits
+
+    tensors = file_tensors(weights)
+    try:
+        network = _described_network(meta["model"], tensors)
+        check_meta_values(meta, network)
+    except VggkitError as e:
+        raise VggkitError(f"{weights}: {e}") from None
+    check_weights(weights, network.state_dict(), tensors)
+    try:
+        check_inference_fits(network.config(), 1, torch.device(device),
+                             fix="its metadata is damaged, or it was made for a larger machine")
+    except VggkitError as e:
+        raise VggkitError(f"{weights}: {e}") from None
+
+
+def _described_network(config: dict, tensors: dict) -> VGG:
+    """The VGG the metadata describes, on the meta device (no memory), once its number of tensors is
+    the file's: a description of millions of layers is refused before a module is made."""
+    from .specs import parse_arch
+
+    if not isinstance(config, dict):
+        raise VggkitError(f"the model description must be a table of VGG arguments, got {_short(config)}")
+    if isinstance(config.get("arch"), str) and isinstance(config.get("batch_norm"), bool):
+        convs = sum(n for n, _ in parse_arch(config["arch"], config.get("ratio", 1)))
+        expected = convs * (7 if config["batch_norm"] else 2) + 6  # conv weight, bias (+ 5 batch norm); 3 dense
+        held = sum(not key.startswith(EMA_PREFIX) for key in tensors)
+        if expected != held:
+            raise VggkitError(f"the metadata describes a network of {expected:,} tensors ({convs:,} convolutions), "
+                              f"the file holds {held:,}: they disagree (the file is damaged); use another checkpoint")
+    with torch.device("meta"):
+        return VGG.from_config(config)
+
+
+def check_weights(weights: Path, expected: dict[str, torch.Tensor], tensors: dict | None = None,
+                  network: str = "the network its metadata describes") -> None:
+    """The file's tensors, raw and (if any) averaged, against a network's state dict (`network` names
+    it): the same names and shapes; floating point (num_batches_tracked: an integer). Read from the
+    header only."""
+    tensors = file_tensors(weights) if tensors is None else tensors
+    raw = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
+    averaged = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+    for label, held in (("", raw), ("averaged ", averaged)):
+        if not held and label:
+            continue
+        missing = [k for k in expected if k not in held]
+        unexpected = [k for k in held if k not in expected]
+        if missing or unexpected:
+            what = f"no {label}{missing[0]}" if missing else f"an unexpected {label}{unexpected[0]}"
+            raise VggkitError(f"{weights} does not hold {network} ({what}): the file is damaged; use another "
+                              "checkpoint")
+        for key, tensor in expected.items():
+            shape, dtype = held[key]
+            if shape != tuple(tensor.shape):
+                raise VggkitError(f"{weights}: {label}{key} is {_shape(shape)} in the file, {_shape(tensor.shape)} in "
+                                  f"{network}: the file is damaged; use another checkpoint")
+            allowed = COUNTER_DTYPES if key.endswith(COUNTER) else FLOAT_DTYPES
+            if dtype not in allowed:
+                kind = "an integer" if key.endswith(COUNTER) else "floating point"
+                raise VggkitError(f"{weights}: {label}{key} holds {dtype} values, not {kind}: these are not trained "
+                                  "weights (the file is damaged or was written by something else); use another "
+                                  "checkpoint")
+
+
+def check_meta_values(meta: dict, network: VGG) -> None:
+    """The metadata's preprocessing and class names, by type and range, against the network."""
+    from .data.image import max_image_pixels
+    from .preprocess import interpolation_of
+
+    if "classes" in meta:
+        classes = meta["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) \
+                or len(classes) != network.num_classes:
+            raise VggkitError(f"its metadata's classes must be a list of {network.num_classes} names (one per output "
+                              f"of the network), got {_short(classes)}; use another checkpoint")
+    for key in ("mean", "std"):
+        if key in meta:
+            _check_statistic(key, meta[key], network.in_channels)
+    if "input_size" in meta:
+        size = _size_pair(meta["input_size"])
+        if size != tuple(network.input_size):
+            raise VggkitError(f"its metadata's input_size {_short(meta['input_size'])} is not the network's "
+                              f"{network.input_size[0]}x{network.input_size[1]}; use another checkpoint")
+    if "image_size" in meta:
+        size = _size_pair(meta["image_size"], "image_size")
+        if size[0] * size[1] > max_image_pixels():
+            raise VggkitError(f"its metadata's image_size {size[0]}x{size[1]} is more pixels than any image vggkit "
+                              f"reads ({max_image_pixels():,}, Pillow's limit); use another checkpoint")
+    interpolation_of(meta)
+    for key, kind in (("dataset", str), ("is_sample", bool)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise VggkitError(f"its metadata's {key} must be {'a string' if kind is str else 'true or false'}, got "
+                              f"{_short(meta[key])}; use another checkpoint")
+
+
+def _check_statistic(key: str, value, channels: int) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(min(abs(v), 1e300) if
+               isinstance(v, int) else v) for v in values):
+        raise VggkitError(f"its metadata's {key} must be finite numbers (one per input channel), got {_short(value)}; "
+                          "use another checkpoint")
+    if len(values) not in (1, channels):
+        need = "1 value" if channels == 1 else f"1 or {channels} values"
+        raise VggkitError(f"its metadata's {key} has {len(values)} values for {channels}-channel images; it takes "
+                          f"{need}: use another checkpoint")
+    if key == "std" and not all(v > 0 for v in values):
+        raise VggkitError(f"its metadata's std must be positive, got {_short(value)}; use another checkpoint")
+
+
+def _size_pair(value, name: str = "input_size") -> tuple[int, int]:
+    pair = [value, value] if isinstance(value, int) else value
+    if not isinstance(pair, list) or len(pair) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise VggkitError(f"its metadata's {name} must be a positive integer or a [height, width] pair, got "
+                          f"{_short(value)}; use another checkpoint")
+    return pair[0], pair[1]
+
+
+def with_defaults(meta: dict, model: VGG) -> dict:
+    """meta with classes, mean, std and input_size filled in where the file has none (export's defaults)."""
+    channels = model.in_channels
+    return {"classes": [str(i) for i in range(model.num_classes)], "mean": [0.0] * channels, "std": [1.0] * channels,
+            "input_size": list(model.input_size), **meta}
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) or "a scalar"
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: a message stays one short line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# The training state (state.pt) a resumed run reads: its keys and their types.
+STATE_KEYS = {"optimizer": dict, "rng_cpu": torch.Tensor, "epoch": int, "batch": int, "step": int,
+              "sums": torch.Tensor, "best_val": (int, float), "history": str}
+STATE_OPTIONAL = {"rng_cuda": (torch.Tensor, type(None)), "world_size": int, "seconds": (int, float)}
+
+
+def check_training_state(state, path: Path) -> dict:
+    """The training state of a checkpoint as save_last writes it, or a VggkitError naming what is wrong."""
+    def damaged(problem: str) -> VggkitError:
+        return VggkitError(f"training state {path} {problem}: the checkpoint is damaged; start a new run or restore "
+                           "the file")
+
+    if not isinstance(state, dict):
+        raise damaged(f"holds {type(state).__name__}, not the table of training state vggkit writes")
+    for key, kind in (*STATE_KEYS.items(), *STATE_OPTIONAL.items()):
+        if key not in state:
+            if key in STATE_KEYS:
+                raise damaged(f"has no {key!r}")
+            continue
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise damaged(f"has a {key!r} of type {type(value).__name__}")
+    if min(state["epoch"], state["batch"] + 1, state["step"] + 1) < 1 or state["sums"].numel() != 3 \
+            or state["rng_cpu"].dtype != torch.uint8:
+        raise damaged("has an epoch, batch, step, sums or random state out of range")
+    try:
+        history = json.loads(state["history"])
+    except (ValueError, RecursionError):
+        raise damaged("has a history that is not readable JSON") from None
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise damaged("has a history that is not a list of epochs")
+    return state

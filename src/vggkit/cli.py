@@ -1,4 +1,9 @@
-"""The `vggkit` command: a thin layer over the Python API. User errors: one line, exit code 2."""
+"""The `vggkit` command: a thin layer over the Python API. User errors: one line, exit code 2.
+
+A closed standard stream (`>&-`) is opened on /dev/null first, so that no file the command opens
+takes its descriptor (and receives what a library prints). A command whose results go to stdout
+(summary, evaluate, predict without --csv, bench) then refuses to start (exit 2): its work would
+be lost. train and export, whose results are files, run as with stdout sent to /dev/null."""
 from __future__ import annotations
 
 import argparse
@@ -56,10 +61,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_summary(args) -> int:
+    from .bounds import check_arch_input
     from .cost import summary
     from .model import VGG
+    from .specs import parse_arch
     import torch
 
+    # nothing is allocated (the meta device), but sizes past the machine's memory are a typo: said as such
+    check_arch_input(len(parse_arch(args.arch, args.ratio)), args.input_size, args.in_channels or 1)
     with torch.device("meta"):
         model = VGG(args.arch, ratio=args.ratio, in_channels=args.in_channels, num_classes=args.num_classes,
                     input_size=args.input_size, fc_width=args.fc_width, batch_norm=args.batch_norm)
@@ -452,11 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; whatever goes wrong becomes one line on stderr and an exit code (errors.py)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
     debug = debug_requested(argv)
+    closed = _open_closed_streams()
     try:
         with warnings.catch_warnings():
             if not debug:
                 warnings.showwarning = _note
-            return _run(argv)
+            return _run(argv, stdout_closed="stdout" in closed)
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except BaseException as error:  # noqa: BLE001  the one place where exceptions meet the user
@@ -467,12 +477,41 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _run(argv: list[str]) -> int:
+def _run(argv: list[str], stdout_closed: bool = False) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if stdout_closed and args.command in RESULTS_ON_STDOUT and not getattr(args, "csv", None):
+        where = " (or give --csv FILE)" if args.command == "predict" else ""
+        raise VggkitError(f"stdout is closed, and `vggkit {args.command}` writes its results there; redirect it to a "
+                          f"file{where}, or to /dev/null to discard them")
     code = args.func(args)
     sys.stdout.flush()  # here, not at exit: a closed pipe is then a BrokenPipeError main() handles
     return code
+
+
+RESULTS_ON_STDOUT = ("summary", "evaluate", "predict", "bench")  # what they print is what they are for
+STREAMS = ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w"))
+
+
+def _open_closed_streams() -> set[str]:
+    """Open /dev/null on each standard descriptor that is closed (`>&-`); the names of those that were."""
+    closed = set()
+    for fd, name, mode in STREAMS:
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            closed.add(name)
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:  # the interpreter started without it
+                setattr(sys, name, open(fd, mode, closefd=False))
+        except OSError:
+            pass
+    return closed
 
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:

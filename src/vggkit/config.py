@@ -86,9 +86,13 @@ class TrainConfig:
         """The VGG this config describes, for data with these channels and classes."""
         from .model import VGG
 
-        return VGG(self.arch, ratio=self.ratio, in_channels=in_channels, num_classes=num_classes,
-                   input_size=self.input_size, fc_width=self.fc_width, dropout=self.dropout,
-                   batch_norm=self.batch_norm, init=self.init, head_pool=self.head_pool or "none")
+        return VGG(**self.model_arguments(in_channels, num_classes))
+
+    def model_arguments(self, in_channels: int, num_classes: int) -> dict:
+        """VGG's keyword arguments for build_model (bounds.py costs them before anything is built)."""
+        return dict(arch=self.arch, ratio=self.ratio, in_channels=in_channels, num_classes=num_classes,
+                    input_size=self.input_size, fc_width=self.fc_width, dropout=self.dropout,
+                    batch_norm=self.batch_norm, init=self.init, head_pool=self.head_pool or "none")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -133,6 +137,7 @@ FROM_WEIGHTS = ("arch", "ratio", "fc_width", "batch_norm")
 def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """The recipe `preset`, then the TOML file's keys, then explicit overrides (None values are ignored)."""
     from_file = _read_toml(file) if file else {}
+    _check_file_types(file, from_file)
     preset = (overrides or {}).get("preset") or preset or from_file.get("preset") or DEFAULT_RECIPE
     _check_preset(preset)
     given = {**from_file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
@@ -145,7 +150,32 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
         raise VggkitError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(FIELD_TYPES)}")
     config = TrainConfig(**values)
     validate(config)
+    check_sizes(config)
     return config
+
+
+def _check_file_types(file, from_file: dict) -> None:
+    """Every value of the file of its field's type, even where a flag overrides it: a file that says
+    `epochs = true` is wrong whatever the command line gives."""
+    for key, value in from_file.items():
+        if key == "preset":
+            _check_preset(value)
+        elif key in FIELD_TYPES:
+            try:
+                _check_type(key, value, FIELD_TYPES[key])
+            except VggkitError as e:
+                raise VggkitError(f"config file {file}: {e}") from None
+
+
+def check_sizes(config: TrainConfig) -> None:
+    """The architecture and input size of a new run against what the machine can hold (bounds.py),
+    before any data is loaded: one image of the smallest input the blocks take must fit."""
+    from .bounds import check_arch_input
+
+    if config.arch is not None:
+        check_arch_input(len(parse_arch(config.arch, config.ratio or 1)), config.input_size)
+    elif config.input_size is not None:
+        check_arch_input(0, config.input_size)
 
 
 # Ranges, field by field (types come from TrainConfig's annotations; every float must be finite).
@@ -270,10 +300,11 @@ def validate_fine_tuning(config: TrainConfig) -> None:
 
 def _read_toml(path: str | Path) -> dict:
     """The table of config keys in a TOML file ([train], or the top level)."""
+    from .bounds import read_capped
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_capped(path, what="config file").decode("utf-8"))
     except FileNotFoundError:
         raise VggkitError(f"config file {path} does not exist; check the path") from None
     except IsADirectoryError:
@@ -282,6 +313,9 @@ def _read_toml(path: str | Path) -> dict:
         raise VggkitError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise VggkitError(f"config file {path} is not valid TOML ({e})") from None
+    except RecursionError:
+        raise VggkitError(f"config file {path} nests arrays or tables too deeply to read; a vggkit config is "
+                          "key = value lines") from None
     table = data.get("train", data)
     if not isinstance(table, dict):
         raise VggkitError(f"config file {path}: train must be a table ([train] followed by key = value lines)")

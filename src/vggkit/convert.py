@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,31 +98,55 @@ def load_standard(path, **kwargs) -> VGG:
 
             state = load_file(str(path))
         elif path.suffix in (".pth", ".pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # about a pickle it then reads or refuses: _pickle_problem says which
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise VggkitError(f"cannot tell the format of {path.name}; use a .pth, .pt or .safetensors file")
     except VggkitError:
         raise
     except pickle.UnpicklingError as e:
-        raise VggkitError(f"cannot read weights from {path}: {_pickle_problem(e)}") from None
+        raise VggkitError(f"cannot read weights from {path}: {_pickle_problem(e, path)}") from None
     except Exception as e:  # zip and safetensors errors all mean "not a weights file"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's runs to a paragraph
         raise VggkitError(f"cannot read weights from {path}: {first}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VggkitError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
+    for key, tensor in state.items():
+        if not (tensor.is_floating_point() or key.endswith("num_batches_tracked") and tensor.dtype in COUNTERS):
+            raise VggkitError(f"{path}: {key} holds {str(tensor.dtype).removeprefix('torch.')} values, not floating "
+                              "point: these are not trained weights (the file is damaged or was written by something "
+                              "else); choose other weights")
     if state and all(_VGGKIT_KEY.match(key) for key in state):  # torch.save(vggkit_model.state_dict())
         state = to_standard(state)
     return from_standard(state, **kwargs)
 
 
-def _pickle_problem(error: pickle.UnpicklingError) -> str:
-    """torch.load(weights_only=True)'s many-line refusal as one clause naming what the file holds."""
+COUNTERS = (torch.int64, torch.int32)  # batch norm's num_batches_tracked: a step count
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive
+
+
+def _pickle_problem(error: pickle.UnpicklingError, path: Path) -> str:
+    """torch.load(weights_only=True)'s many-line refusal as one clause naming what the file holds:
+    pickled objects that need code, another pickle, or no pickle at all (random bytes, another format)."""
     found = re.search(r"GLOBAL (\S+)", str(error))
-    what = f"a pickled {found[1]}" if found else "pickled Python objects"
-    return (f"it holds {what}, which needs pickle code to load (refused: weights only); "
-            "save model.state_dict() with torch.save, or a .safetensors file")
+    if found:
+        return (f"it holds a pickled {found[1]}, which needs pickle code to load (refused: weights only); "
+                "save model.state_dict() with torch.save, or a .safetensors file")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError:
+        start = b""
+    if start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO n: a pickle
+        reason = next((line.strip() for line in str(error).splitlines() if "operand" in line or "opcode" in line),
+                      "a pickle torch.load cannot read as weights")
+        return (f"it is a pickle, but not one torch.save writes ({reason}); save model.state_dict() with "
+                "torch.save, or a .safetensors file")
+    return (f"it is not a PyTorch weights file: neither a zip archive (torch.save) nor a pickle (it starts with "
+            f"{start.hex(' ') or 'nothing'}); give a .pth/.pt file saved by torch.save, or a .safetensors file")
 
 
 def _standard_names(keys: list[str]) -> dict[str, str]:

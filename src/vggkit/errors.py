@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 DEBUG_ENV = "VGGKIT_DEBUG"
 DEBUG_HINT = f"run with --debug or {DEBUG_ENV}=1 for the traceback"
@@ -32,12 +33,21 @@ def user_message(error: BaseException) -> tuple[str, int]:
         return f"vggkit: error: {disk_full_message(error)}", 1
     if isinstance(error, OSError):
         return os_error_message(error)
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return (f"vggkit: error: out of memory ({one_line(error) or type(error).__name__}); "
-                "use a smaller --batch-size or a smaller model"), 1
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or _allocation_failed(error):
+        if _allocation_failed(error):
+            asked = re.search(r"allocate (\d+) bytes", str(error))
+            what = f"torch could not allocate {int(asked[1]):,} bytes" if asked else "torch could not allocate memory"
+        else:
+            what = one_line(error) or type(error).__name__
+        return f"vggkit: error: out of memory ({what}); use a smaller --batch-size or a smaller model", 1
     if isinstance(error, ValueError):  # from a library, about the data it was given
         return f"vggkit: error: {one_line(error) or type(error).__name__}", 1
     return f"vggkit: internal error: {type(error).__name__}: {one_line(error)} ({DEBUG_HINT})", 1
+
+
+def _allocation_failed(error: BaseException) -> bool:
+    """torch's CPU allocator says it failed in a RuntimeError (with C++ frames): memory all the same."""
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def one_line(error: BaseException) -> str:

@@ -113,7 +113,7 @@ class DecisionCache:
     def records(self) -> dict:
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             return {}
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(
                 data.get("decisions"), dict):
@@ -176,6 +176,10 @@ class InferenceRunner:
         self.model, self.speed, self.device = model.eval(), speed, torch.device(device)
         self.images = images
         self.batch_size = batch_size if images is None else min(batch_size, max(images, 1))  # a job's first batch
+        if callable(getattr(model, "config", None)):  # a VGG: its batches must fit the device (bounds.py)
+            from .bounds import check_inference_fits
+
+            check_inference_fits(model.config(), self.batch_size, self.device)
         self.log, self.cache, self.clock = log or build.note, cache or DecisionCache(), clock
         self.compiler = compiler or compile_for_inference
         self.path = "eager" if self.policy == "off" else None  # None: decided at the first full batch

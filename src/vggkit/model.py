@@ -183,7 +183,7 @@ def feature_size(arch: Arch, input_size: tuple[int, int]) -> tuple[int, int]:
     for i in range(1, len(arch) + 1):
         height, width = height // 2, width // 2
         if height == 0 or width == 0:
-            need = 2 ** len(arch)
+            need = 2 ** len(arch) if len(arch) <= 40 else f"2^{len(arch)}"
             raise VggkitError(
                 f"input {input_size[0]}x{input_size[1]} is too small: the feature map reaches 0 at block {i} "
                 f"of {len(arch)}; use an input size of at least {need} or at most {i - 1} blocks"

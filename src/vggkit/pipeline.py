@@ -42,6 +42,19 @@ class Augment:
         return bool(self.crop_padding or self.flip or self.erasing or self.resized_crop)
 
 
+def _check_crop_padding(augment: Augment | None, dataset: Dataset) -> None:
+    """A crop padding larger than the images pads every batch by more than the images themselves
+    (100,000 on 28x28 images: hundreds of GB), for crops that hold padding only: refused before a batch is made."""
+    if augment is None or not augment.crop_padding or not len(dataset):
+        return
+    _, height, width, _ = dataset.images.shape
+    if augment.crop_padding > max(height, width):
+        padded = f"{height + 2 * augment.crop_padding:,}x{width + 2 * augment.crop_padding:,}"
+        raise VggkitError(f"crop padding {augment.crop_padding:,} is larger than the {width}x{height} training images "
+                          f"(every batch would be padded to {padded}); use at most {max(height, width)} "
+                          "(the recipes use 2)")
+
+
 def _seed(*parts: int) -> int:
     """A 64-bit seed mixed from non-negative-mapped integers (no collisions between nearby tuples)."""
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
@@ -147,6 +160,7 @@ class BatchLoader(Batches):
     """Batches (x, y) of a Dataset held in memory on `device`; see the module docstring and Batches."""
 
     def __init__(self, dataset: Dataset, batch_size: int, **options):
+        _check_crop_padding(options.get("augment"), dataset)
         super().__init__(dataset, batch_size, **options)
         images = dataset.images if dataset.images.flags.writeable else dataset.images.copy()
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # N C H W uint8

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import distributed as dist
-from .checkpoint import all_finite, save_checkpoint, split_averaged
+from .bounds import check_training_fits
+from .checkpoint import all_finite, check_training_state, check_weights, save_checkpoint, split_averaged
 from .config import RECIPES, TrainConfig, resolve_config, save_config
 from .data import load_data
 from .data.carve import carve
@@ -44,7 +45,7 @@ from .optim import lr_at, make_optimizer, set_lr
 from .pipeline import Augment, Batches
 from .stream import loader_for, stream_workers
 from .pretrained import freeze_blocks, init_model
-from .rundir import WEIGHTS, RunDir
+from .rundir import STATE, WEIGHTS, RunDir
 from .preprocess import CENTER, preprocess_meta, storage_size
 from .runtime import ProcessSettings, Speed, in_main_thread, pick_device, speed_settings
 from .steps import evaluate_loader, train_step
@@ -432,7 +433,8 @@ def open_run(config, resume, overwrite: bool, world_size: int) -> tuple[RunDir, 
         run = RunDir.existing(resume)
         dist.from_main(run.lock)  # held until train() returns: one process trains in a run at a time
         try:
-            return run, run.resumed_config(config), run.read_state()
+            config = run.resumed_config(config)
+            return run, config, check_training_state(run.read_state(), run.last_checkpoint() / STATE)
         except BaseException:
             run.unlock()
             raise
@@ -472,7 +474,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     val_loader = loader_for(splits.val, eval_batch, **common) if len(splits.val) else None
     test_loader = loader_for(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
 
-    model, config = build_model(config, splits, device, speed, world_size, log, resumed)
+    model, config = build_model(config, splits, device, speed, world_size, log, resumed, decisions)
     ema = EMA(model, config.ema, config.ema_every) if config.ema else None
     optimizer = make_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
@@ -539,13 +541,17 @@ def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainCon
 
 
 def build_model(config: TrainConfig, splits: DataSplits, device: torch.device, speed: Speed, world_size: int,
-                log, resumed: bool) -> tuple[torch.nn.Module, TrainConfig]:
+                log, resumed: bool, decisions: dict | None = None) -> tuple[torch.nn.Module, TrainConfig]:
     """The config's VGG, or a new run's initial weights (config.init_from) fitted to the data, with
-    config.freeze blocks frozen; returns it and the config naming the architecture it has."""
+    config.freeze blocks frozen; returns it and the config naming the architecture it has. A network
+    whose training step cannot fit the device (bounds.py) is refused before it is built."""
     channels, num_classes = splits.train.channels, len(splits.classes)
     if config.init_from and not resumed:  # a resumed run rebuilds the saved architecture; restore() loads it
-        model, config = initial_model(config, channels, num_classes, log)
+        model, config = initial_model(config, channels, num_classes, log)  # its weights: as large as their file
+        check_training_fits(config, model.config(), device, speed.amp_dtype, world_size, decisions)
     else:
+        check_training_fits(config, config.model_arguments(channels, num_classes), device, speed.amp_dtype,
+                            world_size, decisions)
         model = config.build_model(channels, num_classes)
         freeze_blocks(model, config.freeze, log)
     set_kernels(model, speed.kernels)
@@ -578,7 +584,9 @@ def fresh_sums(t: Trainer) -> torch.Tensor:
 
 
 def restore(t: Trainer, state: dict) -> LoopState:
-    """Weights (the averaged ones too), optimizer, RNG and position from the run's last checkpoint."""
+    """Weights (the averaged ones too), optimizer, RNG and position from the run's last checkpoint
+    (its weights checked against the run's network first: checkpoint.check_weights)."""
+    check_weights(t.run.last_checkpoint() / WEIGHTS, t.model.state_dict(), network="this run's network")
     raw, averaged = split_averaged(t.run.read_weights())
     t.model.load_state_dict(raw)
     if t.ema and averaged is None:
@@ -586,10 +594,15 @@ def restore(t: Trainer, state: dict) -> LoopState:
         t.ema = EMA(t.model, t.ema.decay, t.ema.every)
     elif t.ema:
         t.ema.load_state_dict(averaged)
-    t.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if t.device.type == "cuda" and state.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(state["rng_cuda"])
+    try:
+        t.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if t.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise VggkitError(f"training state {t.run.last_checkpoint() / STATE} does not fit this run's optimizer "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): the checkpoint is "
+                          "damaged; start a new run or restore the file") from None
     seconds = state.get("seconds", 0.0)
     loop = LoopState(
         # the saved sums are global (reduced before saving): one rank carries them on

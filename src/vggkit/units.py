@@ -13,3 +13,11 @@ def si(value: float, unit: str = "", digits: int = 1, space: bool = True) -> str
             return f"{value / scale:.{digits}f}{gap}{prefix}{unit}"
     number = str(int(value)) if float(value).is_integer() else f"{value:.{digits}f}"
     return f"{number}{gap if unit else ''}{unit}"
+
+
+def binary_size(n: float) -> str:
+    """A number of bytes in GiB, MiB or KiB: binary_size(3 * 2**30) = "3.0 GiB"; below 1 KiB "N B"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"

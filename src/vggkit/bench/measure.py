@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .. import allocator as alloc
+from ..bounds import check_training_fits
 from .peak import PeakProbe
 from .textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
 from ..config import RECIPES, TrainConfig, resolve_config
@@ -130,6 +131,9 @@ def bench(settings: BenchSettings | None = None, *, log=None, **changes) -> dict
             return result
     config = settings.train_config()
     device = pick_device(config.device)
+    channels = settings.in_channels if settings.data is None else 1  # a data set's: 1 at least
+    check_training_fits(config, config.model_arguments(channels, NUM_CLASSES), device,
+                        speed_settings(config, device).amp_dtype)
     with ProcessSettings() as process:  # threads, denormals and allocator as train() sets them; restored after
         allocator = process.apply(config, device)
         return Measurement(settings, config, device, allocator, log).run()

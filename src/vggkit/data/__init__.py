@@ -13,14 +13,15 @@ downloaded), image folders, the bundled Fashion-MNIST sample, and seeded class-b
 from .archive import Archive, Member
 from .cifar import CifarFormat
 from .dataset import SAMPLE_NOTE, Dataset, DataSplits, channel_stats, split_off, stratified_indices
-from .idx import read_idx, read_idx_pair
+from .idx import IdxFormat, read_idx, read_idx_pair
 from .load import load_data
 from .named import DataNotFound, cache_dir, search_dirs
 from .registry import REGISTRY, NamedDataset
 from .sample import SAMPLE, SAMPLE_PATH, load_sample
 
 __all__ = [
-    "Archive", "CifarFormat", "Dataset", "DataSplits", "DataNotFound", "Member", "NamedDataset", "REGISTRY",
+    "Archive", "CifarFormat", "Dataset", "DataSplits", "DataNotFound", "IdxFormat", "Member", "NamedDataset",
+    "REGISTRY",
     "SAMPLE", "SAMPLE_NOTE", "SAMPLE_PATH",
     "cache_dir", "channel_stats", "load_data", "load_sample", "read_idx", "read_idx_pair",
     "search_dirs", "split_off", "stratified_indices",

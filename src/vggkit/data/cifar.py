@@ -31,6 +31,22 @@ class CifarFormat:
     def record_size(self) -> int:
         return len(self.label_classes) + PIXELS
 
+    def member_limits(self, archive) -> dict[str, tuple[int, str]]:
+        """(the most bytes, what they are) each record file of `archive` (archive.Archive: train files,
+        then the test file) may hold: the split's records (counts None: what the machine can hold)."""
+        from ..bounds import memory_limit
+
+        *train, test = archive.members
+        limits = []
+        for count, split in zip(self.counts or (None, None), ("train", "test")):
+            if count is None:
+                limit = memory_limit()
+                limits.append((limit.bytes, limit.what))
+            else:
+                limits.append((count * self.record_size,
+                               f"{self.title}'s {count:,} {split} records of {self.record_size:,} bytes"))
+        return {**{name: limits[0] for name in train}, test: limits[1]}
+
     def __call__(self, members: list[Member | None], classes: list[str]) -> tuple[Dataset, Dataset]:
         *train_files, test_file, names_file = members
         classes = class_names(names_file, classes)

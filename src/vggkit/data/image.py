@@ -62,6 +62,13 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
 
 
+def max_image_pixels() -> int:
+    """The most pixels an image vggkit reads may have: Pillow's MAX_IMAGE_PIXELS (open_image refuses more)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or 2**32
+
+
 def open_image(path: str | Path):
     """The PIL image at path, header read only; ImageTooLarge over Pillow's decompression-bomb limit."""
     from PIL import Image

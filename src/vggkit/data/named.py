@@ -134,6 +134,7 @@ def _read(entry: NamedDataset, found: Found) -> tuple[Dataset, Dataset]:
     classes = list(entry.classes)
     if entry.archive is None:
         return entry.reader([found.files[f] for f in entry.files], classes)
+    limits = entry.reader.member_limits(entry.archive) if hasattr(entry.reader, "member_limits") else None
     if found.extracted is not None:
-        return entry.reader(entry.archive.read_extracted(found.extracted), classes)
-    return entry.reader(entry.archive.read_archive(found.files[entry.files[0]]), classes)
+        return entry.reader(entry.archive.read_extracted(found.extracted, limits), classes)
+    return entry.reader(entry.archive.read_archive(found.files[entry.files[0]], limits), classes)

@@ -14,7 +14,7 @@ from typing import Callable
 from .archive import Archive
 from .cifar import CifarFormat
 from .dataset import Dataset
-from .idx import read_idx_splits
+from .idx import IdxFormat
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -60,7 +60,7 @@ REGISTRY: dict[str, NamedDataset] = {entry.name: entry for entry in (
                                  "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))),
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
                  "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"),
-        reader=read_idx_splits,
+        reader=IdxFormat("Fashion-MNIST"),
     ),
     NamedDataset(
         name="mnist",
@@ -69,7 +69,7 @@ REGISTRY: dict[str, NamedDataset] = {entry.name: entry for entry in (
                                  "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))),
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/"),
-        reader=read_idx_splits,
+        reader=IdxFormat("MNIST"),
         flips_safe=False,  # a mirrored digit is not a digit (and 2/5 look alike mirrored)
     ),
     NamedDataset(
