@@ -4,17 +4,22 @@ validation split, or of every image in a folder of class sub-folders.
 
 The run's splits are made again from its config (data, seed, val_size, skip_bad), so they are the
 images the run held out: for an image folder too, as long as the folder is unchanged (load.py).
+
+The plots go into the checkpoint folder they describe, unless --out says elsewhere. A training
+replaces that folder at each save: when it did so during an evaluation, the plots have no folder
+left to go to, and the new checkpoint is evaluated instead (once; then a one-line error).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write
-from .checkpoint import load_model
+from .atomic import atomic_write, make_folder
+from .checkpoint import folder_identity, load_model
 from .config import TrainConfig, load_config
 from .data import Dataset, load_data, stratified_indices
 from .data.folder import load_labelled_folder
@@ -23,7 +28,7 @@ from .errors import VggkitError
 from .inference import InferenceRunner, check_policy
 from .pipeline import BatchLoader
 from .preprocess import fit_size, settings_from_meta
-from .rundir import evaluation_dir, find_config
+from .rundir import evaluation_folder, find_checkpoint, find_config
 from .runtime import pick_device, speed_settings
 from .tta import TtaPlan, check_level, loader_forward, run_plan
 
@@ -39,6 +44,29 @@ def run_config_for(path: Path) -> TrainConfig:
     return load_config(found) if found else TrainConfig(precision="fp32")
 
 
+class CheckpointReplaced(VggkitError):
+    """The checkpoint folder being evaluated was swapped out by a training's save."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"{checkpoint} was replaced by the training saving into it while it was evaluated, twice; "
+                         "give --out FOLDER for the plots, or evaluate a copy of the checkpoint")
+        self.checkpoint = checkpoint
+
+
+def _again_if_replaced(evaluate):
+    """Evaluate once more, the checkpoint that replaced the one evaluated, when it was swapped out meanwhile."""
+    @functools.wraps(evaluate)
+    def again(*args, **kwargs):
+        try:
+            return evaluate(*args, **kwargs)
+        except CheckpointReplaced as e:
+            kwargs.get("log", print)(f"{e.checkpoint} was replaced by a training while it was evaluated; "
+                                     "evaluating the new one")
+        return evaluate(*args, **kwargs)
+    return again
+
+
+@_again_if_replaced
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
              device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
              test_limit: int | None = None, skip_bad: bool | None = None, averaged: bool = True, compile: str = "auto",
@@ -52,12 +80,15 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     compile: torch.compile the model for inference: "auto" (where measured faster here), "on" or "off"
     (inference.InferenceRunner).
     tta: a tta.TTA_LEVELS name; every figure then comes from the logits averaged over its views.
+    out_dir: the folder for the plots (default: the checkpoint's, see the module's docstring).
     """
     check_policy(compile)
     path = Path(path)
     check_level(tta)
     config = run_config_for(path)
     torch_device = pick_device(device)
+    checkpoint = find_checkpoint(path)
+    read = folder_identity(checkpoint)  # the checkpoint folder whose weights are evaluated
     model, meta = load_model(path, torch_device, averaged=averaged)
     speed = speed_settings(config, torch_device)
     if speed.channels_last:
@@ -75,11 +106,33 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
     if tta != "off":  # asked for: the report says which views were used, even none
         result["tta"] = {"level": plan.level, "views": list(plan.views), "description": plan.describe()}
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name, plan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
-    _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
+    if out_dir:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _plot(result, dataset, meta["classes"], out_dir)
+    else:
+        out_dir = _default_out_dir(checkpoint, name, plan)
+        _plot_into_checkpoint(checkpoint, read, lambda: _plot(result, dataset, meta["classes"], make_folder(out_dir)))
     return result | {"out_dir": str(out_dir), "weights": meta["weights"]}
+
+
+def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path) -> None:
+    _plot_confusion(np.array(result["confusion"]), classes, out_dir / "confusion.png")
+    _plot_misclassified(dataset, result["misclassified"][:GRID], classes, out_dir / "misclassified.png")
+
+
+def _plot_into_checkpoint(checkpoint: Path, read: tuple[int, int] | None, plot) -> None:
+    """plot() into a folder of `checkpoint` while it is still the folder that was `read`
+    (folder_identity); CheckpointReplaced when a save swapped it before or while plotting."""
+    try:
+        if folder_identity(checkpoint) == read:
+            plot()
+            if folder_identity(checkpoint) == read:
+                return
+    except FileNotFoundError:  # the folder went while plotting
+        if folder_identity(checkpoint) == read:
+            raise
+    raise CheckpointReplaced(checkpoint)
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
@@ -150,13 +203,13 @@ def _summary(dataset: Dataset, classes: list[str], name: str, loss: float, predi
     return result
 
 
-def _default_out_dir(path: Path, name: str, tta: TtaPlan) -> Path:
+def _default_out_dir(checkpoint: Path, name: str, tta: TtaPlan) -> Path:
     """<checkpoint>/evaluation for the test split, evaluation-val, evaluation-<folder name> otherwise;
     with TTA, "-tta-<level>" added (evaluation-tta-flip), so the plain plots stay."""
     label = None if name == "test" else name if name in SPLITS else Path(name).expanduser().resolve().name
     if tta.active:
         label = f"{label}-tta-{tta.level}" if label else f"tta-{tta.level}"
-    return evaluation_dir(path, label)
+    return checkpoint / evaluation_folder(label)
 
 
 def format_report(result: dict) -> str:
