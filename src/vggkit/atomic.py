@@ -57,7 +57,7 @@ def check_replaceable(path: str | Path) -> None:
     """NotAFile unless `path` is absent or a regular file (a link is not followed)."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (or a file where its folder would be)
         return
     if not stat.S_ISREG(mode):
         raise NotAFile(path, kind_of(mode))
@@ -99,7 +99,7 @@ def open_own(path: str | Path, mode: str = "a", *, truncates: bool = False):
     flags = (os.O_RDONLY if mode == "r" else (os.O_RDWR if "+" in mode else os.O_WRONLY) | os.O_APPEND | os.O_CREAT)
     try:
         fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o666)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if mode == "r":
             return None
         raise
