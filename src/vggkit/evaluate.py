@@ -6,12 +6,12 @@ The run's splits are made again from its config (data, seed, val_size, skip_bad)
 images the run held out: for an image folder too, as long as the folder is unchanged (load.py).
 
 The plots go into the checkpoint folder they describe, unless --out says elsewhere. A training
-replaces that folder at each save: when it did so during an evaluation, the plots have no folder
-left to go to, and the new checkpoint is evaluated instead (once; then a one-line error).
+replaces that folder at each save: when it did so during the evaluation, the figures (of the
+checkpoint that was read) are still reported, but the plots have no folder left to go to and are
+not written (the report says so; --out keeps them).
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -44,29 +44,6 @@ def run_config_for(path: Path) -> TrainConfig:
     return load_config(found) if found else TrainConfig(precision="fp32")
 
 
-class CheckpointReplaced(VggkitError):
-    """The checkpoint folder being evaluated was swapped out by a training's save."""
-
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"{checkpoint} was replaced by the training saving into it while it was evaluated, twice; "
-                         "give --out FOLDER for the plots, or evaluate a copy of the checkpoint")
-        self.checkpoint = checkpoint
-
-
-def _again_if_replaced(evaluate):
-    """Evaluate once more, the checkpoint that replaced the one evaluated, when it was swapped out meanwhile."""
-    @functools.wraps(evaluate)
-    def again(*args, **kwargs):
-        try:
-            return evaluate(*args, **kwargs)
-        except CheckpointReplaced as e:
-            kwargs.get("log", print)(f"{e.checkpoint} was replaced by a training while it was evaluated; "
-                                     "evaluating the new one")
-        return evaluate(*args, **kwargs)
-    return again
-
-
-@_again_if_replaced
 def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None = None, split: str | None = None,
              device: str = "auto", batch_size: int = 512, out_dir: str | Path | None = None,
              test_limit: int | None = None, skip_bad: bool | None = None, averaged: bool = True, compile: str = "auto",
@@ -80,7 +57,8 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     compile: torch.compile the model for inference: "auto" (where measured faster here), "on" or "off"
     (inference.InferenceRunner).
     tta: a tta.TTA_LEVELS name; every figure then comes from the logits averaged over its views.
-    out_dir: the folder for the plots (default: the checkpoint's, see the module's docstring).
+    out_dir: the folder for the plots (default: the checkpoint's; result["out_dir"] is None where a
+    training replaced that folder meanwhile, see the module's docstring).
     """
     check_policy(compile)
     path = Path(path)
@@ -112,8 +90,10 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
         _plot(result, dataset, meta["classes"], out_dir)
     else:
         out_dir = _default_out_dir(checkpoint, name, plan)
-        _plot_into_checkpoint(checkpoint, read, lambda: _plot(result, dataset, meta["classes"], make_folder(out_dir)))
-    return result | {"out_dir": str(out_dir), "weights": meta["weights"]}
+        if not _plotted_into_checkpoint(checkpoint, read, lambda: _plot(result, dataset, meta["classes"],
+                                                                         make_folder(out_dir))):
+            out_dir = None
+    return result | {"out_dir": out_dir and str(out_dir), "checkpoint": str(checkpoint), "weights": meta["weights"]}
 
 
 def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path) -> None:
@@ -121,18 +101,17 @@ def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path) -> 
     _plot_misclassified(dataset, result["misclassified"][:GRID], classes, out_dir / "misclassified.png")
 
 
-def _plot_into_checkpoint(checkpoint: Path, read: tuple[int, int] | None, plot) -> None:
-    """plot() into a folder of `checkpoint` while it is still the folder that was `read`
-    (folder_identity); CheckpointReplaced when a save swapped it before or while plotting."""
+def _plotted_into_checkpoint(checkpoint: Path, read: tuple[int, int] | None, plot) -> bool:
+    """plot() into a folder of `checkpoint` if it is still the folder that was `read` (folder_identity);
+    False where a save swapped it before or while plotting (the plots then went with the old folder)."""
     try:
         if folder_identity(checkpoint) == read:
             plot()
-            if folder_identity(checkpoint) == read:
-                return
+            return folder_identity(checkpoint) == read
     except FileNotFoundError:  # the folder went while plotting
         if folder_identity(checkpoint) == read:
             raise
-    raise CheckpointReplaced(checkpoint)
+    return False
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
@@ -227,7 +206,9 @@ def format_report(result: dict) -> str:
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
     lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
-              f"wrote {result['out_dir']}/confusion.png and misclassified.png"]
+              f"wrote {result['out_dir']}/confusion.png and misclassified.png" if result["out_dir"] is not None
+              else f"plots not written: a training replaced {result['checkpoint']} while it was evaluated (the "
+                   "figures above are of the checkpoint read before); --out FOLDER keeps them"]
     return "\n".join(lines)
 
 
