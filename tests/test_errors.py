@@ -20,7 +20,7 @@ from vggkit import cli
 from vggkit.checkpoint import load_model, save_checkpoint
 from vggkit.cli import main
 from vggkit.config import TrainConfig, load_config, resolve_config, save_config, validate
-from vggkit.errors import VggkitError, user_message
+from vggkit.errors import STDOUT, VggkitError, user_message
 from vggkit.model import VGG
 from vggkit.preprocess import Preprocess
 
@@ -203,7 +203,7 @@ def test_out_that_cannot_be_written(tmp_path, capsys):
         code, _, err = run_cli(capsys, "train", "--out", locked, "--name", "r", *TINY_RUN)
     finally:
         subprocess.run(unlock, check=True)
-    assert_one_line(err, code, 2, f"cannot use {locked / 'r'}", "permission")
+    assert_one_line(err, code, 1, f"cannot use {locked / 'r'}", "permission")  # the machine refuses: exit 1
     assert list(locked.iterdir()) == []
 
 
@@ -217,10 +217,13 @@ def test_out_that_cannot_be_written(tmp_path, capsys):
      ["no space left on device:", "previous checkpoint is intact"]),
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 1,  # torch.save
      ["no space left on device (or a write failed)"]),
-    (PermissionError(errno.EACCES, "Permission denied", "/srv/runs"), 2,
+    (PermissionError(errno.EACCES, "Permission denied", "/srv/runs"), 1,
      ["cannot use /srv/runs: permission denied; check its permissions"]),
-    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), 2, ["cannot use /mnt/ro/x: read-only file system"]),
-    (OSError(errno.EPERM, "Operation not permitted", "/x"), 2, ["cannot use /x: operation not permitted", "chattr"]),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), 1, ["cannot use /mnt/ro/x: read-only file system"]),
+    (OSError(errno.EPERM, "Operation not permitted", "/x"), 1, ["cannot use /x: operation not permitted", "chattr"]),
+    (OSError(errno.ENOENT, "No such file or directory", "/no/x"), 2, ["cannot use /no/x: no such file or directory"]),
+    (OSError(errno.ENOSPC, "No space left on device", STDOUT), 1,
+     ["vggkit: error: cannot write to the standard output: no space left on device"]),
     (OSError(errno.EIO, "Input/output error", "/dev/sdz"), 1, ["vggkit: error: /dev/sdz: input/output error"]),
     (OSError(errno.EIO, "Input/output error"), 1, ["vggkit: error: input/output error"]),
     (ValueError("a library\nsaid no"), 1, ["vggkit: error: a library said no"]),

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from vggkit import TrainConfig
+from vggkit.checkpoint import save_checkpoint
 from vggkit.config import save_config
+from vggkit.model import VGG
 from vggkit.errors import VggkitError
 from vggkit.rundir import (LOCK, MARKER, RunDir, RunInUse, RunLock, check_run_name, config_path, evaluation_dir,
                            export_dir, find_checkpoint, find_config, has_resumable_checkpoint)
@@ -129,12 +131,15 @@ def test_a_run_from_before_the_marker_is_recognised(tmp_path):
     run = saved_run(tmp_path)
     assert not run.is_run()  # a config alone is not enough
     checkpoint(run.last)
+    assert not run.is_run()  # nor beside files named as checkpoints: the weights must be vggkit's
+    (run.last / "model.safetensors").unlink()
+    save_checkpoint(run.last, VGG("1x8", in_channels=1, input_size=28, fc_width=16), {})
     assert run.is_run()
     run.claim(overwrite=True)
     assert not run.last.exists() and (run.path / MARKER).is_file()
 
 
-def test_overwrite_removes_a_link_inside_the_run_not_what_it_points_to(tmp_path):
+def test_overwrite_stops_at_a_link_inside_the_run_and_follows_none(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("keep")
@@ -142,8 +147,10 @@ def test_overwrite_removes_a_link_inside_the_run_not_what_it_points_to(tmp_path)
     run.claim(overwrite=False)
     (run.path / "link").symlink_to(outside, target_is_directory=True)
     run.unlock()
-    run.claim(overwrite=True)
-    assert not (run.path / "link").exists() and (outside / "keep.txt").read_text() == "keep"
+    lost = r"--overwrite would delete what vggkit did not write in .*/run: link \(a symbolic link\); move it out"
+    with pytest.raises(VggkitError, match=lost):
+        run.claim(overwrite=True)
+    assert (run.path / "link").is_symlink() and (outside / "keep.txt").read_text() == "keep"
 
 
 @pytest.mark.parametrize("name", [".", "..", "../x", "/abs", "a/b", "a\\b", ""])

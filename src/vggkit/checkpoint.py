@@ -5,7 +5,8 @@ metadata) and, for training checkpoints, the training state (optimizer, schedule
 step; loads with torch.load(weights_only=True)); rundir.py names the files and knows where
 checkpoints lie in a run. A directory is written beside its final name and swapped in with
 renames, so a kill at any moment leaves a complete checkpoint (and at worst a stale temporary
-directory, removed by the next save). Weights that are not finite are never loaded as a model.
+directory, removed by the next save). Reading a checkpoint that a training swaps out meanwhile is
+looked up again once (load_model). Weights that are not finite are never loaded as a model.
 
 With weight averaging (--ema, ema.py) the averaged weights are in the same weights file, under
 EMA_PREFIX + the network's keys, and their settings in the metadata ("ema"): one file, swapped in
@@ -17,7 +18,9 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +28,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .atomic import atomic_write, atomic_write_text, fsync_dir, honour_umask  # noqa: F401  (re-exported)
+from .atomic import atomic_write, atomic_write_text, check_folder, fsync_dir, honour_umask, make_folder  # noqa: F401
 from .errors import VggkitError
 from .model import VGG
-from .rundir import STATE, WEIGHTS, previous, weights_file
+from .rundir import SAFETENSORS_TEMPORARY, STATE, WEIGHTS, previous, weights_file
 from .rundir import find_checkpoint as resolve_checkpoint  # noqa: F401  (the name callers know)
 
 if TYPE_CHECKING:
@@ -41,7 +44,9 @@ def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict |
                     averaged: EMA | None = None) -> None:
     """Write model weights (+ meta, + the `averaged` weights) and optional training state as one unit at `directory`."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(directory.parent)
+    for name in (directory, previous(directory)):  # renamed and removed below: never a link
+        check_folder(name)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         honour_umask(tmp)
@@ -66,11 +71,18 @@ def save_checkpoint(directory: str | Path, model: VGG, meta: dict, state: dict |
 
 def remove_stale_temporaries(checkpoints: Path) -> None:
     """Remove the temporary checkpoint directories (.last.*.tmp, .best.*.tmp) that a kill during an
-    earlier save left behind. Only the run's one training process (it holds the run's lock) saves
-    there, so none is in use; a folder holding anything but checkpoint files is left alone."""
+    earlier save left behind, with safetensors' own temporary (.tmpXXXXXX) when the kill fell while
+    it wrote the weights. Only the run's one training process (it holds the run's lock) saves
+    there, so none is in use; a folder holding anything but those files is left alone."""
     for stale in checkpoints.glob(".*.tmp"):
-        if stale.is_dir() and not stale.is_symlink() and {p.name for p in stale.iterdir()} <= {WEIGHTS, STATE}:
+        if stale.is_dir() and not stale.is_symlink() and all(_checkpoint_file(p) for p in stale.iterdir()):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _checkpoint_file(path: Path) -> bool:
+    """A regular file of the kind save_checkpoint writes into its temporary folder."""
+    return stat.S_ISREG(os.lstat(path).st_mode) and (path.name in (WEIGHTS, STATE)
+                                                      or fnmatchcase(path.name, SAFETENSORS_TEMPORARY))
 
 
 def all_finite(tensors) -> bool:
@@ -133,7 +145,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", averaged: b
     With weight averaging, the averaged weights unless `averaged` is False; meta["weights"] says
     which were loaded: "ema" or "raw". The checkpoint is checked first (check_checkpoint): nothing
     larger than what its file holds is built. meta has classes, mean, std and input_size (defaults
-    where the file has none: as export.preprocessing fills them)."""
+    where the file has none: as export.preprocessing fills them). A checkpoint that a training replaces
+    while it is read (its next save swaps the folder) is looked up again, once."""
+    folder = resolve_checkpoint(path)
+    before = folder_identity(folder)
+    try:
+        return _load_model(path, device, averaged)
+    except (VggkitError, OSError):
+        if folder_identity(folder) == before:  # not swapped: the checkpoint itself is bad
+            raise
+    return _load_model(path, device, averaged)  # the checkpoint that replaced it
+
+
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """Which folder is at `path` now (device, inode); None when there is none: a save swapping a
+    checkpoint folder changes it."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _load_model(path: str | Path, device: str | torch.device, averaged: bool) -> tuple[VGG, dict]:
     weights = weights_file(path)
     meta = read_meta(weights)
     check_checkpoint(weights, meta, device)

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from .errors import DEBUG_ENV, VggkitError, debug_requested, user_message
+from .errors import DEBUG_ENV, STDOUT, VggkitError, debug_requested, user_message
 from .optim import OPTIMIZER_STATES, SCHEDULES, TRAINING_OPTIMIZERS
 
 
@@ -199,7 +199,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with config keys (under [train] or at top level; "
                    "default: none)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR (default: a new run)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name (default: off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of the same name, when it holds nothing but what vggkit wrote "
+                        "(default: off)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (default: off)")
     p.add_argument("--nproc", type=positive_int, default=None,
                    help="launch N processes on this machine (torchrun; default: 1, this process)")
@@ -459,9 +461,13 @@ def _add_debug_flag(parser: argparse.ArgumentParser, sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; whatever goes wrong becomes one line on stderr and an exit code (errors.py)."""
+    if argv is None:
+        _in_utf8_mode()
     argv = list(argv) if argv is not None else sys.argv[1:]
     debug = debug_requested(argv)
-    closed = _open_closed_streams()
+    closed = _open_closed_streams()  # first: a closed stdout is reopened on /dev/null before it is wrapped
+    stdout = sys.stdout
+    sys.stdout = _Stdout(stdout) if stdout is not None else None
     try:
         with warnings.catch_warnings():
             if not debug:
@@ -474,7 +480,49 @@ def main(argv: list[str] | None = None) -> int:
             raise
         line, code = user_message(error)
         print(line, file=sys.stderr)
+        if getattr(error, "filename", None) == STDOUT:
+            _detach_stdout()  # what it holds cannot be written: the interpreter's last flush would fail again
         return code
+    finally:
+        sys.stdout = stdout
+
+
+class _Stdout:
+    """sys.stdout, whose write errors name the standard output (errors.STDOUT): `vggkit train >
+    /dev/full` then says that the output cannot be written, not that the run's disk is full."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, STDOUT) from None  # EPIPE makes a BrokenPipeError, as before
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, STDOUT) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _in_utf8_mode() -> None:
+    """Run this command again in Python's UTF-8 mode where the locale makes file names ASCII
+    (LC_ALL=C with PYTHONUTF8=0): the names are then read as UTF-8, as the libraries that take paths
+    (safetensors, torch) and vggkit's files (TOML, JSON, CSV) need them. The mode is what Python
+    itself chooses for that locale unless told not to; the command's processes inherit it."""
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower() != "ascii" or os.name != "posix" \
+            or not getattr(sys, "orig_argv", None) or os.environ.get("PYTHONUTF8") == "1":  # the last: run again
+        return
+    os.environ["PYTHONUTF8"] = "1"
+    try:
+        os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
+    except OSError:  # go on as we are
+        pass
 
 
 def _run(argv: list[str], stdout_closed: bool = False) -> int:
@@ -522,15 +570,19 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:
 
 def _quiet_broken_pipe() -> int:
     """The reader of our output went away (`vggkit summary --json | head`): stop quietly, as a Unix
-    tool killed by SIGPIPE does, and point stdout at /dev/null so that the interpreter's last flush
-    does not raise a second error."""
+    tool killed by SIGPIPE does."""
+    _detach_stdout()
+    return SIGPIPE_EXIT
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not raise a second error."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
         pass
-    return SIGPIPE_EXIT
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The one error type users see, and the one place that turns any exception reaching the CLI into
-one line and an exit code: 2 for bad input (a VggkitError, a path that cannot be used), 1 for a
-failure of the machine (a full disk, an I/O error, memory) or of vggkit itself (an internal error,
-whose traceback --debug or VGGKIT_DEBUG=1 shows)."""
+one line and an exit code: 2 for bad input (a VggkitError, a path that does not exist or is not
+what it should be), 1 for a failure of the machine (a full disk, a folder that refuses to be
+written, a read-only file system, an I/O error, memory, the standard output) or of vggkit itself
+(an internal error, whose traceback --debug or VGGKIT_DEBUG=1 shows)."""
 from __future__ import annotations
 
 import errno
@@ -9,6 +10,7 @@ import os
 import re
 
 DEBUG_ENV = "VGGKIT_DEBUG"
+STDOUT = "<stdout>"  # the file name of an OSError raised writing the standard output (cli.py tags them)
 DEBUG_HINT = f"run with --debug or {DEBUG_ENV}=1 for the traceback"
 
 
@@ -29,6 +31,9 @@ def user_message(error: BaseException) -> tuple[str, int]:
         return "vggkit: interrupted", 130
     if isinstance(error, VggkitError):
         return f"vggkit: error: {one_line(error)}", 2
+    if isinstance(error, OSError) and error.filename == STDOUT:  # not about the disk the run is on
+        reason = (error.strerror or one_line(error)).lower()
+        return f"vggkit: error: cannot write to the standard output: {reason}; send it somewhere that takes it", 1
     if is_disk_full(error):
         return f"vggkit: error: {disk_full_message(error)}", 1
     if isinstance(error, OSError):
@@ -55,7 +60,8 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-# Path problems the user can fix by giving another path: exit code 2, with the fix.
+# Path problems, with their fix: exit code 2 (a path that is wrong), or 1 for those in _REFUSED
+# (the machine refuses what the path asks: permissions, a read-only file system).
 _PATH_FIXES = {
     errno.EACCES: "check its permissions or choose another path",
     errno.EPERM: "check its permissions and attributes (chattr) or choose another path",
@@ -67,6 +73,7 @@ _PATH_FIXES = {
     errno.ENAMETOOLONG: "use a shorter path",
     errno.ELOOP: "it loops through symbolic links: give the real path",
 }
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 # The same errors said by Rust (safetensors) or torch's C++ writer, which raise no OSError.
 _DISK_FULL_TEXT = ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded", "os error 122")
 _TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
@@ -93,7 +100,8 @@ def os_error_message(error: OSError) -> tuple[str, int]:
     path = error.filename
     if path is not None and error.errno in _PATH_FIXES:
         also = f" -> {error.filename2}" if error.filename2 else ""
-        return f"vggkit: error: cannot use {path}{also}: {reason}; {_PATH_FIXES[error.errno]}", 2
+        code = 1 if error.errno in _REFUSED else 2
+        return f"vggkit: error: cannot use {path}{also}: {reason}; {_PATH_FIXES[error.errno]}", code
     if path is not None:
         return f"vggkit: error: {path}: {reason}", 1
     return f"vggkit: error: {reason}", 1

@@ -4,6 +4,11 @@ validation split, or of every image in a folder of class sub-folders.
 
 The run's splits are made again from its config (data, seed, val_size, skip_bad), so they are the
 images the run held out: for an image folder too, as long as the folder is unchanged (load.py).
+
+The plots go into the checkpoint folder they describe, unless --out says elsewhere. A training
+replaces that folder at each save: when it did so during the evaluation, the figures (of the
+checkpoint that was read) are still reported, but the plots have no folder left to go to and are
+not written (the report says so; --out keeps them).
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write
-from .checkpoint import load_model
+from .atomic import atomic_write, make_folder
+from .checkpoint import folder_identity, load_model
 from .config import TrainConfig, load_config
 from .data import Dataset, load_data, stratified_indices
 from .data.dataset import FileDataset
@@ -25,7 +30,7 @@ from .data.load import TEST_LIMIT_SALT, is_folder
 from .errors import VggkitError
 from .inference import InferenceRunner, check_policy
 from .preprocess import CENTER, fit_size, settings_from_meta
-from .rundir import evaluation_dir, find_config
+from .rundir import evaluation_folder, find_checkpoint, find_config
 from .runtime import pick_device, speed_settings
 from .stream import loader_for, stream_workers
 from .tta import TtaPlan, check_level, loader_forward, run_plan
@@ -55,12 +60,16 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     compile: torch.compile the model for inference: "auto" (where measured faster here), "on" or "off"
     (inference.InferenceRunner).
     tta: a tta.TTA_LEVELS name; every figure then comes from the logits averaged over its views.
+    out_dir: the folder for the plots (default: the checkpoint's; result["out_dir"] is None where a
+    training replaced that folder meanwhile, see the module's docstring).
     """
     check_policy(compile)
     path = Path(path)
     check_level(tta)
     config = run_config_for(path)
     torch_device = pick_device(device)
+    checkpoint = find_checkpoint(path)
+    read = folder_identity(checkpoint)  # the checkpoint folder whose weights are evaluated
     model, meta = load_model(path, torch_device, averaged=averaged)
     speed = speed_settings(config, torch_device)
     if speed.channels_last:
@@ -82,11 +91,34 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     result = _summary(dataset, meta["classes"], name, loss, predicted, in_top_k, confidence)
     if tta != "off":  # asked for: the report says which views were used, even none
         result["tta"] = {"level": plan.level, "views": list(plan.views), "description": plan.describe()}
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(path, name, plan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_confusion(np.array(result["confusion"]), meta["classes"], out_dir / "confusion.png")
-    _plot_misclassified(dataset, result["misclassified"][:GRID], meta["classes"], out_dir / "misclassified.png")
-    return result | {"out_dir": str(out_dir), "weights": meta["weights"]}
+    if out_dir:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _plot(result, dataset, meta["classes"], out_dir)
+    else:
+        out_dir = _default_out_dir(checkpoint, name, plan)
+        if not _plotted_into_checkpoint(checkpoint, read, lambda: _plot(result, dataset, meta["classes"],
+                                                                         make_folder(out_dir))):
+            out_dir = None
+    return result | {"out_dir": out_dir and str(out_dir), "checkpoint": str(checkpoint), "weights": meta["weights"]}
+
+
+def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path) -> None:
+    _plot_confusion(np.array(result["confusion"]), classes, out_dir / "confusion.png")
+    _plot_misclassified(dataset, result["misclassified"][:GRID], classes, out_dir / "misclassified.png")
+
+
+def _plotted_into_checkpoint(checkpoint: Path, read: tuple[int, int] | None, plot) -> bool:
+    """plot() into a folder of `checkpoint` if it is still the folder that was `read` (folder_identity);
+    False where a save swapped it before or while plotting (the plots then went with the old folder)."""
+    try:
+        if folder_identity(checkpoint) == read:
+            plot()
+            return folder_identity(checkpoint) == read
+    except FileNotFoundError:  # the folder went while plotting
+        if folder_identity(checkpoint) == read:
+            raise
+    return False
 
 
 def evaluation_set(config: TrainConfig, meta: dict, *, data: str | None, data_dir: str | None, split: str | None,
@@ -160,13 +192,13 @@ def _summary(dataset: Dataset, classes: list[str], name: str, loss: float, predi
     return result
 
 
-def _default_out_dir(path: Path, name: str, tta: TtaPlan) -> Path:
+def _default_out_dir(checkpoint: Path, name: str, tta: TtaPlan) -> Path:
     """<checkpoint>/evaluation for the test split, evaluation-val, evaluation-<folder name> otherwise;
     with TTA, "-tta-<level>" added (evaluation-tta-flip), so the plain plots stay."""
     label = None if name == "test" else name if name in SPLITS else Path(name).expanduser().resolve().name
     if tta.active:
         label = f"{label}-tta-{tta.level}" if label else f"tta-{tta.level}"
-    return evaluation_dir(path, label)
+    return checkpoint / evaluation_folder(label)
 
 
 def format_report(result: dict) -> str:
@@ -184,7 +216,9 @@ def format_report(result: dict) -> str:
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
     lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
-              f"wrote {result['out_dir']}/confusion.png and misclassified.png"]
+              f"wrote {result['out_dir']}/confusion.png and misclassified.png" if result["out_dir"] is not None
+              else f"plots not written: a training replaced {result['checkpoint']} while it was evaluated (the "
+                   "figures above are of the checkpoint read before); --out FOLDER keeps them"]
     return "\n".join(lines)
 
 

@@ -29,9 +29,9 @@ from .atomic import atomic_write
 from .checkpoint import load_model
 from .errors import VggkitError
 from .preprocess import interpolation_of
-from .rundir import export_dir
+from .rundir import EXPORTS, export_dir
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = EXPORTS  # the file name of each format (rundir: a run's own files)
 ATOL = 1e-4
 BATCH_SIZES = (3, 1)  # two sizes: proves the batch dimension is really dynamic
 INSTALL_HINT = "install the export extra: pip install 'vggkit[export]'"
@@ -66,10 +66,7 @@ def export_model(path, fmt: str = "onnx", out=None, opset: int | None = None, av
             run = _run_torchscript
         result["max_abs_diff"] = _verify(model, tmp, run)
 
-    try:
-        atomic_write(target, write)
-    except OSError as e:
-        raise VggkitError(f"cannot write {target}: {e.strerror or e}; choose another --out") from None
+    atomic_write(target, write)  # a link, a device or a FIFO at target is refused; errors.py says the rest
     return result
 
 

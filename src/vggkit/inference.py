@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import NotAFile, atomic_write_text
 from .config import CHOICES
 from .errors import VggkitError
 from .kernels import build
@@ -132,7 +132,7 @@ class DecisionCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "decisions": records}, indent=1,
                                                     sort_keys=True) + "\n")
-        except OSError:
+        except (OSError, NotAFile):  # NotAFile: a link or a device at its name, never written through
             return False
         return True
 

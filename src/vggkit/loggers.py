@@ -23,7 +23,7 @@ from datetime import datetime
 
 import torch
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, make_folder
 from .config import load_config
 from .errors import VggkitError
 from .rundir import RunDir
@@ -61,6 +61,7 @@ class Interruption:
     epoch: int
     step: int
     mid_epoch: bool  # False: the stop came at the end of an epoch, after its checkpoint
+    after_last_epoch: bool = False  # during the closing figures: the run is complete, some figures were skipped
 
 
 @dataclass
@@ -165,6 +166,10 @@ class ConsoleLogger(Logger):
         self.log(", ".join(parts))
 
     def interrupted(self, stop):
+        if stop.after_last_epoch:
+            self.log(f"{stop.signal} after the last epoch: every checkpoint is saved and the curves are drawn; "
+                     f"closing test figures not yet begun were skipped (vggkit evaluate {self.run_dir} gives them)")
+            return
         where = f"at epoch {stop.epoch}, step {stop.step}" if stop.mid_epoch else f"after epoch {stop.epoch}"
         self.log(f"{stop.signal}: saved a checkpoint {where}; resume with: vggkit train --resume {self.run_dir}")
 
@@ -361,9 +366,9 @@ class TensorBoardLogger(Logger):
     def start(self, info):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run.tensorboard_dir))
+        self.writer = SummaryWriter(str(make_folder(self.run.tensorboard_dir)))
         if not info.resumed:
-            config = self.run.config_path.read_text() if self.run.config_path.is_file() else ""
+            config = self.run.config_path.read_text(encoding="utf-8") if self.run.config_path.is_file() else ""
             self.writer.add_text("config", "".join(f"    {line}\n" for line in config.splitlines()))  # as code
 
     def step(self, step, metrics):

@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, load_model
+from .atomic import ENCODING, ENCODING_ERRORS, atomic_write
+from .checkpoint import load_model
 from .data.image import IMAGE_KINDS, fit, image_files, pixels_of, reduce_on_decode
 from .errors import VggkitError
 from .preprocess import CENTER, Preprocess, fit_size, interpolation_of
@@ -143,7 +144,7 @@ def write_csv(results: Iterable[dict], out: str | Path) -> int:
 
     def write(tmp: str) -> None:
         nonlocal rows
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding=ENCODING, errors=ENCODING_ERRORS) as f:
             writer = csv.writer(f)
             for result in results:
                 if rows == 0:

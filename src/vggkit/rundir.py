@@ -10,9 +10,15 @@
         checkpoints/last/            model.safetensors + state.pt (optimizer, RNG, position)
         checkpoints/best/            model.safetensors of the best validation accuracy
         checkpoints/<name>/evaluation/   `vggkit evaluate`'s plots
+        model.onnx, model.pt         `vggkit export`'s default outputs
 
 A checkpoint directory is swapped in by renames (checkpoint.save_checkpoint): a run killed between
 them leaves only `<name>.prev`, which every lookup here falls back to.
+
+Nothing in a run is followed through a symbolic link (vggkit makes none) or written in place of a
+device or FIFO (atomic.py). --overwrite deletes only what is vggkit's own (LAYOUT: the files above
+and their temporaries); anything else in the run stops it, named in the error. A run that predates
+the marker is recognised by a vggkit config.toml together with vggkit weights in its checkpoints/.
 
 A new run is checked (RunDir.create: nothing written) before its data is loaded, and claimed
 (RunDir.claim: locked, an old run cleared with --overwrite, the marker written) after. The lock is
@@ -23,14 +29,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import stat
 import time
 from datetime import datetime
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, kind_of, make_folder, open_own
 from .config import TrainConfig, load_config, validate
 from .errors import VggkitError
 
@@ -54,6 +61,25 @@ EVALUATION = "evaluation"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 PREV_SUFFIX = ".prev"
+EXPORTS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # `vggkit export`'s file in the run, by format
+EVALUATION_PLOTS = ("confusion.png", "misclassified.png")
+TENSORBOARD_FILES = "events.out.tfevents.*"
+SAFETENSORS_TEMPORARY = ".tmp*"  # safetensors writes the weights beside their name, then renames
+
+# What vggkit writes in a run, folder by folder: name patterns (fnmatch) of its files, and of its
+# folders with the layout of each. A file's atomic_write temporary (.NAME.*.tmp) is vggkit's too.
+_EVALUATION = {"files": EVALUATION_PLOTS}
+_CHECKPOINT = {"files": (WEIGHTS, STATE, SAFETENSORS_TEMPORARY),
+               "folders": {EVALUATION: _EVALUATION, f"{EVALUATION}-*": _EVALUATION}}
+LAYOUT = {
+    "files": (MARKER, LOCK, CONFIG, METRICS_CSV, EVENTS, CURVES, *EXPORTS.values()),
+    "folders": {
+        TENSORBOARD: {"files": (TENSORBOARD_FILES,)},
+        CHECKPOINTS: {"folders": {pattern: _CHECKPOINT for name in (LAST, BEST)
+                                  for pattern in (name, name + PREV_SUFFIX, f".{name}.*.tmp")}},
+    },
+}
+LISTED = 5  # entries named in an error about what a run holds
 
 RESUMABLE = {"epochs", "device", "threads"}  # the config keys a resumed run may change
 
@@ -104,7 +130,12 @@ def export_dir(path: str | Path) -> Path:
 def evaluation_dir(path: str | Path, name: str | None = None) -> Path:
     """Where `vggkit evaluate` writes its plots for the checkpoint at `path`: evaluation/ for the
     test split, evaluation-<name>/ for another split or folder."""
-    return find_checkpoint(path) / (EVALUATION if name is None else f"{EVALUATION}-{name}")
+    return find_checkpoint(path) / evaluation_folder(name)
+
+
+def evaluation_folder(name: str | None = None) -> str:
+    """The name of `vggkit evaluate`'s folder in a checkpoint: evaluation, or evaluation-<name>."""
+    return EVALUATION if name is None else f"{EVALUATION}-{name}"
 
 
 def config_path(run_dir: str | Path) -> Path:
@@ -122,6 +153,44 @@ def check_run_name(name: str) -> None:
             or Path(name).is_absolute():
         raise VggkitError(f"--name {name!r} is not a plain name; give a folder name without "
                           f"{' or '.join(sorted(separators))} (not '.' or '..'): the run goes inside --out")
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a regular file itself (not through a link)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _sort_entries(folder: Path, layout: dict, own: list[Path], others: list[tuple[Path, str | None]]) -> None:
+    """Sort what `folder` holds into vggkit's own (by `layout`, see LAYOUT) and the others (RunDir.inventory)."""
+    folders, files = layout.get("folders", {}), layout.get("files", ())
+    for entry in sorted(folder.iterdir()):
+        mode = os.lstat(entry).st_mode
+        folder_layout = next((sub for pattern, sub in folders.items() if fnmatchcase(entry.name, pattern)), None)
+        file_name = any(fnmatchcase(entry.name, p) or fnmatchcase(entry.name, f".{p}.*.tmp") for p in files)
+        if stat.S_ISDIR(mode) and folder_layout is not None:
+            _sort_entries(entry, folder_layout, own, others)
+            own.append(entry)
+        elif stat.S_ISREG(mode) and file_name:
+            own.append(entry)
+        else:
+            others.append((entry, kind_of(mode) if folder_layout is not None or file_name else None))
+
+
+def _listed(run: Path, entries: list[Path], kinds: bool = False) -> str:
+    """Entries of a run for a one-line message: relative, folders ending in /, what each is where it
+    is neither a file nor a folder (or with `kinds`), the first LISTED."""
+    def name(entry: Path) -> str:
+        mode = os.lstat(entry).st_mode
+        text = str(entry.relative_to(run)) + ("/" if stat.S_ISDIR(mode) else "")
+        plain = stat.S_ISDIR(mode) or stat.S_ISREG(mode)
+        return f"{text} (a {kind_of(mode)})" if kinds or not plain else text
+
+    shown = ", ".join(name(e) for e in entries[:LISTED])
+    more = f" and {len(entries) - LISTED} more" if len(entries) > LISTED else ""
+    return f"{shown}{more}"
 
 
 class RunInUse(VggkitError):
@@ -145,7 +214,7 @@ class RunLock:
     def acquire(cls, run_dir: Path) -> RunLock:
         if fcntl is None:
             return cls()
-        f = open(run_dir / LOCK, "a+")
+        f = open_own(run_dir / LOCK, "a+", truncates=True)
         for attempt in range(LOCK_ATTEMPTS):
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,10 +233,13 @@ class RunLock:
     @staticmethod
     def holder(run_dir: Path) -> int | None:
         """The PID of the process holding the run's lock (0 when it is unknown), None when it is free.
-        Creates nothing."""
-        if fcntl is None or not (run_dir / LOCK).is_file():
+        Creates nothing; NotAFile where the lock is a link, a FIFO or a device."""
+        if fcntl is None:
             return None
-        with open(run_dir / LOCK) as f:
+        f = open_own(run_dir / LOCK, "r")
+        if f is None:
+            return None
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -207,6 +279,9 @@ class RunDir:
         name = config.name if config.name is not None else f"{config.preset}-{datetime.now():%Y%m%d-%H%M%S}"
         check_run_name(name)
         run = cls(Path(config.out) / name)
+        if run.path.is_symlink():
+            raise VggkitError(f"{run.path} is a symbolic link; vggkit does not follow a link to a run (it would write, "
+                              "and with --overwrite delete, where the link points): choose another --name")
         pid = RunLock.holder(run.path)
         if pid is not None:
             raise RunInUse(run.path, pid)
@@ -219,17 +294,20 @@ class RunDir:
         run = cls(path)
         if not run.config_path.is_file():
             raise VggkitError(f"{run.path} is not a vggkit run (no {CONFIG}); give the run directory to resume")
+        planted = [entry for entry, kind in run.inventory()[1] if kind is not None]
+        if planted:
+            it = "it" if len(planted) == 1 else "them"
+            raise VggkitError(f"{run.path} holds {_listed(run.path, planted, kinds=True)} where vggkit writes its own "
+                              f"files; vggkit never follows or replaces what it did not create: remove {it}")
         return run
 
     def claim(self, overwrite: bool) -> None:
         """Make the directory this process's run: lock it, check it again (another process may have
         started there since create), clear the old run with `overwrite`, write the marker."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)
         self.lock()
         try:
-            self._check_replaceable(overwrite)
-            if overwrite:
-                self._clear()
+            self._clear(self._check_replaceable(overwrite))
             atomic_write_text(self.path / MARKER, json.dumps({"created": datetime.now().isoformat(timespec="seconds"),
                                                               "pid": os.getpid()}) + "\n")
         except BaseException:
@@ -248,10 +326,11 @@ class RunDir:
 
     def is_run(self) -> bool:
         """Whether the directory is a vggkit run: its marker, or (runs made before the marker) a
-        config.toml that reads as a vggkit config beside a checkpoints/ folder."""
-        if (self.path / MARKER).is_file():
+        config.toml that reads as a vggkit config together with weights that vggkit wrote in
+        checkpoints/ (a copied config.toml alone is not a run)."""
+        if _is_file(self.path / MARKER):
             return True
-        if not (self.config_path.is_file() and (self.path / CHECKPOINTS).is_dir()):
+        if not _is_file(self.config_path) or not self._has_vggkit_weights():
             return False
         try:
             load_config(self.config_path)
@@ -259,33 +338,64 @@ class RunDir:
             return False
         return True
 
+    def _has_vggkit_weights(self) -> bool:
+        """Whether a checkpoint of the run holds weights with vggkit's metadata (a header read)."""
+        from safetensors import SafetensorError, safe_open
+
+        for directory in (*_with_fallback(self.last), *_with_fallback(self.best)):
+            if _is_file(directory / WEIGHTS):
+                try:
+                    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+                        if "vggkit" in (f.metadata() or {}):
+                            return True
+                except (SafetensorError, OSError, ValueError):  # not a safetensors file: not vggkit's weights
+                    continue
+        return False
+
+    def inventory(self) -> tuple[list[Path], list[tuple[Path, str | None]]]:
+        """(vggkit's own entries in the run, files before the folder holding them; the others, each
+        with None for a name vggkit does not write, or what it is, e.g. "symbolic link", where
+        something not vggkit's has the name of a file or folder vggkit writes). Follows no link."""
+        own: list[Path] = []
+        others: list[tuple[Path, str | None]] = []
+        _sort_entries(self.path, LAYOUT, own, others)
+        return own, others
+
     def _holds_files(self) -> bool:
-        if self.path.exists() and not self.path.is_dir():
-            raise VggkitError(f"{self.path} is a file, not a run directory; choose another --name or --out")
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            what = kind_of(os.lstat(self.path).st_mode)
+            raise VggkitError(f"{self.path} is a {what}, not a run directory; choose another --name or --out")
         return self.path.is_dir() and any(entry.name != LOCK for entry in self.path.iterdir())
 
-    def _check_replaceable(self, overwrite: bool) -> None:
-        """Refuse an existing non-empty directory, unless it is a run and `overwrite` is given."""
+    def _check_replaceable(self, overwrite: bool) -> list[Path]:
+        """Refuse an existing non-empty directory, unless it is a run, `overwrite` is given and
+        everything in it is vggkit's own; returns what overwriting it deletes (nothing without `overwrite`)."""
         if not self._holds_files():
-            return
+            return []
         if not self.is_run():
             raise VggkitError(f"{self.path} already exists and is not a vggkit run (no {MARKER}); vggkit replaces "
                               "only its own runs: choose another --name or --out")
         if overwrite:
-            return
+            own, others = self.inventory()
+            if others:
+                raise VggkitError(f"--overwrite would delete what vggkit did not write in {self.path}: "
+                                  f"{_listed(self.path, [entry for entry, _ in others])}; move it out of the run, "
+                                  "or choose another --name")
+            return own
         if self.resumable_checkpoint() is None:
             raise VggkitError(f"{self.path} holds a run that saved no checkpoint; use --overwrite to replace it, "
                               "or another --name")
         raise VggkitError(f"{self.path} already holds a run; use --resume {self.path} to continue it, "
                           "--overwrite to replace it, or another --name")
 
-    def _clear(self) -> None:
-        """Remove the old run's files: only what is inside the directory (a link is removed, not followed)."""
-        for entry in self.path.iterdir():
-            if entry.name == LOCK:
+    def _clear(self, own: list[Path]) -> None:
+        """Remove the old run's own files and folders (inventory), but the lock this process holds.
+        A folder is removed only once empty: whatever appeared in it since it was listed stays."""
+        for entry in own:
+            if entry == self.path / LOCK:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
+            if stat.S_ISDIR(os.lstat(entry).st_mode):
+                entry.rmdir()
             else:
                 entry.unlink()
 
@@ -324,13 +434,15 @@ class RunDir:
     # ------------------------------------------------------------------------------ the event log
 
     def log_event(self, record: dict) -> None:
-        with open(self.events_path, "a") as f:
+        with open_own(self.events_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read_events(self) -> list[dict]:
-        if not self.events_path.is_file():
+        f = open_own(self.events_path, "r")
+        if f is None:
             return []
-        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+        with f:
+            return [json.loads(line) for line in f.read().splitlines() if line.strip()]
 
     # ------------------------------------------------------------------------------ resuming
 

@@ -217,7 +217,7 @@ def run_epochs(t: Trainer, loop: LoopState) -> History:
             end_epoch(t, loop, trained)
             if dist.agree_stop(stop) is not None and epoch < t.config.epochs:  # all ranks agree
                 return interrupt(t, loop, stop)
-    return finish(t, loop)
+        return finish(t, loop, stop)  # a stop request during the closing figures cuts them short
 
 
 def train_one_epoch(t: Trainer, loop: LoopState, stop: StopRequest) -> EpochRun | None:
@@ -315,19 +315,26 @@ def interrupt(t: Trainer, loop: LoopState, stop: StopRequest) -> History:
     return loop.history
 
 
-def finish(t: Trainer, loop: LoopState) -> History:
+def finish(t: Trainer, loop: LoopState, stop: StopRequest) -> History:
+    """The closing figures (the test accuracy of the last epoch and of the best checkpoint), then the
+    loggers' end (curves, the closing lines). A stop request skips the figures not yet begun: every
+    checkpoint is saved already, and the run still ends with its curves and event log."""
     history = loop.history
     history.seconds = time.perf_counter() - t.started + loop.seconds_before
     history.images_per_s = loop.train_images / loop.train_seconds if loop.train_seconds else 0.0
-    if t.test_loader:
+    if t.test_loader and dist.agree_stop(stop) is None:
         last = history.epochs[-1]
         history.test_loss, history.test_acc = (last["test_loss"], last["test_acc"]) if "test_acc" in last \
             else evaluate_loader(t.evaluated, t.test_loader, t.speed, t.device)
-    history.best = best_checkpoint(t, history.epochs)
-    if history.best is not None and t.test_loader and t.config.tta != "off":
+    history.best = best_checkpoint(t, history.epochs, tested=dist.agree_stop(stop) is None)
+    if history.best is not None and t.test_loader and t.config.tta != "off" and dist.agree_stop(stop) is None:
         history.best |= best_with_tta(t, loop.best_test_logits)
     t.loggers.end(RunEnd(history.epochs, history.test_acc, history.seconds, history.images_per_s, t.device,
                          best=history.best))
+    if stop.signal is not None:
+        history.interrupted = True
+        t.loggers.interrupted(Interruption(signal.Signals(stop.signal).name, history.epochs[-1]["epoch"], loop.step,
+                                           mid_epoch=False, after_last_epoch=True))
     return history
 
 
@@ -373,13 +380,14 @@ def lower_lr(config: TrainConfig) -> float:
     return min(config.lr / 10, recipe_lr)
 
 
-def best_checkpoint(t: Trainer, rows: list[dict]) -> dict | None:
+def best_checkpoint(t: Trainer, rows: list[dict], tested: bool = True) -> dict | None:
     """The row of the epoch saved as checkpoints/best (what evaluate, predict and export use), with
-    its test figures: the row's own, or, where the epochs were not tested, its weights tested now."""
+    its test figures: the row's own, or, where the epochs were not tested, its weights tested now
+    (unless not `tested`)."""
     if not rows:
         return None
     best = dict(max(reversed(rows), key=selection_score))  # the last of equals, as end_epoch keeps it
-    if t.test_loader and "test_acc" not in best:
+    if t.test_loader and "test_acc" not in best and tested:
         load_best_weights(t)
         best["test_loss"], best["test_acc"] = evaluate_loader(t.model, t.test_loader, t.speed, t.device)
     return best

@@ -142,10 +142,9 @@ def prepare(folder: FolderFiles, size: tuple[int, int], *, workers: int = 0, pro
                     "count": len(folder.paths), "bad": {str(row): why for row, why in bad.items()}}
         _write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
         _publish(tmp, target, keep_theirs=lambda: cached(folder, size) is not None)
-    except OSError as e:
+    except OSError as e:  # a full disk, an I/O error: the machine's failure (exit 1), said of the cache
         shutil.rmtree(tmp, ignore_errors=True)
-        raise VggkitError(f"cannot write the prepared cache in {root}: {e.strerror or e}; free space there or "
-                          "point XDG_CACHE_HOME at a disk with room") from None
+        raise OSError(e.errno, e.strerror, str(target)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
