@@ -109,7 +109,7 @@ TRAIN_HELP = {
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "kernels": "fast: vggkit's CPU kernels (pool+ReLU and batch norm+ReLU in C++, conv+ReLU in one oneDNN call, "
                 "fast dropout masks; auto: fast); plain: the network as it was",
-    "threads": "CPU threads, 1 to 1024 (default: PyTorch's, one per core)",
+    "threads": "CPU threads, 1 to 1024, capped at the cores this process may use (default: PyTorch's, one per core)",
     "seed": "seed of the splits, the initialisation and the batches, 0 to 2**64-1",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
     "eval_every_epoch_on_test": "also test after every epoch (else only the best checkpoint, at the end)",

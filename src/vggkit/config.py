@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
+from .special_files import refuse_special
 from .specs import parse_arch
 from .tta import TTA_LEVELS
 
@@ -265,7 +266,7 @@ def validate_fine_tuning(config: TrainConfig) -> None:
 
 def _read_toml(path: str | Path) -> dict:
     """The table of config keys in a TOML file ([train], or the top level)."""
-    path = Path(path)
+    path = refuse_special(path, "config file")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -23,6 +23,7 @@ from .errors import VggkitError
 from .preprocess import Preprocess, fit_size
 from .inference import InferenceRunner, check_policy
 from .runtime import Speed, pick_device
+from .special_files import refuse_special
 
 BATCH_SIZE = 256
 SPEED = Speed(amp_dtype=None, channels_last=False, compile=False)  # predictions run in float32, NCHW
@@ -32,6 +33,7 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
     """An image file as a uint8 tensor C x H x W (grayscale or RGB as the model expects)."""
     from PIL import Image, UnidentifiedImageError
 
+    refuse_special(path, "image")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

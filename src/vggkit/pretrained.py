@@ -34,6 +34,7 @@ from .checkpoint import load_model
 from .convert import load_standard
 from .errors import VggkitError
 from .model import POOLED_SIZE, VGG, feature_size
+from .special_files import refuse_special
 from .specs import format_arch, parse_arch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,6 +88,7 @@ def load_init(source, *, cache_dir=None, progress: bool = True, log: Log = print
     if not path.exists():
         raise VggkitError(f"no weights at {source}: give a vggkit run or checkpoint directory, a .pth, .pt or "
                           f".safetensors file, or one of {', '.join(STANDARD_WEIGHTS)}")
+    refuse_special(path, "initial weights")
     if path.is_dir() or _has_vggkit_metadata(path):
         model, meta = load_model(path)
         return model, {**{k: v for k, v in meta.items() if k != "model"}, "source": str(path)}

@@ -450,7 +450,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True  # autotune conv algorithms for the fixed input shape
-    allocator = settings.apply(config, device)
+    allocator = settings.apply(config, device, log)
     speed = speed_settings(config, device)
     torch.manual_seed(config.seed)
 
