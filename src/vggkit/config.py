@@ -284,6 +284,25 @@ def _read_toml(path: str | Path) -> dict:
     return table
 
 
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """config with its paths absolute (data when it is an image folder, data_dir, init_from when it names a
+    file or folder), so that a run's saved config names the same files from any working directory. Runs
+    saved with relative paths still work from the directory they were started in."""
+    from .data.load import is_folder
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    changes = {}
+    if is_folder(config.data):
+        changes["data"] = absolute(config.data)
+    if config.data_dir is not None:
+        changes["data_dir"] = absolute(config.data_dir)
+    if config.init_from is not None and Path(config.init_from).expanduser().exists():
+        changes["init_from"] = absolute(config.init_from)
+    return dataclasses.replace(config, **changes)
+
+
 def save_config(config: TrainConfig, path: Path) -> None:
     import tomli_w
 

@@ -31,7 +31,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import all_finite, save_checkpoint, split_averaged
-from .config import RECIPES, TrainConfig, resolve_config, save_config
+from .config import RECIPES, TrainConfig, resolve_config, save_config, with_absolute_paths
 from .data import load_data
 from .data.carve import carve
 from .decide import REFERENCE_LR, decide
@@ -437,6 +437,7 @@ def open_run(config, resume, overwrite: bool, world_size: int) -> tuple[RunDir, 
             raise
     if not isinstance(config, TrainConfig):
         config = resolve_config(overrides=dict(config or {}))
+    config = with_absolute_paths(config)  # the saved config means the same files from any working directory
     # rank 0 names and checks it for all ranks; it is claimed (locked, written) once the data is loaded
     path = dist.agree_run_dir(lambda: RunDir.create(config, overwrite).path)
     return RunDir(path), config, None
