@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -290,8 +291,8 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     saved with relative paths still work from the directory they were started in."""
     from .data.load import is_folder
 
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve())
+    def absolute(path: str) -> str:  # symbolic links kept: the names the user gave
+        return os.path.abspath(os.path.expanduser(path))
 
     changes = {}
     if is_folder(config.data):
