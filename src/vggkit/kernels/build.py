@@ -2,7 +2,7 @@
 
 The sources (SOURCES) make one library, in <cache>/vggkit/kernels/<torch version>-<hash>, <cache>
 being $XDG_CACHE_HOME or ~/.cache; the hash covers the sources (and the headers they include), the
-compiler flags, Python's version and the CPU (the build targets the CPU it runs on).
+compiler flags, Python's version, the CPU (the build targets the CPU it runs on) and CACHE_FORMAT.
 torch.utils.cpp_extension builds it with ninja (a vggkit dependency) and the C++ compiler ($CXX,
 else c++), with OpenMP where that is torch's (openmp_flags); once built and loaded, a file BUILT
 records its name, size and SHA-256, and a later process loads it straight away (torch.ops.load_library:
@@ -13,7 +13,8 @@ crashes the process (SIGBUS) at the first page past its end. It is removed and b
 One process builds in a folder at a time: it holds BUILD_LOCK (flock; its PID inside, for the note
 of a process that waits). The kernel releases that lock when its holder dies, however it ends, so a
 killed build never leaves a lock to wait on forever; the next builder also removes the lock file of
-torch's builder that such a build leaves (only a holder of BUILD_LOCK builds there).
+torch's builder that such a build leaves (only a holder of BUILD_LOCK builds there). Without flock
+(Windows) torch's lock file is the only guard.
 
 Where the library cannot be had (VGGKIT_KERNELS=plain, no compiler, a failed build) the process
 says so once on stderr and vggkit uses PyTorch's own ops.
