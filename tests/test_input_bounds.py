@@ -136,7 +136,9 @@ MEMORY_CASES = {
     "summary of a 2^40 input": (lambda tmp: ["summary", "--arch", ",".join(["1x8"] * 40), "--input-size", str(2**40)],
                                 ["input size 1099511627776", "more than"]),
     "--config /dev/zero": (lambda tmp: ["train", *TINY, "--config", "/dev/zero"],
-                           ["config file /dev/zero is larger than 1.0 MiB"]),
+                           ["config file /dev/zero is a character device, not a regular file"]),
+    "--config of 2 MiB": (lambda tmp: ["train", *TINY, "--config", str(large_toml(tmp))],
+                          ["large.toml is larger than 1.0 MiB"]),
     "TOML nested 100,000 deep": (lambda tmp: ["train", *TINY, "--config", deep_toml(tmp)],
                                  ["nests arrays or tables too deeply"]),
     "IDX header claiming 3e9 images": (
@@ -158,6 +160,13 @@ MEMORY_CASES = {
         lambda tmp: ["train", *TINY, "--data", "cifar10", "--data-dir", cifar_extracted(tmp, "data_batch_1.bin", BOMB)],
         ["data_batch_1.bin is 3,221,225,472 bytes", "more than CIFAR-10's 50,000 train records"]),
 }
+
+
+def large_toml(tmp) -> Path:
+    """A TOML file of 2 MiB (a comment): read whole, it would be parsed whole."""
+    path = tmp / "large.toml"
+    path.write_bytes(b"#" * (2 << 20))
+    return path
 
 
 @pytest.mark.parametrize("case", MEMORY_CASES)

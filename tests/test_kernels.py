@@ -192,14 +192,14 @@ def test_a_finished_build_is_loaded_without_the_builder(fused, tmp_path):
 
 
 def test_a_damaged_or_unfinished_build_is_not_loaded(tmp_path):
-    """BUILT naming a file that is gone or not a library, or a build still holding its lock: the
-    builder runs instead (and repairs it)."""
-    assert not build.KernelLibrary._load_built(tmp_path)  # nothing built
-    (tmp_path / build.BUILT).write_text("vggkit_kernels_gone.so")
-    assert not build.KernelLibrary._load_built(tmp_path)
+    """BUILT naming a file that is gone or not what was built: the builder runs instead (and repairs
+    it); tests/test_kernel_cache.py damages a real build."""
+    assert build._load_built(tmp_path) is not None  # nothing built
+    (tmp_path / build.BUILT).write_text("vggkit_kernels_gone.so 13 " + "0" * 64)
+    assert build._load_built(tmp_path) is not None
     (tmp_path / "vggkit_kernels_bad.so").write_text("not a library")
-    (tmp_path / build.BUILT).write_text("vggkit_kernels_bad.so")
-    assert not build.KernelLibrary._load_built(tmp_path)
+    (tmp_path / build.BUILT).write_text("vggkit_kernels_bad.so 13 " + "0" * 64)
+    assert build._load_built(tmp_path) is not None
 
 
 def test_cache_folder_names_torch_and_the_sources(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ import warnings
 
 from .errors import DEBUG_ENV, STDOUT, VggkitError, debug_requested, user_message
 from .optim import OPTIMIZER_STATES, SCHEDULES, TRAINING_OPTIMIZERS
+from .untrusted import printable, printable_lines
 
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
@@ -28,6 +29,15 @@ atexit.register(gc.freeze)
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         raise VggkitError(f"{message} (see '{self.prog} --help')")
+
+
+def say(*parts, file=None, **kwargs) -> None:
+    """print, with what a terminal would act on in names (escape sequences, control characters) escaped."""
+    print(printable_lines(" ".join(map(str, parts))), file=file, **kwargs)
+
+
+def say_on_stderr(*parts, **kwargs) -> None:
+    say(*parts, file=sys.stderr, **kwargs)
 
 
 def positive_int(text: str) -> int:
@@ -122,7 +132,7 @@ TRAIN_HELP = {
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "kernels": "fast: vggkit's CPU kernels (pool+ReLU and batch norm+ReLU in C++, conv+ReLU in one oneDNN call, "
                 "fast dropout masks; auto: fast); plain: the network as it was",
-    "threads": "CPU threads, 1 to 1024 (default: PyTorch's, one per core)",
+    "threads": "CPU threads, 1 to 1024, capped at the cores this process may use (default: PyTorch's, one per core)",
     "seed": "seed of the splits, the initialisation and the batches, 0 to 2**64-1",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
     "eval_every_epoch_on_test": "also test after every epoch (else only the best checkpoint, at the end)",
@@ -250,7 +260,7 @@ def cmd_train(args) -> int:
 
     def work() -> int:
         history = train(config, resume=args.resume, overwrite=args.overwrite, progress="none" if args.quiet else "auto",
-                        log=(lambda *a, **k: None) if args.quiet else print)
+                        log=(lambda *a, **k: None) if args.quiet else say)
         return 130 if history.interrupted else 0
 
     from .distributed import run_rank
@@ -263,7 +273,7 @@ def cmd_evaluate(args) -> int:
     result = evaluate(args.run, data=args.data, data_dir=args.data_dir, split=args.split, device=args.device,
                       batch_size=args.batch_size, test_limit=args.test_limit, skip_bad=args.skip_bad or None,
                       out_dir=args.out, averaged=not args.raw_weights, compile=args.compile, tta=args.tta or "off",
-                      log=lambda *a: print(*a, file=sys.stderr))
+                      log=say_on_stderr)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
     else:
@@ -276,8 +286,7 @@ def cmd_predict(args) -> int:
 
     results = iter_predictions(args.run, args.images, top_k=args.top_k, device=args.device,
                                batch_size=args.batch_size, skip_bad=args.skip_bad, averaged=not args.raw_weights,
-                               compile=args.compile,
-                               log=lambda *a: print(*a, file=sys.stderr))
+                               compile=args.compile, log=say_on_stderr)
     if args.json:
         results = list(results)
         print(json.dumps(results, indent=2))
@@ -479,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug or isinstance(error, SystemExit):
             raise
         line, code = user_message(error)
-        print(line, file=sys.stderr)
+        print(printable(line), file=sys.stderr)
         if getattr(error, "filename", None) == STDOUT:
             _detach_stdout()  # what it holds cannot be written: the interpreter's last flush would fail again
         return code
@@ -565,7 +574,7 @@ def _open_closed_streams() -> set[str]:
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning from a library (Pillow, torch) as one line; the full one with --debug."""
     text = " ".join(str(message).split()) or category.__name__
-    print(f"vggkit: note: {text}", file=sys.stderr)
+    print(printable(f"vggkit: note: {text}"), file=sys.stderr)
 
 
 def _quiet_broken_pipe() -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
+from .special_files import refuse_special
 from .specs import parse_arch
 from .tta import TTA_LEVELS
 
@@ -302,7 +304,7 @@ def _read_toml(path: str | Path) -> dict:
     """The table of config keys in a TOML file ([train], or the top level)."""
     from .bounds import read_capped
 
-    path = Path(path)
+    path = refuse_special(path, "config file")
     try:
         data = tomllib.loads(read_capped(path, what="config file").decode("utf-8"))
     except FileNotFoundError:
@@ -320,6 +322,25 @@ def _read_toml(path: str | Path) -> dict:
     if not isinstance(table, dict):
         raise VggkitError(f"config file {path}: train must be a table ([train] followed by key = value lines)")
     return table
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """config with its paths absolute (data when it is an image folder, data_dir, init_from when it names a
+    file or folder), so that a run's saved config names the same files from any working directory. Runs
+    saved with relative paths still work from the directory they were started in."""
+    from .data.load import is_folder
+
+    def absolute(path: str) -> str:  # symbolic links kept: the names the user gave
+        return os.path.abspath(os.path.expanduser(path))
+
+    changes = {}
+    if is_folder(config.data):
+        changes["data"] = absolute(config.data)
+    if config.data_dir is not None:
+        changes["data_dir"] = absolute(config.data_dir)
+    if config.init_from is not None and Path(config.init_from).expanduser().exists():
+        changes["init_from"] = absolute(config.init_from)
+    return dataclasses.replace(config, **changes)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -34,6 +34,7 @@ from .rundir import evaluation_folder, find_checkpoint, find_config
 from .runtime import pick_device, speed_settings
 from .stream import loader_for, stream_workers
 from .tta import TtaPlan, check_level, loader_forward, run_plan
+from .untrusted import printable
 
 SPLITS = ("test", "val")
 TOP_K = 5  # reported where there are more classes than this
@@ -202,7 +203,7 @@ def _default_out_dir(checkpoint: Path, name: str, tta: TtaPlan) -> Path:
 
 
 def format_report(result: dict) -> str:
-    classes, confusion = result["classes"], result["confusion"]
+    classes, confusion = [printable(c) for c in result["classes"]], result["confusion"]
     width = max(len(c) for c in classes)
     what = {"test": "test", "val": "validation"}.get(result["split"], f"{result['split']}:")
     top_k = result.get(f"top{TOP_K}_acc")
@@ -210,7 +211,7 @@ def format_report(result: dict) -> str:
     lines += [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
              + (f", top-{TOP_K} accuracy {top_k:.4f}" if top_k is not None else ""),
              "", "per-class accuracy:"]
-    lines += [f"  {c:<{width}}  {a:.4f}" if a is not None else f"  {c:<{width}}  (no images)"
+    lines += [f"  {printable(c):<{width}}  {a:.4f}" if a is not None else f"  {printable(c):<{width}}  (no images)"
               for c, a in result["per_class"].items()]
     lines += ["", "confusion matrix (rows: true, columns: predicted):",
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]

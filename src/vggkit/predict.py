@@ -24,6 +24,8 @@ from .errors import VggkitError
 from .preprocess import CENTER, Preprocess, fit_size, interpolation_of
 from .inference import InferenceRunner, check_policy
 from .runtime import Speed, pick_device
+from .special_files import refuse_special
+from .untrusted import csv_cell, printable
 
 BATCH_SIZE = 256
 SPEED = Speed(amp_dtype=None, channels_last=False, compile=False)  # predictions run in float32, NCHW
@@ -34,6 +36,7 @@ def load_image(path: str | Path, channels: int, reduced_for: tuple[int, int] | N
     reduced_for (h, w): decoded as the prepared cache decodes photos for that size (image.reduce_on_decode)."""
     from PIL import Image, UnidentifiedImageError
 
+    refuse_special(path, "image")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -136,7 +139,8 @@ def _runner(path, inputs, device: str, averaged: bool, compile: str, batch_size:
 
 
 def write_csv(results: Iterable[dict], out: str | Path) -> int:
-    """Write predictions as CSV, atomically: path, then class_i and probability_i for i = 1..k. Returns the rows."""
+    """Write predictions as CSV, atomically: path, then class_i and probability_i for i = 1..k. Returns the rows.
+    A path or class name that a spreadsheet would run as a formula is written as text (untrusted.csv_cell)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise VggkitError(f"directory {out.parent} does not exist; create it or choose another --csv file")
@@ -151,8 +155,8 @@ def write_csv(results: Iterable[dict], out: str | Path) -> int:
                     k = len(result["top"])
                     writer.writerow(["path"] + [f"{name}_{i}" for i in range(1, k + 1)
                                                 for name in ("class", "probability")])
-                top = [v for t in result["top"] for v in (t["class"], f"{t['probability']:.6f}")]
-                writer.writerow([result["image"], *top])
+                top = [v for t in result["top"] for v in (csv_cell(t["class"]), f"{t['probability']:.6f}")]
+                writer.writerow([csv_cell(result["image"]), *top])
                 rows += 1
 
     atomic_write(out, write)
@@ -160,8 +164,10 @@ def write_csv(results: Iterable[dict], out: str | Path) -> int:
 
 
 def format_line(result: dict) -> str:
-    """One line of text for a prediction: path, then the top classes with probabilities."""
-    return result["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+    """One line of text for a prediction: path, then the top classes with probabilities (control characters
+    in names escaped: untrusted.printable)."""
+    return printable(result["image"]) + ": " + ", ".join(f"{printable(t['class'])} {t['probability']:.3f}"
+                                                         for t in result["top"])
 
 
 def _logit_batches(forward, meta: dict, paths: list[Path], batch_size: int, device, bad: list, progress: str):

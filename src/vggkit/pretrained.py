@@ -35,6 +35,7 @@ from .convert import load_standard
 from .data.dataset import IMAGENET_MEAN, IMAGENET_STD  # photos are normalised with them too
 from .errors import VggkitError
 from .model import POOLED_SIZE, VGG, feature_size
+from .special_files import refuse_special
 from .specs import format_arch, parse_arch
 
 IMAGENET_SIZE = 224
@@ -86,6 +87,7 @@ def load_init(source, *, cache_dir=None, progress: bool = True, log: Log = print
     if not path.exists():
         raise VggkitError(f"no weights at {source}: give a vggkit run or checkpoint directory, a .pth, .pt or "
                           f".safetensors file, or one of {', '.join(STANDARD_WEIGHTS)}")
+    refuse_special(path, "initial weights")
     if path.is_dir() or _has_vggkit_metadata(path):
         model, meta = load_model(path)
         return model, {**{k: v for k, v in meta.items() if k != "model"}, "source": str(path)}

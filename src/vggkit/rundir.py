@@ -40,6 +40,7 @@ import torch
 from .atomic import atomic_write_text, kind_of, make_folder, open_own
 from .config import TrainConfig, load_config, validate
 from .errors import VggkitError
+from .special_files import refuse_special
 
 try:
     import fcntl
@@ -95,7 +96,7 @@ def _with_fallback(directory: Path) -> tuple[Path, Path]:
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory for a run dir (best, else last), a checkpoint dir, or a weights file."""
-    path = Path(path)
+    path = refuse_special(path, "weights")
     if path.is_file():
         return path.parent
     for candidate in (path / CHECKPOINTS / BEST, path / CHECKPOINTS / LAST, path):
@@ -115,7 +116,7 @@ def find_config(path: str | Path) -> Path | None:
     """The config of the run that the checkpoint at `path` belongs to; None for weights that stand alone."""
     checkpoint = find_checkpoint(path)
     for directory in (checkpoint.parent.parent, checkpoint.parent, checkpoint):
-        if (directory / CONFIG).is_file():
+        if refuse_special(directory / CONFIG, "run config").is_file():
             return directory / CONFIG
     return None
 
@@ -292,7 +293,7 @@ class RunDir:
     def existing(cls, path: str | Path) -> RunDir:
         """A run to resume; refused when `path` is not a run directory."""
         run = cls(path)
-        if not run.config_path.is_file():
+        if not refuse_special(run.config_path, "run config").is_file():
             raise VggkitError(f"{run.path} is not a vggkit run (no {CONFIG}); give the run directory to resume")
         planted = [entry for entry, kind in run.inventory()[1] if kind is not None]
         if planted:
@@ -449,7 +450,7 @@ class RunDir:
     def resumable_checkpoint(self) -> Path | None:
         """checkpoints/last, or its .prev copy when a kill fell between save_checkpoint's renames."""
         for directory in _with_fallback(self.last):
-            if (directory / STATE).is_file():
+            if refuse_special(directory / STATE, "training state").is_file():
                 return directory
         return None
 
@@ -462,7 +463,7 @@ class RunDir:
 
     def read_state(self) -> dict:
         """The training state of the last checkpoint (optimizer, RNG, epoch, step, ...)."""
-        path = self.last_checkpoint() / STATE
+        path = refuse_special(self.last_checkpoint() / STATE, "training state")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file: say so in one line
@@ -474,7 +475,7 @@ class RunDir:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = self.last_checkpoint() / WEIGHTS
+        path = refuse_special(self.last_checkpoint() / WEIGHTS, "weights")
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:

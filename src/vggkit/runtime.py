@@ -4,6 +4,7 @@ see BENCHMARKS.md. Used by training, evaluation, prediction, export and the benc
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -98,9 +99,9 @@ class ProcessSettings:
         self._threads, self._allocator = torch.get_num_threads(), alloc.mode()
         return self
 
-    def apply(self, config, device: torch.device) -> str:
+    def apply(self, config, device: torch.device, log=None) -> str:
         if config.threads:
-            torch.set_num_threads(config.threads)
+            torch.set_num_threads(usable_threads(config.threads, log))
         if device.type == "cpu":
             # denormal floats in early updates slow CPU steps up to 30x (BENCHMARKS.md); results unchanged
             torch.set_flush_denormal(True)
@@ -115,6 +116,25 @@ class ProcessSettings:
         alloc.set_mode(self._allocator)
 
 
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as taskset or a container's cpuset limit it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def usable_threads(asked: int, log=None) -> int:
+    """`asked` threads, capped at the cores this process may use, with a note when capped: more threads
+    than cores only take turns on them (OpenMP threads spin while they wait), many times slower."""
+    cores = usable_cores()
+    if asked <= cores:
+        return asked
+    (log or (lambda text: print(text, file=sys.stderr)))(
+        f"note: --threads {asked} is more than the {cores} cores this process may use; using {cores}")
+    return cores
 
 
 def in_main_thread() -> bool:

@@ -32,7 +32,7 @@ import torch
 from . import distributed as dist
 from .bounds import check_training_fits
 from .checkpoint import all_finite, check_training_state, check_weights, save_checkpoint, split_averaged
-from .config import RECIPES, TrainConfig, resolve_config, save_config
+from .config import RECIPES, TrainConfig, resolve_config, save_config, with_absolute_paths
 from .data import load_data
 from .data.carve import carve
 from .decide import REFERENCE_LR, decide
@@ -448,6 +448,7 @@ def open_run(config, resume, overwrite: bool, world_size: int) -> tuple[RunDir, 
             raise
     if not isinstance(config, TrainConfig):
         config = resolve_config(overrides=dict(config or {}))
+    config = with_absolute_paths(config)  # the saved config means the same files from any working directory
     # rank 0 names and checks it for all ranks; it is claimed (locked, written) once the data is loaded
     path = dist.agree_run_dir(lambda: RunDir.create(config, overwrite).path)
     return RunDir(path), config, None
@@ -461,7 +462,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True  # autotune conv algorithms for the fixed input shape
-    allocator = settings.apply(config, device)
+    allocator = settings.apply(config, device, log)
     speed = speed_settings(config, device)
     torch.manual_seed(config.seed)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VggkitError
+from ..special_files import refuse_special
 
 # Extensions looked for in folders (any file named on a command line is tried with Pillow).
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -46,7 +47,8 @@ class ImageTooLarge(VggkitError):
 
 
 def image_files(directory: Path, recursive: bool = False) -> list[Path]:
-    """The image files in a folder (by extension, hidden files and folders skipped), sorted by path."""
+    """The image files in a folder (by extension, hidden files, special files and hidden folders skipped),
+    sorted by path."""
     if not recursive:  # scandir: file types from the directory listing, sorted as strings (20,000 files: 0.1 s)
         with os.scandir(directory) as entries:
             names = sorted(e.name for e in entries if _is_image_name(e.name) and e.is_file())
@@ -54,7 +56,7 @@ def image_files(directory: Path, recursive: bool = False) -> list[Path]:
     found = []
     for parent, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(parent) / f for f in files if _is_image_name(f)]
+        found += [Path(parent) / f for f in files if _is_image_name(f) and os.path.isfile(os.path.join(parent, f))]
     return sorted(found)
 
 
@@ -73,6 +75,7 @@ def open_image(path: str | Path):
     """The PIL image at path, header read only; ImageTooLarge over Pillow's decompression-bomb limit."""
     from PIL import Image
 
+    refuse_special(path, "image")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

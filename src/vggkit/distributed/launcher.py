@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..errors import VggkitError, debug_requested, user_message
 from ..runtime import in_main_thread
+from ..untrusted import printable
 from .collectives import MainRankError, world
 from .global_batch import check_batch_size
 
@@ -61,7 +62,7 @@ def _rank_error(error: BaseException) -> int:
     if isinstance(error, MainRankError):
         return 2
     if isinstance(error, VggkitError):
-        print(f"vggkit: error: {error}", file=sys.stderr)
+        print(printable(f"vggkit: error: {error}"), file=sys.stderr)
         return 2
     if isinstance(error, KeyboardInterrupt):
         print("vggkit: interrupted", file=sys.stderr)
@@ -80,7 +81,7 @@ def _rank_error(error: BaseException) -> int:
         traceback.print_exception(error, file=sys.stderr)
         return 1
     line, code = user_message(error)  # as the CLI says it in one process
-    print(line, file=sys.stderr)
+    print(printable(line), file=sys.stderr)
     return code
 
 
