@@ -83,8 +83,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--vggkit", action="append", default=None,
                         help="a vggkit command line (default: this interpreter's -m vggkit); repeat for an A/B")
-    parser.add_argument("flags", nargs="*", help="after --: more train flags for the fine-tuning runs")
-    args = parser.parse_args()
+    args, flags = parser.parse_known_args()  # what is left: more train flags for the fine-tuning runs
+    args.flags = [f for f in flags if f != "--"]
     if args.what == "build":
         build(args.out)
         return

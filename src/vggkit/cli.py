@@ -114,7 +114,8 @@ TRAIN_HELP = {
     "skip_bad": "skip unreadable images (listed in the log) instead of stopping",
     "streaming": "keep an image folder's images on disk, decoded once into a prepared cache (auto: for photos, "
                  "images of 128 px or more, or folders over 2 GiB decoded)",
-    "workers": "processes that decode and augment streamed images (default: one per core)",
+    "workers": "processes that decode streamed images (default: one per core) and make their training batches "
+               "(default: none on a CPU, whose cores all train; one per core beside a GPU)",
     "backbone_lr": "the feature blocks' learning rate as a fraction of --lr (default: 0.1 with --init, else 1)",
     "allow_sample": "train on the bundled Fashion-MNIST sample when the data set cannot be had",
     "epochs": "passes over the training set", "batch_size": "images per step",

@@ -192,7 +192,7 @@ EXAMPLES = {"data_dir": "data/fashion-mnist", "val_size": 5000, "limit": 1000, "
             "name": "my-run", "lr": 0.1, "input_size": 28, "batch_size": 256, "epochs": 8, "flip": True,
             "ema": 0.999, "ema_every": 4, "tta": "flip", "workers": 2, "backbone_lr": 0.1, "head_pool": "adaptive"}
 LEFT_OUT = {"threads": "torch's default, one per core", "limit": "every image", "test_limit": "every image",
-            "workers": "one per core, for streamed images",
+            "workers": "decided: one per core to decode, none for batches on a CPU",
             **{key: "decided from the data" for key in FROM_THE_DATA}}
 TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 

@@ -82,7 +82,7 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
         dataset = prepare_datasets({"eval": dataset}, fit_size(meta), skip_bad=skip_bad,
                                    workers=stream_workers(config.workers), progress=sys.stderr.isatty(), log=log)["eval"]
     loader = loader_for(dataset, batch_size, device=torch_device, channels_last=speed.channels_last,
-                        out_channels=meta["model"]["in_channels"], workers=stream_workers(config.workers),
+                        out_channels=meta["model"]["in_channels"], workers=stream_workers(config.workers, torch_device),
                         **settings_from_meta(meta))
     plan = run_plan(tta, config.flip, meta.get("dataset"), log)
     runner = InferenceRunner(model, speed, torch_device, images=len(dataset) * len(plan.views), batch_size=batch_size,

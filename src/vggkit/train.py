@@ -474,7 +474,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
         splits = prepare_splits(splits, storage_size(config.input_size), config, log)
     common = dict(device=device, input_size=config.input_size, mean=mean, std=std, crop=crop,
                   channels_last=speed.channels_last, rank=rank, world_size=world_size,
-                  workers=stream_workers(config.workers))
+                  workers=stream_workers(config.workers, device))
     augment = Augment(crop_padding=0 if splits.streamed else config.crop_padding, flip=config.flip,
                       erasing=config.erasing, resized_crop=bool(splits.streamed))
     train_loader = loader_for(splits.train, config.batch_size, shuffle=True, seed=config.seed,
@@ -544,7 +544,7 @@ def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainCon
         config = dataclasses.replace(config, arch=weights.config()["arch"], ratio=1)
     config, decisions = decide(config, splits, world_size)
     if splits.streamed:
-        decisions["streaming"] = f"{splits.streamed}; {stream_workers(config.workers)} worker process(es), --streaming off to hold them in memory"
+        decisions["streaming"] = f"{splits.streamed}; --streaming off holds them in memory"
     dist.check_batch_size(config.batch_size, world_size)
     return config, carve(splits, config.val_size, config.limit, config.seed), decisions
 

@@ -66,7 +66,7 @@ def bench_folder(settings, log=None) -> dict | None:
         result["from_cache"] = {w: _batch_rate(StreamLoader(train, config.batch_size, workers=w, **loader_args),
                                                settings.runs) for w in counts}
         log("training: real batches against synthetic ones")
-        result.update(_training(settings, config, device, train, loader_args, most))
+        result.update(_training(settings, config, device, train, loader_args, stream_workers(config.workers, device)))
     return result
 
 
