@@ -270,3 +270,16 @@ def test_bench_on_a_photo_folder_weighs_the_data_path_against_the_compute(photos
     assert result["train_real_images_per_s"] > 0 and result["train_synthetic_images_per_s"] > 0
     text = format_folder_bench(result)
     assert "first pass (decode + fit), images/s:" in text and "on synthetic in-memory images" in text
+
+
+def test_a_photo_run_fine_tunes_from_initial_weights(tmp_path, photos):
+    """The decisions that build the network to size a batch take the initial weights' shape."""
+    from vggkit.checkpoint import load_model
+
+    base = photo_run(tmp_path, photos, name="base", epochs=1)
+    lines = []
+    tuned = train(photo_config(tmp_path, photos, name="tuned", epochs=1, init_from=str(base.run_dir), arch=None,
+                               fc_width=None, batch_size=None), progress="none", log=lines.append)
+    assert any("; pretrained blocks at 0.1 x lr" in line for line in lines)
+    _, meta = load_model(tuned.run_dir)
+    assert meta["crop"] == "center" and meta["mean"] == list(IMAGENET_MEAN)

@@ -537,11 +537,14 @@ def load_and_decide(config: TrainConfig, world_size: int, log) -> tuple[TrainCon
     splits = load_data(config.data, data_dir=config.data_dir, val_size=0, seed=config.seed,
                        allow_sample=config.allow_sample, skip_bad=config.skip_bad, test_limit=config.test_limit,
                        streaming=config.streaming, log=log)
-    if config.arch is None:  # from the initial weights: their blocks bound the input size decide() picks
+    if config.arch is None:  # from the initial weights: their network bounds what decide() picks
         from .pretrained import load_init
 
         weights, _ = load_init(config.init_from, log=lambda *a, **k: None)
-        config = dataclasses.replace(config, arch=weights.config()["arch"], ratio=1)
+        shape = weights.config()
+        config = dataclasses.replace(config, arch=shape["arch"], ratio=1,
+                                     **{key: shape[key] for key in ("fc_width", "batch_norm")
+                                        if getattr(config, key) is None})
     config, decisions = decide(config, splits, world_size)
     if splits.streamed:
         decisions["streaming"] = f"{splits.streamed}; --streaming off holds them in memory"
