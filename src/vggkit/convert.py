@@ -108,6 +108,8 @@ def load_standard(path, **kwargs) -> VGG:
     except pickle.UnpicklingError as e:
         raise VggkitError(f"cannot read weights from {path}: {_pickle_problem(e, path)}") from None
     except Exception as e:  # zip and safetensors errors all mean "not a weights file"
+        if path.suffix != ".safetensors" and not _is_zip(path):  # torch.load read it as a pickle: any error
+            raise VggkitError(f"cannot read weights from {path}: {_pickle_problem(e, path)}") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's runs to a paragraph
         raise VggkitError(f"cannot read weights from {path}: {first}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -126,6 +128,15 @@ def load_standard(path, **kwargs) -> VGG:
 
 COUNTERS = (torch.int64, torch.int32)  # batch norm's num_batches_tracked: a step count
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether the file starts as a zip archive does (torch.save's format since PyTorch 1.6)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _pickle_problem(error: pickle.UnpicklingError, path: Path) -> str:
