@@ -22,7 +22,7 @@ import torch
 
 from .data.dataset import FileDataset
 from .data.prepared import Prepared, as_is
-from .pipeline import Batches, _seed, epoch_order, rank_part
+from .pipeline import Batches, epoch_order, rank_part
 
 def stream_workers(workers: int | None = None, device=None) -> int:
     """workers as given; else, for decoding (no device), one process per core this process may use; for
@@ -158,7 +158,7 @@ def prepare_photos(folder, *, input_size: int | None = None, workers: int | None
     datasets, _, _ = load_folder(Path(folder).expanduser(), skip_bad, log, streaming="on")
     first = next(iter(datasets.values()))
     if input_size is None:
-        input_size, _ = photo_input_size(*median_size_of(first), MIN_INPUT)
+        input_size, _ = photo_input_size(*first.image_size, MIN_INPUT)
     size = (storage_size(input_size),) * 2
     found = cached(first.folder, size)
     prepared = prepare_datasets(datasets, size, skip_bad=skip_bad, workers=stream_workers(workers),
@@ -166,9 +166,3 @@ def prepare_photos(folder, *, input_size: int | None = None, workers: int | None
     if found is not None:
         log(f"{len(first.folder.paths):,} images already prepared at {size[1]}x{size[0]} in {found.path}")
     return next(iter(prepared.values())).prepared
-
-
-def median_size_of(dataset: FileDataset) -> tuple[int, int]:
-    from .data.dataset import median_size
-
-    return median_size(dataset.folder.sizes)

@@ -467,7 +467,6 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     torch.manual_seed(config.seed)
 
     config, splits, decisions = load_and_decide(config, world_size, log)
-    channels = splits.train.channels
     mean, std = normalization(config, splits)
     crop = CENTER if splits.streamed else None
     if splits.streamed:  # photos: decoded once, at the size the centre crop of the input needs

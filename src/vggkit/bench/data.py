@@ -25,7 +25,7 @@ from ..data import Dataset, load_data
 from ..data.prepared import _Decoder, as_is, cached, prepare_datasets
 from ..decide import decide
 from ..pipeline import Augment
-from ..preprocess import CENTER, storage_size
+from ..preprocess import storage_size
 from ..runtime import ProcessSettings, pick_device, speed_settings
 from ..stream import StreamLoader, stream_workers
 from .machine import device_name, timed

@@ -27,6 +27,11 @@ class Dataset:
     def channels(self) -> int:
         return self.images.shape[3]
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) the images are stored at."""
+        return tuple(int(n) for n in self.images.shape[1:3])
+
     def pixels(self, i: int) -> np.ndarray:
         """Image i, H x W x C uint8."""
         return self.images[i]
@@ -72,6 +77,11 @@ class FileDataset:
     def sizes(self) -> np.ndarray:
         return self.folder.sizes[self.rows]
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width): the median of the folder's sizes (its images are stored at a size decided later)."""
+        return median_size(self.folder.sizes)
+
     def pixels(self, i: int) -> np.ndarray:
         """Image i as prepared (H x W x C uint8, the stored size)."""
         return self.prepared.read(self.rows[i])
@@ -99,9 +109,7 @@ class DataSplits:
     def image_size(self) -> tuple[int, int]:
         """(height, width) the images are stored at: what other images are fitted to (image.fit); for
         images on disk, the median of their sizes (they are stored at a size decided for the input)."""
-        if isinstance(self.train, FileDataset):
-            return median_size(self.train.folder.sizes)
-        return tuple(int(n) for n in self.train.images.shape[1:3])
+        return self.train.image_size
 
     def describe(self) -> str:
         """One line for logs: sizes, image shape, origin."""

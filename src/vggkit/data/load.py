@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import VggkitError
 from .carve import carve_train
-from .dataset import SAMPLE_NOTE, Dataset, DataSplits, median_size, split_off, stats_of, stratified_indices
+from .dataset import SAMPLE_NOTE, Dataset, DataSplits, split_off, stats_of, stratified_indices
 from .folder import load_folder
 from .image import IMAGE_KINDS
 from .named import DataNotFound, load_named
@@ -129,20 +129,13 @@ def _folder(data: str, skip_bad: bool, val_size: int | None, seed: int, image_si
     if test is None:
         n_test = _held_out(len(train), len(classes), FOLDER_TEST_CAP)
         train, test = split_off(train, n_test, seed, TEST_SALT, held_out=True)
-    (h, w), c = _stored_size(train), train.channels
+    (h, w), c = train.image_size, train.channels
     size = f"{w}x{h} median" if streamed else f"{w}x{h}"
     source = f"{root} (image folder, {n:,} images, {size}, {'RGB' if c == 3 else 'grayscale'})"
     if val is not None and val_size:  # 0 (e.g. from evaluate) needs no note
         log(f"note: {root}/val exists, so val_size={val_size} is ignored")
     return _Source(data, train, test, val=val, classes=classes, source=source, is_sample=False,
                    default_val=default_val, held_out_val=True, streamed=streamed)
-
-
-def _stored_size(dataset) -> tuple[int, int]:
-    """(height, width): the in-memory images' size, or the median size of images on disk."""
-    if isinstance(dataset, Dataset):
-        return tuple(int(n) for n in dataset.images.shape[1:3])
-    return median_size(dataset.folder.sizes)
 
 
 def _held_out(n: int, n_classes: int, cap: int) -> int:
