@@ -14,8 +14,10 @@ import os
 import sys
 import warnings
 
+from .cli_vocabulary import (COMPILE_HELP, DEVICE_HELP, JSON_HELP, add_renamed_flag, add_renamed_values,
+                             finish_help)
 from .errors import DEBUG_ENV, STDOUT, VggkitError, debug_requested, user_message
-from .optim import OPTIMIZER_STATES, SCHEDULES, TRAINING_OPTIMIZERS
+from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 from .untrusted import printable, printable_lines
 
 
@@ -65,9 +67,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=positive_int, default=1, help="divide every conv width by R (the textbook uses 4)")
     p.add_argument("--in-channels", type=positive_int, default=None, help="input channels (default: 1 for d2l-vgg11, else 3)")
     p.add_argument("--input-size", type=positive_int, default=224, help="input height and width")
-    p.add_argument("--num-classes", type=positive_int, default=10)
+    p.add_argument("--num-classes", type=positive_int, default=10,
+                   help="classes of the output layer (Fashion-MNIST's 10; ImageNet's VGGs: 1000)")
     p.add_argument("--fc-width", type=positive_int, default=4096, help="width of the two hidden dense layers")
     p.add_argument("--batch-norm", action="store_true", help="batch norm after every conv")
+
+
+def add_summary_memory_args(p: argparse.ArgumentParser) -> None:
+    """The training step the memory estimate is for, in `vggkit train`'s words (--precision, --optimizer,
+    --momentum); the old --dtype and --optimizer momentum still read."""
+    from .config import CHOICES, PRECISION_DTYPES, TrainConfig
+
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
+    p.add_argument("--precision", choices=CHOICES["precision"], default="fp32",
+                   help="activation precision for the memory estimate, as `vggkit train --precision`: fp32, bf16, "
+                        "fp16, or auto (what train would use on this machine)")
+    add_renamed_flag(p, "--dtype", "--precision", "precision", choices=CHOICES["precision"],
+                     renamed_values={dtype: name for name, dtype in PRECISION_DTYPES.items()})
+    add_renamed_values(p, "--optimizer", TRAINING_OPTIMIZERS, {"momentum": "sgd"}, default=TrainConfig.optimizer,
+                       help="optimizer whose state the memory estimate counts, as `vggkit train --optimizer`")
+    p.add_argument("--momentum", type=float, default=TrainConfig.momentum,
+                   help="SGD momentum, as `vggkit train --momentum`: above 0 SGD keeps a buffer the size of the "
+                        "weights; 0 for plain SGD")
 
 
 def cmd_summary(args) -> int:
@@ -77,17 +98,72 @@ def cmd_summary(args) -> int:
     from .specs import parse_arch
     import torch
 
+    from .optim import state_kind
+
     # nothing is allocated (the meta device), but sizes past the machine's memory are a typo: said as such
     check_arch_input(len(parse_arch(args.arch, args.ratio)), args.input_size, args.in_channels or 1)
     with torch.device("meta"):
         model = VGG(args.arch, ratio=args.ratio, in_channels=args.in_channels, num_classes=args.num_classes,
                     input_size=args.input_size, fc_width=args.fc_width, batch_norm=args.batch_norm)
-    report = summary(model, batch_size=args.batch_size, optimizer=args.optimizer, dtype=args.dtype)
+    settings = summary_settings(args, model)
+    report = summary(model, batch_size=args.batch_size, optimizer=state_kind(args.optimizer, args.momentum),
+                     dtype=settings["precision"])
+    defaults = summary_defaults_used(args, settings)
     if args.json:
-        print(json.dumps(report.to_dict(per_layer=args.per_layer), indent=2))
+        print(json.dumps({"settings": settings, "defaults_used": defaults,
+                          **report.to_dict(per_layer=args.per_layer)}, indent=2))
     else:
+        print(summary_header(settings, defaults))
         print(report.table(per_layer=args.per_layer))
     return 0
+
+
+SUMMARY_FLAGS = ("arch", "ratio", "num_classes", "in_channels", "input_size", "fc_width", "batch_norm", "batch_size",
+                 "precision", "optimizer", "momentum")
+
+
+def summary_settings(args, model) -> dict:
+    """What the report is for, every value resolved (in_channels from the model, precision auto as train would)."""
+    settings = {key: getattr(args, key) for key in SUMMARY_FLAGS}
+    settings["in_channels"] = model.in_channels
+    if args.precision == "auto":
+        from .runtime import auto_precision, pick_device
+
+        settings["precision"] = auto_precision(pick_device("auto"))
+    return settings
+
+
+def summary_defaults_used(args, settings: dict) -> list[str]:
+    """The flags left at their defaults, as `--flag value` (what the report silently assumed before)."""
+    defaults = _summary_defaults()
+    return [f"--{key.replace('_', '-')} {settings[key]}" for key in SUMMARY_FLAGS
+            if key != "batch_norm"  # its absence is said in the first line
+            and not (key == "momentum" and args.optimizer != "sgd")  # SGD's alone
+            and getattr(args, key) == defaults[key]]
+
+
+def _summary_defaults() -> dict:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser)
+    add_summary_memory_args(parser)
+    return {action.dest: action.default for action in parser._actions if action.default is not argparse.SUPPRESS}
+
+
+def summary_header(settings: dict, defaults: list[str]) -> str:
+    """Two lines: the network and training step the report is for, then the defaults it used to get there."""
+    from .specs import PRESETS
+
+    s = settings
+    momentum = f" with momentum {s['momentum']:g}" if s["momentum"] > 0 else " without momentum"
+    network = s["arch"] + (f" / {s['ratio']}" if s["ratio"] != 1 else "")
+    first = (f"{network}: {s['num_classes']} classes, input {s['in_channels']}x{s['input_size']}x{s['input_size']}, "
+             f"dense width {s['fc_width']}, {'batch norm' if s['batch_norm'] else 'no batch norm'}; memory for "
+             f"batch {s['batch_size']}, {s['precision']}, {s['optimizer']}{momentum if s['optimizer'] == 'sgd' else ''}")
+    if not defaults:
+        return first
+    imagenet = s["arch"] in PRESETS and s["arch"].startswith("vgg") and s["num_classes"] == 10
+    return (f"{first}\ndefaults used: {', '.join(defaults)}"
+            + (" (ImageNet's VGGs: --num-classes 1000)" if imagenet else ""))
 
 
 def _either(names) -> str:
@@ -122,14 +198,16 @@ TRAIN_HELP = {
     "lr": "learning rate (peak for onecycle)", "optimizer": _either(TRAINING_OPTIMIZERS),
     "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
     "weight_decay": "L2 weight decay (not on biases, batch norm)",
-    "schedule": _either(SCHEDULES), "warmup": "fraction of the steps rising to the peak lr (onecycle)",
+    "schedule": _either(SCHEDULES),
+    "warmup": "fraction of training (0 to 1 of its steps) rising to the peak lr, for onecycle; `vggkit bench` counts "
+              "its warm-up in steps (--warmup-steps)",
     "label_smoothing": "label smoothing of the loss", "drop_last": "drop each epoch's last, incomplete batch",
     "ema": "average the weights (EMA) with this decay, e.g. 0.999, 0 for off; the epochs' evaluation, the best "
            "checkpoint, evaluate, predict and export then use the average",
     "ema_every": "update the weight average every K steps (the decay raised to the K-th power)",
-    "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps",
+    "device": DEVICE_HELP,
     "precision": "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA)",
-    "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": "torch.compile the model",
+    "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": COMPILE_HELP["train"],
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "kernels": "fast: vggkit's CPU kernels (pool+ReLU and batch norm+ReLU in C++, conv+ReLU in one oneDNN call, "
                 "fast dropout masks; auto: fast); plain: the network as it was",
@@ -151,7 +229,7 @@ TRAIN_HELP = {
 }
 # Flags whose name is not the config key's: --init names initial weights, as in other tools.
 TRAIN_FLAGS = {"init_from": "--init", "init": "--init-scheme"}
-TRAIN_METAVARS = {"init_from": "SOURCE", "ema": "DECAY", "ema_every": "K"}  # the rest: the key in capitals
+TRAIN_METAVARS = {"init_from": "SOURCE", "ema": "DECAY", "ema_every": "K", "warmup": "FRACTION"}  # the rest: the key in capitals
 
 
 def train_flag(key: str) -> str:
@@ -337,9 +415,7 @@ def cmd_prepare(args) -> int:
 def add_inference_compile_arg(p: argparse.ArgumentParser) -> None:
     from .config import CHOICES
 
-    p.add_argument("--compile", choices=CHOICES["compile"], default="auto",
-                   help="torch.compile the model: auto (where measured faster on this machine for this model and "
-                        "batch, measured once for a job large enough and cached), on or off (default: auto)")
+    p.add_argument("--compile", choices=CHOICES["compile"], default="auto", help=COMPILE_HELP["inference"])
 
 
 def add_evaluate_parser(sub) -> None:
@@ -351,10 +427,10 @@ def add_evaluate_parser(sub) -> None:
                    help="a folder of class sub-folders: evaluate on all its images; or a dataset name "
                         "(default: the data the model was trained on)")
     p.add_argument("--data-dir", default=None, help="where a named dataset's files are (default: the run's)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=positive_int, default=512, help="images per forward pass (bounds the memory)")
     p.add_argument("--limit", "--test-limit", dest="test_limit", type=positive_int, default=None, metavar="N",
-                   help="evaluate on at most N images (class-balanced, seeded)")
+                   help="evaluate on at most N images (class-balanced, seeded; default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     p.add_argument("--out", default=None,
                    help="folder for the PNGs (default: <checkpoint>/evaluation, evaluation-val or evaluation-<folder>)")
@@ -362,7 +438,7 @@ def add_evaluate_parser(sub) -> None:
     add_tta_flag(p, "test-time augmentation: every figure from the logits averaged over views (off, flip, translate "
                     "or flip-translate; a bare --tta, after RUN: the strongest the data allows, flips only if trained "
                     "with them; default: off)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     add_raw_weights_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -377,14 +453,15 @@ def add_predict_parser(sub) -> None:
     p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
     p.add_argument("images", nargs="+", metavar="PATH",
                    help="image files, and folders searched recursively for PNG/JPEG/BMP/WebP/TIFF images (sorted)")
-    p.add_argument("--top-k", type=positive_int, default=3)
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes per image, the most probable first")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (bounds the memory)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     p.add_argument("--csv", default=None, metavar="FILE",
-                   help="write the predictions to FILE: path, then class_i, probability_i for i = 1..top-k")
-    p.add_argument("--device", default="auto")
+                   help="write the predictions to FILE: path, then class_i, probability_i for i = 1..top-k "
+                        "(default: print them)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_inference_compile_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     add_raw_weights_flag(p)
     p.set_defaults(func=cmd_predict)
 
@@ -398,15 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("summary", help="cost report: shapes, parameters, MACs, memory")
+    p = sub.add_parser("summary", help="cost report: shapes, parameters, MACs, memory",
+                       description="Shapes, parameters and MACs per block of a VGG, and the memory one training "
+                                   "step needs. The first lines say the settings used, and which were defaults.")
     add_model_args(p)
-    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
-    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="momentum",
-                   help="optimizer whose state the training-memory estimate counts")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="activation precision for the memory estimate")
+    add_summary_memory_args(p)
     p.add_argument("--per-layer", action="store_true", help="one row per layer instead of per block")
-    p.add_argument("--json", action="store_true", help="the report as one JSON document")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)",
@@ -419,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified")
     p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
-    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="onnx or torchscript (required)")
     p.add_argument("--out", default=None, help="output file or folder (default: model.onnx / model.pt in the run directory)")
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     add_raw_weights_flag(p)
@@ -429,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode every image of a photo folder once, at the size training at the input "
                                    "size needs (256x256 for 224), into the prepared cache "
                                    "($XDG_CACHE_HOME or ~/.cache)/vggkit/prepared/; `vggkit train --data FOLDER` "
-                                   "then starts at once. Example: vggkit prepare photos/ --workers 2")
+                                   "then starts at once.")
     p.add_argument("folder", help="an image folder: one sub-folder per class, or train/ [val/] [test/] trees")
     p.add_argument("--input-size", type=positive_int, default=None,
                    help="the input size training will use (default: as train decides for the folder, 224 for photos)")
@@ -438,32 +513,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("bench", help="training/inference images/s, FLOP/s vs measured peak; --compare: vs the textbook loop")
-    p.add_argument("--preset", choices=list(RECIPES), default="d2l", help="the recipe's model and optimizer (default: d2l)")
-    for flag in ("--arch", "--device", "--data", "--data-dir"):
-        p.add_argument(flag, default="auto" if flag == "--device" else None)
-    for flag in ("--ratio", "--input-size", "--batch-size", "--steps", "--warmup", "--threads"):
-        p.add_argument(flag, type=positive_int, default=None, help="default: the preset's / auto" if flag != "--threads" else None)
-    p.add_argument("--in-channels", type=positive_int, default=1, help="channels of the random images (no --data)")
-    p.add_argument("--runs", type=positive_int, default=3, help="timed runs; figures are medians")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--allocator", choices=["auto", "retain", "default"], default="auto", help="CPU malloc (allocator.py)")
-    p.add_argument("--kernels", choices=["auto", "fast", "plain"], default="auto", help=TRAIN_HELP["kernels"])
+    add_bench_args(p)
     p.add_argument("--profile", action="store_true",
                    help="profile a few training steps instead: time per step by convolution, pooling, ... data, other")
     p.add_argument("--compare", action="store_true", help="also time the textbook loop (fp32, NCHW, per-sample resize)")
     p.add_argument("--no-peak", action="store_true", help="skip the convolution/matmul peak probes")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_bench)
     _add_debug_flag(parser, sub)
+    finish_help(sub)
     return parser
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """bench's model and speed choices, in `vggkit train`'s words and defaults (the same recipe by default);
+    its warm-up is counted in steps: --warmup-steps (the old --warmup still reads)."""
+    from .bench.measure import DEFAULT_WARMUP, RUN_SECONDS
+    from .config import CHOICES, DEFAULT_RECIPE, RECIPES
+
+    p.add_argument("--preset", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="the recipe's model and optimizer, as `vggkit train --preset`")
+    recipe = "(default: the preset's)"
+    p.add_argument("--arch", default=None, help=f"{TRAIN_HELP['arch']} {recipe}")
+    p.add_argument("--ratio", type=positive_int, default=None, help=f"{TRAIN_HELP['ratio']} {recipe}")
+    p.add_argument("--input-size", type=positive_int, default=None, help=f"{TRAIN_HELP['input_size']} {recipe}")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"images per step {recipe}")
+    p.add_argument("--in-channels", type=positive_int, default=1, help="channels of the random images (no --data)")
+    p.add_argument("--data", default=None, help="a dataset name or an image folder (default: random 28x28 images "
+                                                "held in memory, as Fashion-MNIST)")
+    p.add_argument("--data-dir", default=None, help=TRAIN_HELP["data_dir"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=positive_int, default=None, help=TRAIN_HELP["threads"])
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"training steps per timed run (default: as many as take about {RUN_SECONDS:g} s)")
+    p.add_argument("--warmup-steps", dest="warmup", type=positive_int, default=None, metavar="N",
+                   help=f"untimed training steps before the runs (default: {DEFAULT_WARMUP})")
+    add_renamed_flag(p, "--warmup", "--warmup-steps", "warmup", type=positive_int)
+    p.add_argument("--runs", type=positive_int, default=3, help="timed runs; figures are medians")
+    for key in ("precision", "channels_last", "allocator", "kernels"):
+        p.add_argument(train_flag(key), choices=CHOICES[key], default="auto", help=TRAIN_HELP[key])
+    p.add_argument("--compile", choices=CHOICES["compile"], default="auto", help=COMPILE_HELP["bench"])
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser, sub) -> None:
     """--debug before or after the command: tracebacks instead of one-line errors (main reads it)."""
-    help_text = f"show tracebacks and raw warnings (also: {DEBUG_ENV}=1)"
+    help_text = f"show tracebacks and raw warnings (also: {DEBUG_ENV}=1; default: off)"
     parser.add_argument("--debug", action="store_true", help=help_text)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=help_text)

@@ -119,10 +119,13 @@ RECIPES: dict[str, dict] = {
                  label_smoothing=0.1, tta="flip"),
 }
 
+# The precisions every command names (train, bench, summary): name -> the torch dtype's name.
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 CHOICES = {
     "optimizer": TRAINING_OPTIMIZERS,
     "schedule": tuple(SCHEDULES),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "precision": ("auto", *PRECISION_DTYPES),
     "channels_last": ("auto", "on", "off"),
     "compile": ("auto", "on", "off"),
     "allocator": ("auto", "retain", "default"),

@@ -22,10 +22,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .config import PRECISION_DTYPES
 from .units import binary_size, si
 from .optim import OPTIMIZER_STATES
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRECISION_OF = {dtype: name for name, dtype in PRECISION_DTYPES.items()}  # float32 -> fp32, as the flags say it
+# how the report names the optimizer state it counts: `vggkit train --optimizer sgd` keeps a momentum buffer
+OPTIMIZER_SHOWN = {"momentum": "sgd with momentum", "sgd": "sgd without momentum"}
 
 
 @dataclass
@@ -99,10 +103,12 @@ class Report:
         lines.append(f"{'total':<16}{'':>16}{self.params:>14,}{si(self.macs, digits=2, space=False):>12}")
         mem = self.memory()
         lines.append(
-            f"training step, batch {self.batch_size} ({self.optimizer}, {self.dtype} activations): "
+            f"training step, batch {self.batch_size} ({OPTIMIZER_SHOWN.get(self.optimizer, self.optimizer)}, "
+            f"{PRECISION_OF[self.dtype]} activations): "
             f"~{_bytes(mem['total'])} = weights {_bytes(mem['weights'])} + gradients {_bytes(mem['gradients'])}"
             f" + optimizer {_bytes(mem['optimizer_state'])} + activations {_bytes(mem['activations'])}"
-            + (f" + {self.dtype} weight copies {_bytes(mem['autocast_weights'])}" if mem["autocast_weights"] else "")
+            + (f" + {PRECISION_OF[self.dtype]} weight copies {_bytes(mem['autocast_weights'])}"
+               if mem["autocast_weights"] else "")
         )
         lines.append("  (what the step's tensors need; on CPU `vggkit train` keeps freed memory for speed: its peak RSS "
                      "measured 1.25-1.75x this, BENCHMARKS.md; --allocator default stays closer)")
@@ -111,12 +117,16 @@ class Report:
 
 def summary(model: nn.Module, input_size=None, batch_size: int = 1, optimizer: str = "momentum",
             dtype: str = "float32") -> Report:
-    """Cost report of `model` for one input of `input_size` ((C, H, W), (H, W) or an int).
+    """Cost report of `model` for one input of `input_size` ((C, H, W), (H, W) or an int); `dtype` is the
+    activations' (float32, bfloat16, float16, or a precision name: fp32, bf16, fp16).
 
     Runs one forward pass with hooks on a batch of one (on the meta device if the model lives there).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
+    dtype = PRECISION_DTYPES.get(dtype, dtype)
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join([*PRECISION_DTYPES, *DTYPE_BYTES])}")
     shape = _input_shape(model, input_size)
     device = next(model.parameters()).device
     act_bytes = DTYPE_BYTES[dtype]

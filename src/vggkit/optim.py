@@ -58,7 +58,12 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
     "adamw": OptimizerKind(_adamw, state_tensors=2),
 }
 TRAINING_OPTIMIZERS = tuple(name for name, kind in OPTIMIZERS.items() if kind.trainable)  # --optimizer of train
-OPTIMIZER_STATES = {name: kind.state_tensors for name, kind in OPTIMIZERS.items()}  # --optimizer of summary
+OPTIMIZER_STATES = {name: kind.state_tensors for name, kind in OPTIMIZERS.items()}  # what cost.summary counts
+
+
+def state_kind(optimizer: str, momentum: float) -> str:
+    """The OPTIMIZERS entry whose state a training optimizer keeps: `sgd` with momentum keeps a buffer."""
+    return "momentum" if optimizer == "sgd" and momentum > 0 else optimizer
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -57,16 +57,18 @@ class Speed:
         return f"{self.precision}{', channels-last' if self.channels_last else ''}{', compiled' if self.compile else ''}"
 
 
+def auto_precision(device: torch.device) -> str:
+    """What precision "auto" means on `device` (train, bench, summary alike)."""
+    # bf16 autocast: ~2x on AVX-512-BF16 CPUs and on Ampere+ GPUs, same accuracy (BENCHMARKS.md)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
 def speed_settings(config, device: torch.device) -> Speed:
     """Precision, memory format, compilation and kernels for `config` (anything with precision,
     channels_last and compile fields and maybe kernels: a TrainConfig) on `device`."""
-    precision = config.precision
-    if precision == "auto":
-        # bf16 autocast: ~2x on AVX-512-BF16 CPUs and on Ampere+ GPUs, same accuracy (BENCHMARKS.md)
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    precision = auto_precision(device) if config.precision == "auto" else config.precision
     if precision == "fp16" and device.type != "cuda":
         raise VggkitError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on this device")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and config.precision == "bf16":

@@ -40,7 +40,7 @@ from .. import allocator as alloc
 from ..bounds import check_training_fits
 from .peak import PeakProbe
 from .textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
-from ..config import RECIPES, TrainConfig, resolve_config
+from ..config import DEFAULT_RECIPE, RECIPES, TrainConfig, resolve_config
 from ..cost import Report, summary
 from ..data import Dataset, load_data
 from ..data.load import is_folder
@@ -68,7 +68,7 @@ FLOPS_NOTE = "training FLOPs per image = 3 x 2 x forward MACs (cost.summary); in
 @dataclass
 class BenchSettings:
     """What `bench` measures. None: the recipe's value (model, batch size) or automatic (steps, warmup)."""
-    preset: str = "d2l"  # the recipe (config.RECIPES): model, optimizer, label smoothing, augmentation
+    preset: str = DEFAULT_RECIPE  # the recipe (config.RECIPES), as train's: model, optimizer, label smoothing, augmentation
     arch: str | None = None
     ratio: int | None = None
     input_size: int | None = None
@@ -86,7 +86,7 @@ class BenchSettings:
     kernels: str = "auto"  # auto|fast|plain: vggkit's CPU kernels (vggkit.kernels) or the network as it was
     # how to measure
     steps: int | None = None  # steps per timed run; None: runs of about `run_seconds`
-    warmup: int | None = None  # None: DEFAULT_WARMUP steps
+    warmup: int | None = None  # steps (`vggkit bench --warmup-steps`); None: DEFAULT_WARMUP steps
     runs: int = 3
     run_seconds: float = RUN_SECONDS
     compare: bool = False  # also time the textbook loop
