@@ -14,7 +14,7 @@ from vggkit.errors import VggkitError
 from vggkit.bench.machine import cpu_snapshot, others_cpu, timed
 from vggkit.runtime import PRECISIONS
 
-TINY = ["--preset", "fast", "--arch", "1x8,1x16", "--batch-size", "16", "--steps", "1", "--warmup", "1", "--runs", "1"]
+TINY = ["--preset", "fast", "--arch", "1x8,1x16", "--batch-size", "16", "--steps", "1", "--warmup-steps", "1", "--runs", "1"]
 
 
 def run_cli(capsys, *argv):
@@ -82,7 +82,7 @@ def test_a_settings_object_and_keywords_are_the_same_call():
 
 
 def test_default_warmup_and_checked_settings():
-    assert BenchSettings().warmup is None and BenchSettings().preset == "d2l"
+    assert BenchSettings().warmup is None and BenchSettings().preset == "fast"  # train's default recipe
     with pytest.raises(VggkitError, match="runs must be a positive integer, got 0"):
         bench(runs=0)
     with pytest.raises(VggkitError, match="unknown preset 'vgg16'; choose one of fast, d2l, best"):

@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_bench)
     _add_debug_flag(parser, sub)
-    finish_help(sub)
+    finish_help(parser, sub)
     return parser
 
 

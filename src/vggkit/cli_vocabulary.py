@@ -22,26 +22,44 @@ COMPILE_HELP = {
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 JSON_HELP = "print the report as one JSON document (default: text)"
 
-# Under each command's --help: real commands (README's data and folder names).
+# Under each command's --help: real commands (README's data and folder names), each with what it does.
 EXAMPLES = {
-    "summary": ["vggkit summary --arch vgg16 --num-classes 1000   # the ImageNet VGG-16: 138,357,544 parameters",
-                "vggkit summary --arch d2l-vgg11 --ratio 4 --batch-size 128 --precision bf16",
-                "vggkit summary --arch 1x32,2x64,2x128 --input-size 28 --per-layer --json"],
-    "train": ["vggkit train                                  # the fast recipe on Fashion-MNIST",
-              "vggkit train --preset d2l --epochs 2 --name d2l-short",
-              "vggkit train --data photos/ --init vgg16 --epochs 5   # fine-tune ImageNet weights"],
-    "evaluate": ["vggkit evaluate runs/RUN                       # the best checkpoint on the test split",
-                 "vggkit evaluate runs/RUN --split val --tta flip --json",
-                 "vggkit evaluate runs/RUN --data photos/ --limit 500"],
-    "predict": ["vggkit predict runs/RUN photo.jpg --top-k 5",
-                "vggkit predict runs/RUN photos/ --csv predictions.csv"],
-    "export": ["vggkit export runs/RUN --format onnx             # writes runs/RUN/model.onnx, verified",
-               "vggkit export runs/RUN --format torchscript --out model.pt"],
-    "prepare": ["vggkit prepare photos/ --workers 2"],
-    "bench": ["vggkit bench                         # the fast recipe on random 28x28 images",
-              "vggkit bench --preset d2l --compare   # VGG-11/4 at 224x224 against the textbook loop",
-              "vggkit bench --data photos/           # decode and batch rates; training on the folder"],
+    "summary": [("vggkit summary --arch vgg16 --num-classes 1000", "the ImageNet VGG-16: 138,357,544 parameters"),
+                ("vggkit summary --arch d2l-vgg11 --ratio 4 --batch-size 128 --precision bf16", ""),
+                ("vggkit summary --arch 1x32,2x64,2x128 --input-size 28 --per-layer --json", "")],
+    "train": [("vggkit train", "the fast recipe on Fashion-MNIST"),
+              ("vggkit train --preset d2l --epochs 2 --name d2l-short", "the textbook's recipe, 2 epochs"),
+              ("vggkit train --data photos/ --init vgg16 --epochs 5", "fine-tune ImageNet weights")],
+    "evaluate": [("vggkit evaluate runs/RUN", "the best checkpoint on the test split"),
+                 ("vggkit evaluate runs/RUN --split val --tta flip --json", ""),
+                 ("vggkit evaluate runs/RUN --data photos/ --limit 500", "on another folder of images")],
+    "predict": [("vggkit predict runs/RUN photo.jpg --top-k 5", ""),
+                ("vggkit predict runs/RUN photos/ --csv predictions.csv", "")],
+    "export": [("vggkit export runs/RUN --format onnx", "writes runs/RUN/model.onnx, verified"),
+               ("vggkit export runs/RUN --format torchscript --out model.pt", "")],
+    "prepare": [("vggkit prepare photos/ --workers 2", "")],
+    "bench": [("vggkit bench", "the fast recipe on random 28x28 images"),
+              ("vggkit bench --preset d2l --compare", "VGG-11/4 at 224x224 against the textbook loop"),
+              ("vggkit bench --data photos/", "decode and batch rates; training on the folder")],
 }
+
+
+def examples_epilog(examples: list[tuple[str, str]]) -> str:
+    """'examples:' and one indented line each, the comments aligned."""
+    width = max(len(command) for command, comment in examples if comment) if any(c for _, c in examples) else 0
+    lines = [f"  {command:<{width}}   # {comment}" if comment else f"  {command}" for command, comment in examples]
+    return ("example:\n" if len(examples) == 1 else "examples:\n") + "\n".join(lines)
+
+
+def finish_help(parser: argparse.ArgumentParser, sub) -> None:
+    """`vggkit --help` and each command's: the shared formatter, and examples (EXAMPLES) underneath."""
+    parser.formatter_class = HelpFormatter
+    parser.epilog = examples_epilog([*(EXAMPLES[command][0] for command in ("summary", "train", "bench")),
+                                     ("vggkit COMMAND --help", "a command's options, defaults and examples")])
+    for command, command_parser in sub.choices.items():
+        command_parser.formatter_class = HelpFormatter
+        if command in EXAMPLES:
+            command_parser.epilog = examples_epilog(EXAMPLES[command])
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -57,19 +75,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default is None or action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
-
-
-def examples_epilog(command: str) -> str:
-    lines = EXAMPLES[command]
-    return ("example:" if len(lines) == 1 else "examples:") + "".join(f"\n  {line}" for line in lines)
-
-
-def finish_help(sub) -> None:
-    """Each command's --help: the shared formatter, and its examples (EXAMPLES) underneath."""
-    for command, parser in sub.choices.items():
-        parser.formatter_class = HelpFormatter
-        if command in EXAMPLES:
-            parser.epilog = examples_epilog(command)
 
 
 def note_renamed(old: str, new: str) -> None:
