@@ -15,7 +15,7 @@ COMPILE_HELP = {
              "networks is not compiling (torch.compile measured slower; README, Speed)",
     "inference": "torch.compile the model: on, off, or auto: the choice measured faster on this machine for this "
                  "model and batch (measured once, for a job large enough to pay for a compile, and cached in "
-                 "~/.cache/vggkit/inference.json)",
+                 "($XDG_CACHE_HOME or ~/.cache)/vggkit/inference.json)",
     "bench": "torch.compile: on (training compiled; inference timed eagerly and compiled), off, or auto: the choice "
              "measured faster, as in `vggkit train`: not compiled",
 }
