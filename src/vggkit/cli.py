@@ -95,10 +95,9 @@ def cmd_summary(args) -> int:
     from .bounds import check_arch_input
     from .cost import summary
     from .model import VGG
+    from .optim import state_kind
     from .specs import parse_arch
     import torch
-
-    from .optim import state_kind
 
     # nothing is allocated (the meta device), but sizes past the machine's memory are a typo: said as such
     check_arch_input(len(parse_arch(args.arch, args.ratio)), args.input_size, args.in_channels or 1)
@@ -154,11 +153,13 @@ def summary_header(settings: dict, defaults: list[str]) -> str:
     from .specs import PRESETS
 
     s = settings
-    momentum = f" with momentum {s['momentum']:g}" if s["momentum"] > 0 else " without momentum"
+    optimizer = s["optimizer"]
+    if optimizer == "sgd":
+        optimizer += f" with momentum {s['momentum']:g}" if s["momentum"] > 0 else " without momentum"
     network = s["arch"] + (f" / {s['ratio']}" if s["ratio"] != 1 else "")
     first = (f"{network}: {s['num_classes']} classes, input {s['in_channels']}x{s['input_size']}x{s['input_size']}, "
              f"dense width {s['fc_width']}, {'batch norm' if s['batch_norm'] else 'no batch norm'}; memory for "
-             f"batch {s['batch_size']}, {s['precision']}, {s['optimizer']}{momentum if s['optimizer'] == 'sgd' else ''}")
+             f"batch {s['batch_size']}, {s['precision']}, {optimizer}")
     if not defaults:
         return first
     imagenet = s["arch"] in PRESETS and s["arch"].startswith("vgg") and s["num_classes"] == 10
