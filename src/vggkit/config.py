@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .balance import BALANCE_CHOICES
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 from .special_files import refuse_special
@@ -49,6 +50,7 @@ class TrainConfig:
     streaming: str = "auto"  # auto|on|off: an image folder's images stay on disk, prepared once (photos: auto)
     workers: int | None = None  # processes decoding and augmenting streamed images; None: decided (stream.py)
     allow_sample: bool = True  # fall back to the bundled sample when the dataset can't be had
+    balance: str = "auto"  # imbalanced classes (balance.py): auto|weights|sampling|off; a run saves what auto decided
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -130,6 +132,7 @@ CHOICES = {
     "kernels": ("auto", "fast", "plain"),
     "tta": tuple(TTA_LEVELS),
     "streaming": ("auto", "on", "off"),
+    "balance": BALANCE_CHOICES,
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 # With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
@@ -352,7 +355,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 # Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging, no TTA).
-ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off", "streaming": "off"}
+ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off", "streaming": "off",
+               "balance": "off"}
 
 
 def load_config(path: Path) -> TrainConfig:
