@@ -139,3 +139,30 @@ def test_a_balanced_folder_says_nothing_about_balance(tmp_path, capsys):
     line, saved = train_cli(capsys, drawn(tmp_path / "even", (20, 20, 12)), tmp_path / "runs", "even")
     assert "imbalanced" not in line and "balanc" not in line and saved["balance"] == "off"
     assert 20 / 12 < IMBALANCE_RATIO
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balance", ["weights", "sampling"])
+def test_two_processes_balance_exactly_like_one(tmp_path, balance):
+    """With either remedy, 2 processes (gloo, as tests/test_distributed.py) end with the weights of 1: the
+    weighted loss is scaled by the global batch, the sampled order is the same on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from vggkit.train import train
+
+    folder = drawn(tmp_path / "skewed", (40, 40, 8), size=12)
+    config = dict(data=str(folder), arch="1x4", fc_width=8, batch_norm=False, epochs=2, batch_size=16, lr=0.05,
+                  val_size=0, precision="fp32", device="cpu", threads=1, compile="off", kernels="plain",
+                  balance=balance, out=str(tmp_path), drop_last=False)
+    one = train({**config, "name": "one"}, progress="none", log=lambda *a: None)
+    flags = [arg for key, value in config.items() for arg in ("--" + key.replace("_", "-"), str(value))
+             if not isinstance(value, bool)] + ["--no-drop-last", "--no-batch-norm", "--name", "two", "--nproc", "2"]
+    done = subprocess.run([sys.executable, "-m", "vggkit", "train", *flags], capture_output=True, text=True,
+                          env={**os.environ, "VGGKIT_DIST_TIMEOUT": "30"}, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_file(str(run / "checkpoints" / "last" / "model.safetensors")) for run in (one.run_dir, tmp_path / "two"))
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5

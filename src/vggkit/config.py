@@ -113,7 +113,7 @@ RECIPES: dict[str, dict] = {
     "d2l": dict(arch="d2l-vgg11", ratio=4, input_size=224, fc_width=4096, dropout=0.5, batch_norm=False,
                 init="xavier", normalize=False, val_size=0, crop_padding=0, flip=False, epochs=10,
                 batch_size=128, lr=0.05, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=0.0,
-                schedule="none", label_smoothing=0.0, drop_last=False, tta="off"),
+                schedule="none", label_smoothing=0.0, drop_last=False, tta="off", balance="off"),
     # Wider VGG with batch norm, augmentation and a schedule, for the best accuracy.
     "best": dict(arch="2x64,2x128,3x256", input_size=28, fc_width=512, dropout=0.3, batch_norm=True,
                  init="kaiming", crop_padding=2, flip=True, erasing=0.25, epochs=40, batch_size=128, lr=0.05,

@@ -77,6 +77,9 @@ def format_class_rows(result: dict, width: int) -> list[str]:
     """The report's per-class table: accuracy (= recall), precision, F1 and images of each class."""
     from .untrusted import printable
 
+    if "per_class_metrics" not in result:  # a result dict made without them: the accuracy alone
+        return [f"  {printable(c):<{width}}  {a:.4f}" if a is not None else f"  {printable(c):<{width}}  (no images)"
+                for c, a in result["per_class"].items()]
     lines = [f"  {'':<{width}}  accuracy  precision      F1  images"]
     for name, m in result["per_class_metrics"].items():
         if not m["support"]:
@@ -90,13 +93,13 @@ def format_class_rows(result: dict, width: int) -> list[str]:
 def format_summary(result: dict) -> list[str]:
     """The report's lines after the table: macro and weighted F1, balanced accuracy, ECE and the notes."""
     lines = []
-    if result["macro_f1"] is not None:
+    if result.get("macro_f1") is not None:
         lines.append(f"macro F1 {result['macro_f1']:.4f}, weighted F1 {result['weighted_f1']:.4f}, "
                      f"balanced accuracy {result['balanced_acc']:.4f}")
     if "calibration" in result:
         lines.append(f"expected calibration error (ECE, {result['calibration']['bins']} bins) "
                      f"{result['calibration']['ece']:.4f}")
-    return lines + [f"note: {note}" for note in result["metric_notes"]]
+    return lines + [f"note: {note}" for note in result.get("metric_notes", ())]
 
 
 def write_class_csv(result: dict, path: Path) -> None:
