@@ -32,7 +32,7 @@ def test_the_rule():
 
 
 @pytest.mark.parametrize("counts, given, balance, note", [
-    ((400, 400, 20), "auto", AUTO_REMEDY, "classes imbalanced: 400 to 20 images per class (20.0:1; 3:1 or more"),
+    ((400, 400, 20), "auto", AUTO_REMEDY, "classes imbalanced: 400 to 20 images per class, 20.0:1 (3:1 or more)"),
     ((400, 400, 20), "off", "off", "no balancing (--balance off)"),
     ((400, 400, 20), "sampling", "sampling", "class-balanced sampling (--balance sampling)"),
     ((100, 60, 90), "auto", "off", None),

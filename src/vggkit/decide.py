@@ -243,8 +243,8 @@ def decide_balance(config: TrainConfig, facts: DataFacts) -> tuple[str, str | No
     """auto: AUTO_REMEDY where the training classes are imbalanced (balance.imbalance), else off; a remedy
     given is kept. The note says the imbalance where there is one, and the remedy in use."""
     skew = imbalance(facts.class_counts)
-    said = (f"classes imbalanced: {skew[0]:,} to {skew[1]:,} images per class ({skew[0] / skew[1]:.1f}:1; "
-            f"{IMBALANCE_RATIO}:1 or more counts)") if skew else None
+    said = (f"classes imbalanced: {skew[0]:,} to {skew[1]:,} images per class, {skew[0] / skew[1]:.1f}:1 "
+            f"({IMBALANCE_RATIO}:1 or more)") if skew else None
     if config.balance != "auto":
         if config.balance == "off":
             return "off", said and f"{said}; no balancing (--balance off)"
