@@ -21,8 +21,8 @@ training images than the smallest batch decided here.
     lr          0.1 at batch 256 (the fast recipe's peak), times (batch / 256) ** 0.25 for other batches:
                 at batch 8 the unscaled 0.1 made a 180-photo folder diverge, the square-root rule's 0.018
                 left a 54-image folder half-trained; 0.042 trained both (BENCHMARKS.md)
-    balance     auto: a class-weighted loss where the largest training class has 3 times the images of the
-                smallest or more, else off (balance.py; measured on a 20:1 folder: BENCHMARKS.md)
+    balance     auto: class-balanced sampling where the largest training class has 3 times the images of the
+                smallest or more, else off (balance.py; it beat a class-weighted loss on a 20:1 folder: BENCHMARKS.md)
     backbone_lr with initial weights (--init): the pretrained blocks learn at a tenth of lr, the
                 classifier at lr (discriminative rates, as fastai's fine_tune and ULMFiT do)
 
