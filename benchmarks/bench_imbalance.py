@@ -5,10 +5,10 @@ sampling) on a 20:1 folder, over seeds, evaluated on a balanced test tree (BENCH
 
 OUT/folder/train/<class>/ holds Fashion-MNIST's T-shirt/top and Pullover, 400 training images each,
 and Shirt, 20 (20 times rarer: the class the other two are mistaken for most); OUT/folder/test/ holds
-300 test images of each. Each run is `vggkit train --arch 1x16,1x32,1x64 --fc-width 64 --epochs 8`
---no-eval-every-epoch-on-test (FLAGS: small, for minutes in all) with --balance and --seed (the rest decided from the data), then
-`vggkit evaluate` of its best checkpoint on the test tree. The table
-gives the median over the seeds of balanced accuracy (the mean of the per-class recalls), accuracy,
+300 test images of each. Each run is `vggkit train --arch 1x16,1x32,1x64 --fc-width 64 --epochs 8
+--no-eval-every-epoch-on-test` (FLAGS: a small network, few epochs) with --balance and --seed (the rest
+decided from the data), then `vggkit evaluate` of its best checkpoint on the test tree. The table gives
+the median over the seeds of balanced accuracy (the mean of the per-class recalls), accuracy,
 macro F1 and the rare class's recall; the figures per seed go to benchmarks/results/imbalance_<date>.json.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vggkit.train import train
 
 CLASSES = {"T-shirt/top": 400, "Pullover": 400, "Shirt": 20}  # Fashion-MNIST's names; Shirt 20x rarer
 TEST_PER_CLASS = 300
-# a small network and few epochs, so that the 9 runs take minutes on a laptop's CPU
+# a small network and few epochs: nine runs on a CPU
 FLAGS = {"arch": "1x16,1x32,1x64", "fc_width": 64, "epochs": 8, "eval_every_epoch_on_test": False}
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -164,5 +164,6 @@ def test_two_processes_balance_exactly_like_one(tmp_path, balance):
     done = subprocess.run([sys.executable, "-m", "vggkit", "train", *flags], capture_output=True, text=True,
                           env={**os.environ, "VGGKIT_DIST_TIMEOUT": "30"}, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = (load_file(str(run / "checkpoints" / "last" / "model.safetensors")) for run in (one.run_dir, tmp_path / "two"))
+    a, b = (load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+            for run in (one.run_dir, tmp_path / "two"))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
