@@ -167,3 +167,35 @@ def test_two_processes_balance_exactly_like_one(tmp_path, balance):
     a, b = (load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
             for run in (one.run_dir, tmp_path / "two"))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
+
+
+def test_streamed_photos_are_drawn_as_the_in_memory_images_are(tmp_path):
+    """The streamed path (stream.StreamLoader, FileDataset) takes the same sampled order, split across
+    ranks and resumed mid-epoch as the plain order is."""
+    from vggkit.data import load_data
+    from vggkit.data.prepared import prepare_datasets
+    from vggkit.preprocess import CENTER
+    from vggkit.stream import StreamLoader
+
+    rng = np.random.default_rng(0)
+    for c, count in enumerate((12, 12, 3)):
+        (tmp_path / "photos" / f"class{c}").mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / f"class{c}" / f"{i}.png")
+    splits = load_data(str(tmp_path / "photos"), val_size=0, streaming="on", log=lambda *a, **k: None)
+    train_set = prepare_datasets({"train": splits.train}, (18, 18), skip_bad=False)["train"]
+    draw = sample_weights(train_set.labels, 3)
+
+    def batches(rank=0, world_size=1, start=0):
+        loader = StreamLoader(train_set, 6, shuffle=True, seed=5, draw=draw, rank=rank, world_size=world_size,
+                              input_size=16, crop=CENTER)
+        loader.set_epoch(2)
+        return list(loader.iter_from(start))
+
+    alone = batches()
+    order = epoch_order(len(train_set), 5, 2, True, draw)
+    assert torch.equal(torch.cat([y for _, y in alone]), torch.as_tensor(train_set.labels)[order])
+    for (x, y), ((x0, y0), (x1, y1)) in zip(alone, zip(batches(0, 2), batches(1, 2)), strict=True):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(alone[2:], batches(start=2), strict=True))
