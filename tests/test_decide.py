@@ -160,7 +160,8 @@ def test_carving_draws_what_load_data_draws():
 
 def test_facts_of_loaded_splits():
     facts = DataFacts.of(splits("photos/", 162, 200, 300, 3, val=20))
-    assert facts == DataFacts("photos/", 162, 20, 200, 300, known=False, flips_safe=False, channels=3)
+    assert facts == DataFacts("photos/", 162, 20, 200, 300, known=False, flips_safe=False, channels=3,
+                              class_counts=(17, 17) + (16,) * 8)  # the training images of each class
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,15 +20,15 @@ COMMON = dict(data="fashion-mnist", data_dir=None, limit=None, test_limit=None, 
 FAST = dict(COMMON, preset="fast", arch="1x32,2x64,2x128", ratio=1, input_size=None, fc_width=256, dropout=0.0,
             batch_norm=True, init="kaiming", val_size=None, normalize=True, crop_padding=2, flip=None, erasing=0.0,
             epochs=None, batch_size=None, lr=None, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
-            schedule="onecycle", label_smoothing=0.1, drop_last=True, tta=None)
+            schedule="onecycle", label_smoothing=0.1, drop_last=True, tta=None, balance="auto")
 D2L = dict(COMMON, preset="d2l", arch="d2l-vgg11", ratio=4, input_size=224, fc_width=4096, dropout=0.5,
            batch_norm=False, init="xavier", val_size=0, normalize=False, crop_padding=0, flip=False, erasing=0.0,
            epochs=10, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=0.0,
-           schedule="none", label_smoothing=0.0, drop_last=False, tta="off")
+           schedule="none", label_smoothing=0.0, drop_last=False, tta="off", balance="off")
 BEST = dict(COMMON, preset="best", arch="2x64,2x128,3x256", ratio=1, input_size=28, fc_width=512, dropout=0.3,
             batch_norm=True, init="kaiming", val_size=None, normalize=True, crop_padding=2, flip=True, erasing=0.25,
             epochs=40, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
-            schedule="onecycle", label_smoothing=0.1, drop_last=True, tta="flip")
+            schedule="onecycle", label_smoothing=0.1, drop_last=True, tta="flip", balance="auto")
 
 
 def test_the_dataclass_defaults_are_the_default_recipe():

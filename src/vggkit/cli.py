@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from .balance import AUTO_REMEDY, IMBALANCE_RATIO
 from .cli_vocabulary import (COMPILE_HELP, DEVICE_HELP, JSON_HELP, add_renamed_flag, add_renamed_values,
                              finish_help)
 from .errors import DEBUG_ENV, STDOUT, VggkitError, debug_requested, user_message
@@ -194,6 +195,9 @@ TRAIN_HELP = {
     "workers": "processes that decode streamed images (default: one per core) and make their training batches "
                "(default: none on a CPU, whose cores all train; one per core beside a GPU)",
     "backbone_lr": "the feature blocks' learning rate as a fraction of --lr (default: 0.1 with --init, else 1)",
+    "balance": f"imbalanced classes (the largest {IMBALANCE_RATIO} times the smallest or more; the 'data:' line "
+               "says so): weights (a class-weighted loss), sampling (class-balanced epochs), off, or auto: "
+               f"{AUTO_REMEDY} where the training classes are imbalanced, else off",
     "allow_sample": "train on the bundled Fashion-MNIST sample when the data set cannot be had",
     "epochs": "passes over the training set", "batch_size": "images per step",
     "lr": "learning rate (peak for onecycle)", "optimizer": _either(TRAINING_OPTIMIZERS),

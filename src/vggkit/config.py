@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .balance import BALANCE_CHOICES
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 from .special_files import refuse_special
@@ -49,6 +50,7 @@ class TrainConfig:
     streaming: str = "auto"  # auto|on|off: an image folder's images stay on disk, prepared once (photos: auto)
     workers: int | None = None  # processes decoding and augmenting streamed images; None: decided (stream.py)
     allow_sample: bool = True  # fall back to the bundled sample when the dataset can't be had
+    balance: str = "auto"  # imbalanced classes (balance.py): auto|weights|sampling|off; a run saves what auto decided
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -111,7 +113,7 @@ RECIPES: dict[str, dict] = {
     "d2l": dict(arch="d2l-vgg11", ratio=4, input_size=224, fc_width=4096, dropout=0.5, batch_norm=False,
                 init="xavier", normalize=False, val_size=0, crop_padding=0, flip=False, epochs=10,
                 batch_size=128, lr=0.05, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=0.0,
-                schedule="none", label_smoothing=0.0, drop_last=False, tta="off"),
+                schedule="none", label_smoothing=0.0, drop_last=False, tta="off", balance="off"),
     # Wider VGG with batch norm, augmentation and a schedule, for the best accuracy.
     "best": dict(arch="2x64,2x128,3x256", input_size=28, fc_width=512, dropout=0.3, batch_norm=True,
                  init="kaiming", crop_padding=2, flip=True, erasing=0.25, epochs=40, batch_size=128, lr=0.05,
@@ -133,6 +135,7 @@ CHOICES = {
     "kernels": ("auto", "fast", "plain"),
     "tta": tuple(TTA_LEVELS),
     "streaming": ("auto", "on", "off"),
+    "balance": BALANCE_CHOICES,
 }
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 # With initial weights, these come from the weights unless given by a flag or the file (a recipe's don't count).
@@ -355,7 +358,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 # Keys that runs saved before they existed lack: their defaults are what those runs did (no averaging, no TTA).
-ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off", "streaming": "off"}
+ADDED_LATER = {"ema": TrainConfig.ema, "ema_every": TrainConfig.ema_every, "tta": "off", "streaming": "off",
+               "balance": "off"}
 
 
 def load_config(path: Path) -> TrainConfig:

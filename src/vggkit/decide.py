@@ -21,6 +21,8 @@ training images than the smallest batch decided here.
     lr          0.1 at batch 256 (the fast recipe's peak), times (batch / 256) ** 0.25 for other batches:
                 at batch 8 the unscaled 0.1 made a 180-photo folder diverge, the square-root rule's 0.018
                 left a 54-image folder half-trained; 0.042 trained both (BENCHMARKS.md)
+    balance     auto: class-balanced sampling where the largest training class has 3 times the images of the
+                smallest or more, else off (balance.py; it beat a class-weighted loss on a 20:1 folder: BENCHMARKS.md)
     backbone_lr with initial weights (--init): the pretrained blocks learn at a tenth of lr, the
                 classifier at lr (discriminative rates, as fastai's fine_tune and ULMFiT do)
 
@@ -34,6 +36,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from .balance import AUTO_REMEDY, DESCRIBED, IMBALANCE_RATIO, class_counts, imbalance
 from .config import TrainConfig
 from .data.registry import REGISTRY
 from .errors import VggkitError
@@ -78,6 +81,7 @@ class DataFacts:
     flips_safe: bool  # known to stay in its class when mirrored
     photos: bool = False  # an image folder streamed from disk (folder.py): photo sizes and augmentation
     channels: int = 1
+    class_counts: tuple[int, ...] = ()  # training images per class (before validation is carved)
 
     @classmethod
     def of(cls, splits: DataSplits) -> DataFacts:
@@ -85,7 +89,8 @@ class DataFacts:
         height, width = splits.image_size
         known = splits.name in REGISTRY  # an image folder's DataSplits says flips_safe=True: nobody checked
         return cls(splits.name, len(splits.train), len(splits.val), height, width, known,
-                   known and splits.flips_safe, photos=splits.streamed is not None, channels=splits.train.channels)
+                   known and splits.flips_safe, photos=splits.streamed is not None, channels=splits.train.channels,
+                   class_counts=tuple(int(n) for n in class_counts(splits.train.labels, len(splits.classes))))
 
 
 # What bench's random 28x28 images stand for when a recipe leaves fields to the data.
@@ -109,9 +114,10 @@ def decide(config: TrainConfig, data: DataSplits | DataFacts, world_size: int = 
     flip, notes["flip"] = decide_flip(config, facts)
     lr, notes["lr"] = decide_lr(config, batch_size)
     backbone_lr, notes["backbone_lr"] = decide_backbone_lr(config)
+    balance, notes["balance"] = decide_balance(config, facts)
     tta = config.tta if config.tta is not None else ("flip" if flip else "off")
     decided = replace(config, val_size=val_size, input_size=input_size, batch_size=batch_size, epochs=epochs,
-                      flip=flip, lr=lr, tta=tta, head_pool=head_pool, backbone_lr=backbone_lr)
+                      flip=flip, lr=lr, tta=tta, head_pool=head_pool, backbone_lr=backbone_lr, balance=balance)
     return decided, {key: why for key, why in notes.items() if why}
 
 
@@ -231,6 +237,21 @@ def decide_lr(config: TrainConfig, batch_size: int) -> tuple[float, str | None]:
     if batch_size == MAX_BATCH:
         return REFERENCE_LR, None
     return round(REFERENCE_LR * (batch_size / MAX_BATCH) ** 0.25, 4), f"{REFERENCE_LR:g} x ({batch_size}/{MAX_BATCH})**0.25"
+
+
+def decide_balance(config: TrainConfig, facts: DataFacts) -> tuple[str, str | None]:
+    """auto: AUTO_REMEDY where the training classes are imbalanced (balance.imbalance), else off; a remedy
+    given is kept. The note says the imbalance where there is one, and the remedy in use."""
+    skew = imbalance(facts.class_counts)
+    said = (f"classes imbalanced: {skew[0]:,} to {skew[1]:,} images per class, {skew[0] / skew[1]:.1f}:1 "
+            f"({IMBALANCE_RATIO}:1 or more)") if skew else None
+    if config.balance != "auto":
+        if config.balance == "off":
+            return "off", said and f"{said}; no balancing (--balance off)"
+        return config.balance, f"{said + '; ' if said else ''}{DESCRIBED[config.balance]} (--balance {config.balance})"
+    if skew is None:
+        return "off", None
+    return AUTO_REMEDY, f"{said}; {DESCRIBED[AUTO_REMEDY]} (--balance off for none)"
 
 
 def decide_flip(config: TrainConfig, facts: DataFacts) -> tuple[bool, str | None]:

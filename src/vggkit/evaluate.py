@@ -1,5 +1,6 @@
-"""`vggkit evaluate`: accuracy (top-1, and top-5 with more than 5 classes), per-class accuracy, confusion
-matrix and the misclassified images (true class, predicted class, confidence) of a run's test or
+"""`vggkit evaluate`: accuracy (top-1, and top-5 with more than 5 classes), per-class accuracy, precision,
+recall and F1, macro and weighted F1, balanced accuracy, calibration (ECE, a reliability diagram; metrics.py),
+confusion matrix and the misclassified images (true class, predicted class, confidence) of a run's test or
 validation split, or of every image in a folder of class sub-folders.
 
 The run's splits are made again from its config (data, seed, val_size, skip_bad), so they are the
@@ -29,6 +30,8 @@ from .data.folder import load_labelled_folder
 from .data.load import TEST_LIMIT_SALT, is_folder
 from .errors import VggkitError
 from .inference import InferenceRunner, check_policy
+from .metrics import (EVALUATION_FILES, calibration, class_metrics, format_class_rows, format_summary,
+                      write_evaluation_files)
 from .preprocess import CENTER, fit_size, settings_from_meta
 from .rundir import evaluation_folder, find_checkpoint, find_config
 from .runtime import pick_device, speed_settings
@@ -107,6 +110,7 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
 def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path) -> None:
     _plot_confusion(np.array(result["confusion"]), classes, out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], classes, out_dir / "misclassified.png")
+    write_evaluation_files(result, out_dir)
 
 
 def _plotted_into_checkpoint(checkpoint: Path, read: tuple[int, int] | None, plot) -> bool:
@@ -188,6 +192,9 @@ def _summary(dataset: Dataset, classes: list[str], name: str, loss: float, predi
               f"top{TOP_K}_acc": int(in_top_k.sum()) / max(len(labels), 1) if len(classes) > TOP_K else None,
               "per_class": per_class, "confusion": confusion.tolist(), "classes": classes,
               "predictions": predicted.tolist(), "misclassified": misclassified}
+    result |= class_metrics(confusion, classes)  # precision, recall, F1, macro and balanced figures (metrics.py)
+    result["calibration"] = calibration(confidence.numpy(), (predicted == labels).numpy())
+    result["ece"] = result["calibration"]["ece"]
     if name == "test":  # the names of the keys before --split and --data FOLDER
         result |= {"test_acc": acc, "test_loss": loss}
     return result
@@ -210,14 +217,14 @@ def format_report(result: dict) -> str:
     lines = [tta_line(result["tta"])] if "tta" in result else []
     lines += [f"{what} accuracy {result['acc']:.4f} ({result['count']} images), loss {result['loss']:.4f}"
              + (f", top-{TOP_K} accuracy {top_k:.4f}" if top_k is not None else ""),
-             "", "per-class accuracy:"]
-    lines += [f"  {printable(c):<{width}}  {a:.4f}" if a is not None else f"  {printable(c):<{width}}  (no images)"
-              for c, a in result["per_class"].items()]
+             "", "per-class accuracy (recall), precision and F1:"]
+    lines += format_class_rows(result, width) + format_summary(result)
     lines += ["", "confusion matrix (rows: true, columns: predicted):",
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
     lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
-              f"wrote {result['out_dir']}/confusion.png and misclassified.png" if result["out_dir"] is not None
+              f"wrote {result['out_dir']}/confusion.png, misclassified.png, {', '.join(EVALUATION_FILES)}"
+              if result["out_dir"] is not None
               else f"plots not written: a training replaced {result['checkpoint']} while it was evaluated (the "
                    "figures above are of the checkpoint read before); --out FOLDER keeps them"]
     return "\n".join(lines)

@@ -197,6 +197,7 @@ def data_line(info: RunStart) -> str:
             f"{info.epochs} epochs{why('epochs')}; augment: {', '.join(info.augment) or 'none'}{why('flip')}"
             + (f"; head pool {why('head_pool').strip(' ()')}" if info.decisions.get("head_pool") else "")
             + (f"; {info.decisions['backbone_lr']}" if info.decisions.get("backbone_lr") else "")
+            + (f"; {info.decisions['balance']}" if info.decisions.get("balance") else "")
             + (f"; {info.averaging}" if info.averaging else "")
             + (f"; closing test figure also with {info.tta} TTA" if info.tta != "off" else ""))
 

@@ -73,7 +73,8 @@ class Batches:
 
     def __init__(self, dataset, batch_size: int, *, device="cpu", input_size: int = 28, mean=(0.0,), std=(1.0,),
                  crop: str | None = None, shuffle=False, seed=0, drop_last=False, augment: Augment | None = None,
-                 channels_last=False, dtype=torch.float32, rank=0, world_size=1, out_channels: int | None = None):
+                 channels_last=False, dtype=torch.float32, rank=0, world_size=1, out_channels: int | None = None,
+                 draw: torch.Tensor | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise VggkitError(f"batch size must be a positive integer, got {batch_size!r}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -87,6 +88,7 @@ class Batches:
         self.device = torch.device(device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.input_size, self.shuffle, self.seed, self.drop_last = input_size, shuffle, seed, drop_last
+        self.draw = draw  # class-balanced sampling: each image's chance (epoch_order)
         self.augment = augment if augment is not None and augment.enabled else None
         self.channels_last, self.dtype = channels_last, dtype
         self.channels = out_channels or channels
@@ -116,7 +118,7 @@ class Batches:
 
     def order(self, epoch: int | None = None) -> torch.Tensor:
         """The epoch's image order (CPU int64), identical on every rank."""
-        return epoch_order(self._n, self.seed, self.epoch if epoch is None else epoch, self.shuffle)
+        return epoch_order(self._n, self.seed, self.epoch if epoch is None else epoch, self.shuffle, self.draw)
 
     def iter_from(self, start_batch: int):
         """Batches start_batch..len-1 of the current epoch, identical to those of a full iteration."""
@@ -149,11 +151,15 @@ def rank_part(m: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The order of n images in an epoch (CPU int64): a pure function of (seed, epoch)."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, draw: torch.Tensor | None = None) -> torch.Tensor:
+    """The order of n images in an epoch (CPU int64): a pure function of (seed, epoch).
+    draw: each image's chance (balance.sample_weights): n images drawn with replacement instead."""
     if not shuffle:
         return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+    generator = torch.Generator().manual_seed(_seed(seed, epoch))
+    if draw is not None:
+        return torch.multinomial(draw, n, replacement=True, generator=generator)
+    return torch.randperm(n, generator=generator)
 
 
 class BatchLoader(Batches):

@@ -40,6 +40,7 @@ import torch
 from .atomic import atomic_write_text, kind_of, make_folder, open_own
 from .config import TrainConfig, load_config, validate
 from .errors import VggkitError
+from .metrics import EVALUATION_FILES
 from .special_files import refuse_special
 
 try:
@@ -69,7 +70,7 @@ SAFETENSORS_TEMPORARY = ".tmp*"  # safetensors writes the weights beside their n
 
 # What vggkit writes in a run, folder by folder: name patterns (fnmatch) of its files, and of its
 # folders with the layout of each. A file's atomic_write temporary (.NAME.*.tmp) is vggkit's too.
-_EVALUATION = {"files": EVALUATION_PLOTS}
+_EVALUATION = {"files": EVALUATION_PLOTS + EVALUATION_FILES}
 _CHECKPOINT = {"files": (WEIGHTS, STATE, SAFETENSORS_TEMPORARY),
                "folders": {EVALUATION: _EVALUATION, f"{EVALUATION}-*": _EVALUATION}}
 LAYOUT = {

@@ -52,7 +52,7 @@ class StreamLoader(Batches):
         resized = self.augment is not None and self.augment.resized_crop
         self.source = _BatchSource(dataset.prepared, dataset.rows, self._n, batch_size, self.seed, self.shuffle,
                                    self.rank, self.world_size, self.preprocess.size if resized else None,
-                                   flip=self.augment is not None and self.augment.flip)
+                                   flip=self.augment is not None and self.augment.flip, draw=self.draw)
 
     def _batches(self, epoch: int, start_batch: int):
         from torch.utils.data import DataLoader
@@ -76,16 +76,17 @@ class _BatchSource:
     erasing uniforms N x 5). crop_size None: the stored images as they are (evaluation)."""
 
     def __init__(self, prepared: Prepared, rows: np.ndarray, n: int, batch_size: int, seed: int, shuffle: bool,
-                 rank: int, world_size: int, crop_size: tuple[int, int] | None, flip: bool):
+                 rank: int, world_size: int, crop_size: tuple[int, int] | None, flip: bool,
+                 draw: torch.Tensor | None = None):
         self.prepared, self.rows, self.n, self.batch_size = prepared, rows, n, batch_size
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.crop_size, self.flip = crop_size, flip
+        self.crop_size, self.flip, self.draw = crop_size, flip, draw
         self._order: tuple[int, torch.Tensor] | None = None
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.n, self.seed, epoch, self.shuffle))
+            self._order = (epoch, epoch_order(self.n, self.seed, epoch, self.shuffle, self.draw))
         global_idx = self._order[1][i * self.batch_size:(i + 1) * self.batch_size]
         start, stop = rank_part(len(global_idx), self.rank, self.world_size)
         images, erase = [], []

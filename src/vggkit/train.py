@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import distributed as dist
+from .balance import class_weights, sample_weights
 from .bounds import check_training_fits
 from .checkpoint import all_finite, check_training_state, check_weights, save_checkpoint, split_averaged
 from .config import RECIPES, TrainConfig, resolve_config, save_config, with_absolute_paths
@@ -123,6 +124,7 @@ class Trainer:
     step_model: torch.nn.Module | None = None  # what the steps run: the model, maybe under DDP and compiled
     decisions: dict = field(default_factory=dict)  # what decide.py decided from the data: field -> why
     ema: EMA | None = None  # the averaged weights (config.ema > 0)
+    class_weights: torch.Tensor | None = None  # the loss's per-class weights (balance "weights"), on the device
 
     @property
     def main(self) -> bool:
@@ -234,7 +236,8 @@ def train_one_epoch(t: Trainer, loop: LoopState, stop: StopRequest) -> EpochRun 
         global_count = min(batch_size, len(t.splits.train) - batch_index * batch_size)
         scale = t.scaler.get_scale() if t.scaler and t.ema else None
         train_step(t.step_model, t.optimizer, t.scaler, t.speed, x, y, loop.sums,
-                   lambda logits, y: dist.batch_loss(logits, y, global_count, t.config.label_smoothing))
+                   lambda logits, y: dist.batch_loss(logits, y, global_count, t.config.label_smoothing,
+                                                     t.class_weights))
         loop.step += 1
         if t.ema and (scale is None or t.scaler.get_scale() >= scale):  # fp16: a lowered scale = a skipped step
             t.ema.update(t.model, loop.step)
@@ -476,8 +479,9 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
                   workers=stream_workers(config.workers, device))
     augment = Augment(crop_padding=0 if splits.streamed else config.crop_padding, flip=config.flip,
                       erasing=config.erasing, resized_crop=bool(splits.streamed))
+    draw = sample_weights(splits.train.labels, len(splits.classes)) if config.balance == "sampling" else None
     train_loader = loader_for(splits.train, config.batch_size, shuffle=True, seed=config.seed,
-                              drop_last=config.drop_last, augment=augment, **common)
+                              drop_last=config.drop_last, augment=augment, draw=draw, **common)
     eval_batch = evaluation_batch(config.batch_size, config.input_size, world_size)
     val_loader = loader_for(splits.val, eval_batch, **common) if len(splits.val) else None
     test_loader = loader_for(splits.test, eval_batch, **common) if splits.test is not None and len(splits.test) else None
@@ -489,8 +493,11 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
     stored = (storage_size(config.input_size),) * 2 if splits.streamed else splits.image_size
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,
             "dataset": splits.name, "is_sample": splits.is_sample, **preprocess_meta(stored, crop)}
+    weights = (class_weights(splits.train.labels, len(splits.classes)).to(device) if config.balance == "weights"
+               else None)
     return Trainer(config, run, rank, world_size, device, speed, allocator, splits, train_loader, val_loader,
-                   test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions, ema=ema)
+                   test_loader, model, optimizer, scaler, meta, started, log, on_step, decisions=decisions, ema=ema,
+                   class_weights=weights)
 
 
 EVAL_PIXELS = 256 * 28 * 28  # an evaluation batch: 256 Fashion-MNIST images, or as many pixels at larger inputs

@@ -24,14 +24,23 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
                       f"{world_size} processes; use --batch-size {sizes}{procs}")
 
 
-def batch_loss(logits: torch.Tensor, y: torch.Tensor, global_count: int, label_smoothing: float = 0.0):
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, global_count: int, label_smoothing: float = 0.0,
+               class_weights: torch.Tensor | None = None):
     """(loss to back-propagate, sum of the per-image losses of this rank's part).
 
     One process: the mean cross-entropy. Several: this rank's loss sum times world / global_count,
     so that DDP's average of the ranks' gradients is the gradient of the mean over the global batch
     however unevenly the batch was split (a rank with no images contributes zero).
+    class_weights (balance.class_weights, mean 1 over the training set): each image's loss times its
+    class's weight, still divided by the images (not by the weights' sum), so one process and several
+    agree; the sum returned, for the figures, is of the unweighted losses.
     """
     world_size = world()[1]
+    if class_weights is not None:
+        per_image = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+        weighted = (per_image * class_weights[y]).sum()
+        scale = 1 / max(len(y), 1) if world_size == 1 else world_size / max(global_count, 1)
+        return weighted * scale, per_image.sum()
     if world_size == 1:
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return loss, loss * len(y)
