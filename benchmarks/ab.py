@@ -112,7 +112,8 @@ def print_summary(result: dict) -> None:
             infer = [v for r in reports for v in r["infer_images_per_s_runs"]]
             others = max(r.get("other_processes_cpu", 0.0) for r in reports)
             medians[name] = statistics.median(train), statistics.median(infer)
-            print(f"| {preset} | {name} | {spread(train)} | {spread(infer)} | {len(train)}, others <= {others:.2f} CPUs |")
+            print(f"| {preset} | {name} | {spread(train)} | {spread(infer)} "
+                  f"| {len(train)}, others <= {others:.2f} CPUs |")
         names = list(medians)
         for before, after in zip(names, names[1:]):
             pairs = [(names[0], after)] + ([(before, after)] if before != names[0] else [])
@@ -121,8 +122,9 @@ def print_summary(result: dict) -> None:
                               f"inference {medians[b][1] / medians[a][1]:.2f}x")
     for preset, reports in result.get("compare", {}).items():
         for r in reports:
+            peak = r.get("train_fraction_of_peak")
             ratios.append(f"{preset}, --compare: {r['train_images_per_s']:,.1f} images/s"
-                          + (f", {100 * r['train_fraction_of_peak']:.1f}% of the peak" if r.get("train_fraction_of_peak") else "")
+                          + (f", {100 * peak:.1f}% of the peak" if peak else "")
                           + (f", {r['speedup']:.1f}x the textbook loop" if r.get("speedup") else ""))
     print("\n".join(ratios))
 
