@@ -12,9 +12,9 @@ accuracy-against-wall-time plot.
 
 Results land in benchmarks/results/MACHINE/records.json, one record per LABEL (the command, the CPU,
 each seed's wall time, test accuracy of the last epoch and of the best checkpoint (chosen on
-validation, never on test), and the per-epoch curve). A recipe trained with --tta reports its closing TTA figure (inside the
-wall time); else --tta here scores the best checkpoint with `vggkit evaluate RUN --tta` afterwards,
-its time reported apart. Run it alone: it times 2 busy cores.
+validation, never on test), and the per-epoch curve). A recipe trained with --tta reports its
+closing TTA figure (inside the wall time); else --tta here scores the best checkpoint with
+`vggkit evaluate RUN --tta` afterwards, its time reported apart. Run it alone: it times 2 busy cores.
 """
 from __future__ import annotations
 
