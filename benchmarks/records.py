@@ -8,13 +8,13 @@ accuracy-against-wall-time plot.
     # a markdown table of every stored configuration (the ablation table of BENCHMARKS.md)
     .venv/bin/python benchmarks/records.py table [LABEL ...]
     # test accuracy against wall time, one line per label (the median-accuracy seed)
-    .venv/bin/python benchmarks/records.py plot fast best --reference d2l=benchmarks/results/d2l_cpu_10_epochs
+    .venv/bin/python benchmarks/records.py plot fast best --reference d2l=benchmarks/results/amd-epyc/d2l_10_epochs
 
-Results land in benchmarks/results/records/LABEL.json (the command, the CPU, each seed's wall time,
-test accuracy of the last epoch and of the best checkpoint (chosen on validation, never on test),
-and the per-epoch curve). A recipe trained with --tta reports its closing TTA figure (inside the
-wall time); else --tta here scores the best checkpoint with `vggkit evaluate RUN --tta` afterwards,
-its time reported apart. Run it alone: it times 2 busy cores.
+Results land in benchmarks/results/MACHINE/records.json, one record per LABEL (the command, the CPU,
+each seed's wall time, test accuracy of the last epoch and of the best checkpoint (chosen on
+validation, never on test), and the per-epoch curve). A recipe trained with --tta reports its
+closing TTA figure (inside the wall time); else --tta here scores the best checkpoint with
+`vggkit evaluate RUN --tta` afterwards, its time reported apart. Run it alone: it times 2 busy cores.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "records"
+RESULTS = ROOT / "benchmarks" / "results"
 DATA_DIR = ROOT.parent / "shared" / "data" / "fashion-mnist"
 
 
@@ -117,10 +117,25 @@ def run(args, flags: list[str]) -> None:
     save(record)
 
 
+def machine_slug(cpu: str) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'intel-xeon': the folder of a machine's results."""
+    words = re.sub(r"\((R|TM)\)", "", cpu, flags=re.I).lower().replace("processor", "").replace("cpu", "")
+    return re.sub(r"[^a-z0-9]+", "-", words).strip("-") or "unknown"
+
+
+def all_records() -> dict[str, dict]:
+    records = {}
+    for path in sorted(RESULTS.glob("*/records.json")):
+        records.update(json.loads(path.read_text()))
+    return records
+
+
 def save(record: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{record['label']}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    path = RESULTS / machine_slug(record["cpu"]) / "records.json"
+    records = json.loads(path.read_text()) if path.exists() else {}
+    records[record["label"]] = record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n")
     print(summary_line(record))
     print(f"wrote {path.relative_to(ROOT)}")
 
@@ -128,7 +143,7 @@ def save(record: dict) -> None:
 def add(args) -> None:
     """A seed run by hand (e.g. under /usr/bin/time) into LABEL's record: its run directory and wall time.
     The record must exist (made by `run`, so its flags and command are the ones measured)."""
-    record = json.loads((RESULTS / f"{args.label}.json").read_text())
+    record = all_records()[args.label]
     entry = run_record(Path(args.run_dir), args.seed, args.wall)
     entry["source"] = f"{args.run_dir} (added by hand: {args.how})"
     record["runs"] = sorted([r for r in record["runs"] if r["seed"] != args.seed] + [entry], key=lambda r: r["seed"])
@@ -151,8 +166,8 @@ def summary_line(record: dict) -> str:
 
 
 def load(labels: list[str]) -> list[dict]:
-    paths = [RESULTS / f"{label}.json" for label in labels] if labels else sorted(RESULTS.glob("*.json"))
-    return [json.loads(p.read_text()) for p in paths]
+    records = all_records()
+    return [records[label] for label in labels] if labels else list(records.values())
 
 
 def table(args) -> None:

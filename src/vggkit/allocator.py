@@ -1,12 +1,12 @@
 """Keep freed CPU memory for the next training step instead of handing it back to the kernel.
 
-Why (measured, BENCHMARKS.md "Training speed (issue 5)"): PyTorch's CPU tensors come from
+Why (measured, BENCHMARKS.md "What each speed choice buys"): PyTorch's CPU tensors come from
 malloc. glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh mmap and
 unmaps it on free, so every training step faults each large activation back in, 4 KiB at a
 time, and the kernel zeroes every page. For VGG-11/4 at 224x224, batch 128 (the d2l preset),
-that is ~650,000 page faults per step: 45-50% of the step time on the 2-core VM of
-BENCHMARKS.md. With `retain_freed_memory()` the blocks come from the heap and are reused
-from step to step: the same step runs ~1.8x faster (bf16, channels-last), at the price of
+that is hundreds of thousands of page faults per step, a large share of the step time
+(BENCHMARKS.md). With `retain_freed_memory()` the blocks come from the heap and are reused
+from step to step: the same step runs measurably faster (bf16, channels-last), at the price of
 a higher peak RSS (freed blocks stay resident and the heap fragments; see
 "Memory estimate vs measured").
 

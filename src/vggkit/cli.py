@@ -25,7 +25,7 @@ from .untrusted import printable, printable_lines
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
 # At exit the interpreter's last garbage collections would walk every object torch (with dynamo and
-# matplotlib) made, ~0.4 s, for nothing: what holds a file or a lock is closed before then.
+# matplotlib) made, a noticeable pause, for nothing: what holds a file or a lock is closed before then.
 atexit.register(gc.freeze)
 
 

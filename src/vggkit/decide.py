@@ -50,7 +50,7 @@ VAL_FRACTION, MAX_VAL = 0.1, 5000
 MIN_INPUT, MAX_INPUT = 16, 64
 MIN_BATCH, MAX_BATCH = 8, 256
 MIN_STEPS_PER_EPOCH = 32
-# 12: the fast recipe's 94% on Fashion-MNIST within 2 minutes on 2 cores (BENCHMARKS.md); at most the best
+# 12: the fast recipe's record on Fashion-MNIST in its time budget (BENCHMARKS.md); at most the best
 # recipe's 40: past that a small set is only memorised
 MIN_EPOCHS, MAX_EPOCHS = 12, 40
 MIN_TOTAL_STEPS = 1000

@@ -59,7 +59,7 @@ class Speed:
 
 def auto_precision(device: torch.device) -> str:
     """What precision "auto" means on `device` (train, bench, summary alike)."""
-    # bf16 autocast: ~2x on AVX-512-BF16 CPUs and on Ampere+ GPUs, same accuracy (BENCHMARKS.md)
+    # bf16 autocast: faster on AVX-512-BF16 CPUs and on Ampere+ GPUs, same accuracy (BENCHMARKS.md)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
@@ -74,7 +74,7 @@ def speed_settings(config, device: torch.device) -> Speed:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and config.precision == "bf16":
         print("warning: this CPU has no native bf16; bf16 will be slow", file=sys.stderr)
     amp = PRECISIONS[precision]
-    # channels-last: 1.35x for the fast preset on this CPU, 1.0x for d2l (BENCHMARKS.md); cuDNN prefers NHWC too
+    # channels-last: faster for the fast preset on CPU, neutral for d2l (BENCHMARKS.md); cuDNN prefers NHWC too
     channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type in ("cpu", "cuda"))
     # torch.compile measured slower for this network on CPU; on CUDA only when asked
     use_compile = config.compile == "on"
@@ -105,9 +105,9 @@ class ProcessSettings:
         if config.threads:
             torch.set_num_threads(usable_threads(config.threads, log))
         if device.type == "cpu":
-            # denormal floats in early updates slow CPU steps up to 30x (BENCHMARKS.md); results unchanged
+            # denormal floats in early updates slow CPU steps many times over (BENCHMARKS.md); results unchanged
             torch.set_flush_denormal(True)
-        # retained CPU memory: 1.85x for the d2l preset (no page faults on every step), more RSS
+        # retained CPU memory: faster for large activations (no page faults on every step), more RSS
         mode = alloc.resolve(config.allocator, device)
         alloc.set_mode(mode)
         return mode

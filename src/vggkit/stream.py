@@ -27,8 +27,7 @@ from .pipeline import Batches, epoch_order, rank_part
 def stream_workers(workers: int | None = None, device=None) -> int:
     """workers as given; else, for decoding (no device), one process per core this process may use; for
     the batches of a training on the CPU none: every core already trains, and a worker would only take
-    its cycles and add a hand-over (measured: 71% of the synthetic-data speed with 2 workers on 2 cores,
-    BENCHMARKS.md); beside a GPU, one per core."""
+    its cycles and add a hand-over (measured slower with 2 workers on 2 cores, BENCHMARKS.md); beside a GPU, one per core."""
     if workers is not None:
         return workers
     if device is not None and torch.device(device).type == "cpu":

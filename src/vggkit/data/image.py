@@ -49,7 +49,7 @@ class ImageTooLarge(VggkitError):
 def image_files(directory: Path, recursive: bool = False) -> list[Path]:
     """The image files in a folder (by extension, hidden files, special files and hidden folders skipped),
     sorted by path."""
-    if not recursive:  # scandir: file types from the directory listing, sorted as strings (20,000 files: 0.1 s)
+    if not recursive:  # scandir: file types from the directory listing, sorted as strings
         with os.scandir(directory) as entries:
             names = sorted(e.name for e in entries if _is_image_name(e.name) and e.is_file())
         return [directory / name for name in names]
