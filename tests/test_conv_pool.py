@@ -289,7 +289,7 @@ def test_without_the_library_the_network_still_trains(monkeypatch):
 
 def test_the_network_fuses_gray_first_layers_only(fused):
     """An RGB first layer keeps oneDNN's convolution and the pool kernel: the fused forward measured
-    slower there (kernels.conv_pool.FASTER_IN_CHANNELS)."""
+    slower there (kernels.tuning.FASTER_IN_CHANNELS)."""
     for channels, expected in ((1, 1), (3, 0)):
         model = VGG("1x8,1x16", in_channels=channels, input_size=16, fc_width=16, num_classes=3, batch_norm=False)
         set_kernels(model, "fast")

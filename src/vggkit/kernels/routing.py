@@ -475,6 +475,24 @@ def route_block(block: nn.Module, x: torch.Tensor, steps: list | None = None) ->
     return _walk(block, x, Context(), take, Spec.of)
 
 
+def trace_block(block: nn.Module, x: torch.Tensor) -> tuple[list[tuple[Step, torch.Tensor]], torch.Tensor]:
+    """route_block, keeping each step with the tensor it took (benchmarks/bench_kernels.py --routes times
+    each step against PyTorch's layers on that input)."""
+    trace = []
+
+    def take(step, x):
+        trace.append((step, x))
+        return RUN[step.op](step, x)
+
+    return trace, _walk(block, x, Context(), take, Spec.of)
+
+
+def plain_layers(step: Step, block: nn.Module) -> tuple:
+    """The block's layers a step computes, for PyTorch to compute them instead (a folded block whose
+    last conv pooled covers the block's last ReLU and pool too)."""
+    return step.layers + (tuple(block)[-2:] if step.op == "folded_block" and step.option else ())
+
+
 def plan_block(block: nn.Module, x: torch.Tensor | Spec) -> tuple[list[Step], Spec]:
     """The steps block(x) would take now (grad mode, autocast, the block's train/eval mode), from shapes
     alone: nothing is computed. Returns them and the output's Spec."""
