@@ -103,9 +103,7 @@ FLOATS = (torch.float32, torch.bfloat16)
 def _common(x: Spec, ctx: Context, dtypes=FLOATS, *, dtype=None, library=True) -> list[str]:
     """The checks every op makes: a 4-D CPU input of a dtype it takes, outside torch.compile, the
     library loaded (not for oneDNN's ops)."""
-    why = []
-    if x.device.type != "cpu":
-        why.append(f"not on the CPU ({x.device.type})")
+    why = _on_cpu(x.device)
     if len(x.shape) != 4:
         why.append(f"a {len(x.shape)}-D input (the kernels take 4-D)")
     dtype = x.dtype if dtype is None else dtype
@@ -114,6 +112,11 @@ def _common(x: Spec, ctx: Context, dtypes=FLOATS, *, dtype=None, library=True) -
     if ctx.compiling:
         why.append("under torch.compile")
     return why + (ctx.library if library and not why else [])
+
+
+def _on_cpu(*devices: torch.device) -> list[str]:
+    """The one device the kernels exist for."""
+    return [f"not on the CPU ({d.type})" for d in dict.fromkeys(devices) if d.type != "cpu"][:1]
 
 
 def _tracked(x: Spec, ctx: Context) -> list[str]:
@@ -222,8 +225,9 @@ def _first_layer(conv: nn.Module, x: Spec, ctx: Context, tuned: bool) -> list[st
         same = same and x.dtype == weight.dtype
     if not same:
         why.append("input, weight and bias of different dtypes")
-    if weight.device.type != "cpu" or weight.dtype not in FLOATS:
-        why.append("weights not float32 or bfloat16 on the CPU")
+    why += _on_cpu(weight.device)
+    if weight.dtype not in FLOATS:
+        why.append("weights not float32 or bfloat16")
     if len(x.shape) == 4 and (x.shape[1] != conv.in_channels or min(x.shape[2:]) < 2):
         why.append("an input of other channels than the conv's, or under 2x2 pixels")
     if x.requires_grad:
@@ -287,9 +291,9 @@ def _why_not_dropout(layers, x, ctx, tuned=True):
     why = [] if dropout.training else ["eval mode: no dropout"]
     why += ["in place"] if dropout.inplace else []
     why += ["traced (export)"] if ctx.tracing else []
-    why += [] if x.device.type == "cpu" else [f"not on the CPU ({x.device.type})"]
+    why += _on_cpu(x.device)
     why += [] if x.dtype.is_floating_point else ["not a floating-point input"]
-    why += [] if 0 < dropout.p < 1 else [f"p = {dropout.p}"]
+    why += [] if 0 < dropout.p < 1 else ["p = 0: nothing to drop" if dropout.p == 0 else f"p = {dropout.p}"]
     return why + (["under torch.compile"] if ctx.compiling else [])
 
 
@@ -302,9 +306,9 @@ def _why_not_linear_with_copy(layers, x, ctx, tuned=True):
         why.append("no weight gradient (inference or frozen)")
     if ctx.autocast != torch.bfloat16:
         why.append("not under bfloat16 autocast")
-    if not (weight.dtype == torch.float32 and weight.is_contiguous() and weight.device.type == "cpu"
-            and x.device.type == "cpu"):
-        why.append("not a contiguous float32 weight and input on the CPU")
+    why += _on_cpu(x.device, weight.device)
+    if not (weight.dtype == torch.float32 and weight.is_contiguous()):
+        why.append("not a contiguous float32 weight")
     why += ["traced (export)"] if ctx.tracing else []
     return why + (["under torch.compile"] if ctx.compiling else [])
 
