@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import build, tuning
+from . import bn_relu, build, conv_pool, conv_weight_grad, folded, pool_relu, tuning
+from .conv_relu import compute as conv_relu_compute  # the package's `conv_relu` is this module's function below
 from .tuning import FASTER_IN_CHANNELS, MIN_IN_CHANNELS
 
 MODES = ("fast", "reordered", "plain")
@@ -188,8 +189,6 @@ def _weight_grad_on_tiles(conv: nn.Conv2d, x: Spec, ctx: Context, tuned=True) ->
                    + _where_measured(MIN_IN_CHANNELS))
     if why:
         return why
-    from . import conv_weight_grad
-
     return ctx.library or ([] if conv_weight_grad._amx() else ["no AMX on this CPU (or Linux does not let this process use it)"])
 
 
@@ -208,8 +207,7 @@ def _first_layer(conv: nn.Module, x: Spec, ctx: Context, tuned: bool) -> list[st
     padding 1, no dilation or groups, 1 to MAX_IN_CHANNELS input channels, whose input needs no gradient
     (a network's first layer); a 4-D float32 or bfloat16 CPU input of at least 2x2 (under CPU autocast,
     bfloat16; else the weight's dtype); outside torch.compile and tracing, with the library built."""
-    from .conv_pool import MAX_IN_CHANNELS
-
+    MAX_IN_CHANNELS = conv_pool.MAX_IN_CHANNELS
     if type(conv) is not nn.Conv2d:
         return [f"a {type(conv).__name__}, not nn.Conv2d"]
     why = _hooks(conv)
@@ -323,12 +321,15 @@ def _where_measured(threshold: tuning.Threshold) -> str:
 
 @dataclass(frozen=True)
 class Op:
+    """One row of the table: a fused op, what it covers, why it would not apply, how to run it."""
     name: str
     computes: str  # what it computes, one line
     source: str  # the C++ file (or library) it runs on
     covers: Callable[[list, int], int]  # the layers it would compute from position i of a block: a count, 0 if none
     why_not: Callable  # (layers, x: Spec, ctx, tuned) -> reasons; empty where it applies
-    training_only: bool = False
+    run: Callable = None  # (step, x) -> the step's output, by the op's wrapper (which trusts the step)
+    output: Callable = None  # (step, x: Spec, ctx) -> the output's Spec, for plan_block
+    options: Callable = None  # (covered, x: Spec, ctx) -> the step's (backward, option); default (True, False)
 
 
 def _body(layers) -> int:
@@ -343,30 +344,50 @@ OPS = {op.name: op for op in (
     Op("folded_block", "a block's convs with their eval-mode batch norms folded in, each conv + ReLU one call",
        "oneDNN (conv_pool_relu.cpp for a gray first conv)",
        lambda L, i: _body(L) if i == 0 and _body(L) % 3 == 2 and any(isinstance(m, nn.BatchNorm2d) for m in L[:-2])
-       else 0, _why_not_folded_block),
+       else 0, _why_not_folded_block,
+       run=lambda s, x: folded.compute(list(s.layers), x, s.option),
+       output=lambda s, x, ctx: _folded_output(s, x, ctx),
+       options=lambda covered, x, ctx: (False, _folded_pools(covered, x, ctx))),
     Op("conv_pool_relu", "a first block's conv, 2x2 max-pool and ReLU in one pass", "conv_pool_relu.cpp",
-       lambda L, i: 3 if i == 0 and len(L) == 3 else 0, _why_not_conv_pool_relu),
+       lambda L, i: 3 if i == 0 and len(L) == 3 else 0, _why_not_conv_pool_relu,
+       run=lambda s, x: conv_pool.compute(s.layers[0], x, s.backward),
+       output=lambda s, x, ctx: _pooled(_conv_output(s.layers[0], x, ctx, grad=s.backward)),
+       options=lambda covered, x, ctx: (covered[0].weight.requires_grad and ctx.grad, False)),
     Op("conv_batch_norm_pool_relu", "a first block's conv, batch norm (moments in closed form), pool and ReLU",
        "conv_pool_relu.cpp", lambda L, i: 4 if i == 0 and len(L) == 4 else 0, _why_not_conv_batch_norm_pool_relu,
-       training_only=True),
+       run=lambda s, x: conv_pool.compute_with_batch_norm(s.layers[0], s.layers[1], x),
+       output=lambda s, x, ctx: _pooled(_conv_output(s.layers[0], x, ctx, grad=True))),
     Op("batch_norm_pool_relu", "a block's last batch norm, pool and ReLU in one pass", "batch_norm_pool_relu.cpp",
        lambda L, i: 3 if i == _body(L) - 1 and _is(nn.BatchNorm2d, L, i) else 0, _why_not_batch_norm_pool_relu,
-       training_only=True),
+       run=lambda s, x: bn_relu.compute_with_pool(x, s.layers[0]),
+       output=lambda s, x, ctx: _pooled(x, requires_grad=True)),
     Op("batch_norm_relu", "a training-mode batch norm and the ReLU after it in one pass", "batch_norm_relu.cpp",
        lambda L, i: (2 if i + 1 < _body(L) and _is(nn.ReLU, L, i + 1) and not hooked(L[i + 1]) else 1)
-       if i < _body(L) and _is(nn.BatchNorm2d, L, i) else 0, _why_not_batch_norm_relu, training_only=True),
+       if i < _body(L) and _is(nn.BatchNorm2d, L, i) else 0, _why_not_batch_norm_relu,
+       run=lambda s, x: bn_relu.compute(x, s.layers[0], s.option),
+       output=lambda s, x, ctx: replace(x, requires_grad=True),
+       options=lambda covered, x, ctx: (True, len(covered) == 2)),
     Op("conv_relu", "a conv and its ReLU as one oneDNN call (weight gradient on the AMX tiles where it applies)",
        "oneDNN", lambda L, i: 2 if i + 1 < _body(L) and _is(nn.Conv2d, L, i) and _is(nn.ReLU, L, i + 1) else 0,
-       _why_not_conv_relu),
+       _why_not_conv_relu,
+       run=lambda s, x: conv_relu_compute(s.layers[0], x, relu=True, tiles=s.option),
+       output=lambda s, x, ctx: _conv_output(s.layers[0], x, ctx),
+       options=lambda covered, x, ctx: (False, _tiles(covered[0], x, ctx))),
     Op("conv_tiled_weight_grad", "a conv before a batch norm, its weight gradient on the AMX tiles",
        "conv_weight_grad.cpp", lambda L, i: 1 if i < _body(L) and _is(nn.Conv2d, L, i) else 0,
-       _why_not_conv_tiled_weight_grad, training_only=True),
+       _why_not_conv_tiled_weight_grad,
+       run=lambda s, x: conv_relu_compute(s.layers[0], x, relu=False, tiles=True),
+       output=lambda s, x, ctx: _conv_output(s.layers[0], x, ctx)),
     Op("max_pool_relu", "the 2x2 max-pool and the block's last ReLU in one pass", "max_pool_relu.cpp",
-       lambda L, i: 2 if i == _body(L) else 0, _why_not_max_pool_relu),
+       lambda L, i: 2 if i == _body(L) else 0, _why_not_max_pool_relu,
+       run=lambda s, x: pool_relu.compute(x, s.backward),
+       output=lambda s, x, ctx: _pooled(x, requires_grad=s.backward),
+       options=lambda covered, x, ctx: (x.requires_grad and ctx.grad, False)),
+    # the classifier's: model.Dropout and model.Linear ask `uses` (they cover no block layers)
     Op("dropout", "dropout with its mask from 64-bit random words", "PyTorch (torch.Tensor.random_)",
-       lambda L, i: 0, _why_not_dropout, training_only=True),
+       lambda L, i: 0, _why_not_dropout),
     Op("linear_with_copy", "a dense layer on the bfloat16 copy of its weight the optimizer keeps",
-       "sgd_bf16_copy.cpp", lambda L, i: 0, _why_not_linear_with_copy, training_only=True),
+       "sgd_bf16_copy.cpp", lambda L, i: 0, _why_not_linear_with_copy),
 )}
 # Preference, first to last: the first op that covers a block's layers and applies computes them.
 PRIORITY = ("folded_block", "conv_pool_relu", "conv_batch_norm_pool_relu", "batch_norm_pool_relu", "batch_norm_relu",
@@ -422,30 +443,25 @@ def _choose(layers: list, i: int, x: Spec, ctx: Context) -> Step:
         if reasons:
             declined.append((name, reasons))
             continue
-        return Step(name, tuple(covered), *_options(name, covered, x, ctx), declined=declined)
+        backward, option = op.options(covered, x, ctx) if op.options else (True, False)
+        return Step(name, tuple(covered), backward, option, declined=declined)
     count = 2 if i == _body(layers) else 1  # the pool and the last ReLU, or one layer
     return Step(PYTORCH, tuple(layers[i:i + count]), declined=declined)
 
 
-def _options(name: str, covered: list, x: Spec, ctx: Context) -> tuple[bool, bool]:
-    """(backward, option) of a chosen step."""
-    if name == "max_pool_relu":
-        return x.requires_grad and ctx.grad, False
-    if name == "conv_pool_relu":
-        return covered[0].weight.requires_grad and ctx.grad, False
-    if name == "batch_norm_relu":
-        return True, len(covered) == 2
-    if name == "conv_relu":
-        conv = covered[0]
-        return False, conv.weight.requires_grad and ctx.grad and not _weight_grad_on_tiles(conv, x, ctx)
-    if name == "folded_block":
-        last, spec = covered[-2], x
-        for conv in covered[0::3][:-1]:
-            spec = _conv_output(conv, spec, ctx, grad=False)
-        dtype = ctx.compute_dtype(spec)
-        spec = replace(spec, dtype=dtype, requires_grad=spec.requires_grad and dtype == spec.dtype)  # as x.to(dtype)
-        return False, not _first_layer(last, spec, ctx, tuned=True)
-    return True, False
+def _tiles(conv: nn.Conv2d, x: Spec, ctx: Context) -> bool:
+    """Whether conv's weight gradient runs on the AMX tiles (conv_relu's backward)."""
+    return conv.weight.requires_grad and ctx.grad and not _weight_grad_on_tiles(conv, x, ctx)
+
+
+def _folded_pools(body: list, x: Spec, ctx: Context) -> bool:
+    """Whether a folded block's last conv runs with the pool as conv_pool_relu (a gray first block)."""
+    spec = x
+    for conv in body[0::3][:-1]:
+        spec = _conv_output(conv, spec, ctx, grad=False)
+    dtype = ctx.compute_dtype(spec)
+    spec = replace(spec, dtype=dtype, requires_grad=spec.requires_grad and dtype == spec.dtype)  # as x.to(dtype)
+    return not _first_layer(body[-2], spec, ctx, tuned=True)
 
 
 def _walk(block: nn.Module, x, ctx: Context, take: Callable[[Step, object], object], spec_of) -> object:
@@ -533,29 +549,8 @@ def _run_in_order(step: Step, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _run(name: str) -> Callable[[Step, torch.Tensor], torch.Tensor]:
-    from . import bn_relu, conv_pool, folded, pool_relu
-    from .conv_relu import compute as conv_relu_compute  # the package's conv_relu is this module's function
-
-    return {
-        "folded_block": lambda s, x: folded.compute(list(s.layers), x, s.option),
-        "conv_pool_relu": lambda s, x: conv_pool.compute(s.layers[0], x, s.backward),
-        "conv_batch_norm_pool_relu": lambda s, x: conv_pool.compute_with_batch_norm(s.layers[0], s.layers[1], x),
-        "batch_norm_pool_relu": lambda s, x: bn_relu.compute_with_pool(x, s.layers[0]),
-        "batch_norm_relu": lambda s, x: bn_relu.compute(x, s.layers[0], s.option),
-        "conv_relu": lambda s, x: conv_relu_compute(s.layers[0], x, relu=True, tiles=s.option),
-        "conv_tiled_weight_grad": lambda s, x: conv_relu_compute(s.layers[0], x, relu=False, tiles=True),
-        "max_pool_relu": lambda s, x: pool_relu.compute(x, s.backward),
-    }[name]
-
-
-class _Runners(dict):
-    def __missing__(self, name):
-        self[name] = _run(name)
-        return self[name]
-
-
-RUN = _Runners({PYTORCH: _run_pytorch, "in_order": _run_in_order})
+RUN = {PYTORCH: _run_pytorch, "in_order": _run_in_order,
+       **{op.name: op.run for op in OPS.values() if op.run is not None}}
 
 
 # ---- a step's output, from shapes (plan_block)
@@ -587,27 +582,18 @@ def _pooled(x: Spec, **changes) -> Spec:
     return replace(x, shape=(*x.shape[:-2], x.shape[-2] // 2, x.shape[-1] // 2), **changes)
 
 
+def _folded_output(step: Step, x: Spec, ctx: Context) -> Spec:
+    for conv in step.layers[0::3]:
+        x = _conv_output(conv, x, ctx, grad=False)
+    return _pooled(x) if step.option else x
+
+
 def _output(step: Step, x: Spec, ctx: Context) -> Spec:
     if step.op in (PYTORCH, "in_order"):
         for layer in step.layers:
             x = _module_output(layer, x, ctx)
         return x
-    if step.op == "folded_block":
-        for conv in step.layers[0::3]:
-            x = _conv_output(conv, x, ctx, grad=False)
-        return _pooled(x) if step.option else x
-    if step.op in ("conv_pool_relu", "conv_batch_norm_pool_relu"):
-        conv = step.layers[0]
-        return _pooled(_conv_output(conv, x, ctx, grad=ctx.grad and conv.weight.requires_grad))
-    if step.op in ("conv_relu", "conv_tiled_weight_grad"):
-        return _conv_output(step.layers[0], x, ctx)
-    if step.op == "batch_norm_relu":
-        return replace(x, requires_grad=True)
-    if step.op == "batch_norm_pool_relu":
-        return _pooled(x, requires_grad=True)
-    if step.op == "max_pool_relu":
-        return _pooled(x, requires_grad=step.backward)
-    raise KeyError(step.op)
+    return OPS[step.op].output(step, x, ctx)
 
 
 # ---- the ops one at a time, each routed on its own (the network routes whole blocks: route_block)
@@ -618,8 +604,6 @@ def max_pool_relu(x: torch.Tensor) -> torch.Tensor:
     gradient), else PyTorch's ops."""
     if why_not("max_pool_relu", (), x):
         return torch.relu(F.max_pool2d(x, 2, 2))
-    from . import pool_relu
-
     return pool_relu.compute(x, x.requires_grad and torch.is_grad_enabled())
 
 
@@ -628,8 +612,6 @@ def batch_norm_relu(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Te
     if why_not("batch_norm_relu", [bn], x):
         y = bn(x)
         return torch.relu(y) if relu else y
-    from . import bn_relu
-
     return bn_relu.compute(x, bn, relu)
 
 
@@ -638,8 +620,6 @@ def batch_norm_pool_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     then max_pool_relu, each fused where it can be."""
     if why_not("batch_norm_pool_relu", [bn], x):
         return max_pool_relu(batch_norm_relu(x, bn, relu=False))
-    from . import bn_relu
-
     return bn_relu.compute_with_pool(x, bn)
 
 
@@ -648,8 +628,6 @@ def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     with autograd where the weight needs a gradient, else PyTorch's ops."""
     if why_not("conv_pool_relu", [conv], x, tuned=False):
         return torch.relu(F.max_pool2d(conv(x), 2, 2))
-    from . import conv_pool
-
     return conv_pool.compute(conv, x, conv.weight.requires_grad and torch.is_grad_enabled())
 
 
@@ -657,28 +635,19 @@ def conv_batch_norm_pool_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tens
     """relu(max_pool2d(bn(conv(x)), 2, 2)): the kernels wherever they can take it, else PyTorch's modules."""
     if why_not("conv_batch_norm_pool_relu", [conv, bn], x, tuned=False):
         return torch.relu(F.max_pool2d(bn(conv(x)), 2, 2))
-    from . import conv_pool
-
     return conv_pool.compute_with_batch_norm(conv, bn, x)
 
 
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
     """relu(conv(x)) (conv(x), relu=False) in one oneDNN call (the caller checked why_not("conv_relu",
     ...)); the weight gradient on the AMX tiles where that applies."""
-    from .conv_relu import compute
-
-    ctx, spec = Context(), Spec.of(x)
-    tiles = conv.weight.requires_grad and ctx.grad and not _weight_grad_on_tiles(conv, spec, ctx)
-    return compute(conv, x, relu, tiles)
+    return conv_relu_compute(conv, x, relu, _tiles(conv, Spec.of(x), Context()))
 
 
 def folded_block(body: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """relu(max_pool2d(body(x), 2, 2)), body a block's layers before its last ReLU and pool, with the
     batch norms folded into the convs (the caller checked why_not("folded_block", body, x))."""
-    from . import folded
-
-    ctx = Context()
-    pooled = _options("folded_block", list(body), Spec.of(x), ctx)[1]
+    pooled = _folded_pools(list(body), Spec.of(x), Context())
     y = folded.compute(list(body), x, pooled)
     return y if pooled else max_pool_relu(y)
 
