@@ -3,6 +3,14 @@
 `--kernels fast`. Median of --repeats calls after two warm-up calls; run it alone.
 
     .venv/bin/python benchmarks/bench_kernels.py [--repeats 7] [--json out.json]
+
+With --routes, instead: each step the routing (kernels/routing.py) chooses on this machine for the
+presets' networks (training: forward + backward under the preset's precision; inference: forward,
+no grad), timed on the input it gets there against PyTorch's own layers for the same part of the
+block (the plain path), with a verdict per step. The check of the routing's tuning on a CPU
+(kernels/tuning.py says where each threshold was measured):
+
+    .venv/bin/python benchmarks/bench_kernels.py --routes [--presets fast d2l best] [--batch N] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -176,13 +184,112 @@ def conv_weight_grad(repeats: int) -> list[dict]:
     return rows
 
 
+def routes(presets: list[str], batch: int | None, repeats: int) -> list[dict]:
+    """Per preset, phase, block and routed step: the default route's ms against PyTorch's layers'."""
+    from vggkit.config import resolve_config
+    from vggkit.kernels import routing
+    from vggkit.model import VGG, set_kernels
+    from vggkit.runtime import speed_settings
+
+    rows = []
+    for preset in presets:
+        config = resolve_config(preset)
+        size = config.input_size or 28  # Fashion-MNIST's, where the recipe leaves it to the data
+        model = VGG(**config.model_arguments(1, 10) | {"input_size": size})
+        assert set_kernels(model, config.kernels) == "fast", "the routing is not in the fast mode here"
+        speed = speed_settings(config, torch.device("cpu"))
+        n = batch or config.batch_size or 128
+        for phase in ("training", "inference"):
+            training = phase == "training"
+            model.train(training)
+            x = torch.randn(n, 1, size, size).contiguous(memory_format=CL if speed.channels_last else torch.contiguous_format)
+            with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=speed.amp_dtype or BF16,
+                                                                  enabled=speed.amp_dtype is not None):
+                for i, block in enumerate(model.features, start=1):
+                    trace, x = routing.trace_block(block, x)
+                    x = x.detach()
+                    for step, given in trace:
+                        if step.op in (routing.PYTORCH, "in_order"):
+                            continue
+                        plain = routing.Step(routing.PYTORCH, routing.plain_layers(step, block))
+                        given = given.detach().requires_grad_(given.requires_grad)
+                        default_ms = median_ms(_timed(routing.RUN[step.op], step, given, training), repeats)
+                        plain_ms = median_ms(_timed(routing.RUN[routing.PYTORCH], plain, given, training), repeats)
+                        rows.append({"preset": preset, "phase": phase, "block": i, "op": step.op,
+                                     "shape": list(given.shape), "default_ms": default_ms, "plain_ms": plain_ms})
+                if training:
+                    rows += _classifier_routes(preset, model, n, repeats)
+    return rows
+
+
+def _classifier_routes(preset: str, model, n: int, repeats: int) -> list[dict]:
+    """The classifier's routed layers (dropout; a dense layer on its weight copy, as SGD gives it)."""
+    from vggkit.kernels import WeightCopy, routing, weight_copies
+
+    rows = []
+    for module in model.classifier:
+        x = torch.randn(n, getattr(module, "in_features", model.fc_width), requires_grad=True)
+        if isinstance(module, torch.nn.Linear):
+            module.weight_copy = WeightCopy()
+            op, default, plain = "linear_with_copy", lambda: weight_copies.linear(module, x), \
+                lambda: F.linear(x, module.weight, module.bias)
+        elif isinstance(module, torch.nn.Dropout):
+            op, default, plain = "dropout", lambda: kernels.dropout(x, module.p), lambda: F.dropout(x, module.p, True)
+        else:
+            continue
+        if not routing.uses(op, module, x):
+            continue
+        rows.append({"preset": preset, "phase": "training", "block": "classifier", "op": op, "shape": list(x.shape),
+                     "default_ms": median_ms(_backward_of(default), repeats),
+                     "plain_ms": median_ms(_backward_of(plain), repeats)})
+        module.weight_copy = None
+    return rows
+
+
+def _backward_of(fn):
+    def call():
+        y = fn()
+        torch.autograd.backward(y, torch.ones_like(y))
+    return call
+
+
+def _timed(run, step, x, training: bool):
+    """A call of run(step, x); in training with its backward from a fixed output gradient."""
+    def call():
+        y = run(step, x)
+        if training and y.requires_grad:
+            torch.autograd.backward(y, torch.ones_like(y))
+    return call
+
+
+def print_routes(rows: list[dict], repeats: int) -> None:
+    print(f"threads {torch.get_num_threads()}; median ms of {repeats} calls; training: forward + backward")
+    print("| preset | phase | block | routed op | input | default ms | plain ms | default / plain | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ratio = r["default_ms"] / r["plain_ms"]
+        verdict = "default at least as fast" if ratio <= 1 else "PLAIN FASTER"
+        print(f"| {r['preset']} | {r['phase']} | {r['block']} | {r['op']} | {'x'.join(map(str, r['shape']))} "
+              f"| {r['default_ms']:.2f} | {r['plain_ms']:.2f} | {ratio:.2f} | {verdict} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json")
+    parser.add_argument("--routes", action="store_true", help="time each routed step against PyTorch's layers")
+    parser.add_argument("--presets", nargs="+", default=["fast", "d2l", "best"], help="with --routes")
+    parser.add_argument("--batch", type=int, default=None, help="with --routes: batch size (default: the preset's, else 128)")
     args = parser.parse_args()
     allocator.retain_freed_memory()
     assert kernels.available(), "the C++ kernels are not available here"
+    if args.routes:
+        rows = routes(args.presets, args.batch, args.repeats)
+        print_routes(rows, args.repeats)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = [*pool_relu(args.repeats), *conv_relu(args.repeats), *conv_pool_relu(args.repeats),
             *conv_batch_norm_pool_relu(args.repeats),
             *batch_norm_relu(args.repeats), *batch_norm_pool_relu(args.repeats), *dropout(args.repeats),

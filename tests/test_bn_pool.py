@@ -23,6 +23,11 @@ PRECISIONS = ["fp32", "bf16"]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
+def fusable(x, bn) -> bool:
+    """Whether the routing takes relu(max_pool2d(bn(x))) to the one kernel."""
+    return not kernels.why_not("batch_norm_pool_relu", [bn], x)
+
+
 def bits(t):
     return t.view(BITS[t.dtype])
 
@@ -210,15 +215,15 @@ def test_output_gradient_of_another_layout(fused):
 
 def test_what_stays_with_the_two_kernels_or_pytorch(fused):
     x = sample((2, 4, 6, 5), "nhwc").requires_grad_()
-    assert kernels.batch_norm_pool_fusable(x, batch_norm(4))
+    assert fusable(x, batch_norm(4))
     narrow = sample((2, 4, 6, 1), "nhwc").requires_grad_()  # nothing to pool: an empty output
-    assert not kernels.batch_norm_pool_fusable(narrow, batch_norm(4))
+    assert not fusable(narrow, batch_norm(4))
     assert kernels.batch_norm_pool_relu(narrow, batch_norm(4)).shape == (2, 4, 3, 0)
-    assert not kernels.batch_norm_pool_fusable(x, batch_norm(4).eval())
-    assert not kernels.batch_norm_pool_fusable(x.detach(), batch_norm(4))
+    assert not fusable(x, batch_norm(4).eval())
+    assert not fusable(x.detach(), batch_norm(4))
     hooked = batch_norm(4)
     hooked.register_forward_hook(lambda *args: None)
-    assert not kernels.batch_norm_pool_fusable(x, hooked)
+    assert not fusable(x, hooked)
     eval_bn = batch_norm(4).eval()
     torch.testing.assert_close(kernels.batch_norm_pool_relu(x, eval_bn), reference(x, eval_bn), rtol=0, atol=0)
     with torch.no_grad():
@@ -244,7 +249,7 @@ def small_vgg():
 def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, precision):
     model = small_vgg().to(memory_format=FORMATS[layout])
     plain = copy.deepcopy(model)
-    assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
+    assert set_kernels(model, "fast") == "fast" and set_kernels(plain, "plain") == "plain"
     x = torch.randn(8, 3, 12, 12).contiguous(memory_format=FORMATS[layout])
     y = torch.randint(0, 5, (8,))
     loss, grads = train_step(model, x, y, precision)
@@ -261,7 +266,7 @@ def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, pr
 
 def test_a_hook_on_the_last_batch_norm_keeps_the_two_kernels(fused):
     model = small_vgg()
-    set_kernels(model, "fused")
+    set_kernels(model, "fast")
     seen = []
     model.features[0][1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     calls = backward_ops(model(torch.randn(2, 3, 12, 12)).sum())

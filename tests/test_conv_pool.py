@@ -25,6 +25,16 @@ CASES = {"gray-16": (1, 16, True, 4, 18, 18), "rgb-odd": (3, 20, False, 3, 11, 1
          "gray-8-odd-rows": (1, 8, True, 2, 7, 6), "rgb-32": (3, 32, True, 2, 10, 12)}
 
 
+def takes(conv, x) -> bool:
+    """Whether the kernels can take relu(max_pool2d(conv(x))), forward alone or with autograd (speed aside)."""
+    return not kernels.why_not("conv_pool_relu", [conv], x, tuned=False)
+
+
+def fusable(conv, x) -> bool:
+    """As takes, with the autograd function: the weight needs a gradient, autograd records."""
+    return takes(conv, x) and conv.weight.requires_grad and torch.is_grad_enabled()
+
+
 @pytest.fixture(scope="module")
 def fused():
     """The C++ kernels, built (or loaded from the cache) once for this module."""
@@ -186,7 +196,7 @@ def test_weight_gradient_does_not_depend_on_the_thread_count(fused):
 
 def test_bfloat16_weights_without_autocast(fused):
     conv, x = make_conv(1, 16, integer=True).bfloat16(), make_input(2, 1, 8, 8, integer=True).bfloat16()
-    assert kernels.conv_pool_relu_fusable(conv, x)
+    assert fusable(conv, x)
     ours, theirs = ours_and_plain(conv, x, "fp32")
     assert ours[0].dtype == ours[1].dtype == ours[2].dtype == torch.bfloat16
     for a, b in zip(ours, theirs):
@@ -195,32 +205,32 @@ def test_bfloat16_weights_without_autocast(fused):
 
 def test_fuses_only_a_first_layer_it_can_compute(fused):
     conv, x = make_conv(3, 8), make_input(2, 3, 8, 8)
-    assert kernels.conv_pool_relu_fusable(conv, x)
-    assert not kernels.conv_pool_relu_fusable(conv, x.clone().requires_grad_())  # not a first layer
+    assert fusable(conv, x)
+    assert not fusable(conv, x.clone().requires_grad_())  # not a first layer
     for change in (dict(stride=2), dict(padding=2), dict(dilation=2), dict(kernel_size=5, padding=2),
                    dict(padding_mode="reflect"), dict(padding="same"), dict(in_channels=6)):
         args = {**dict(in_channels=3, out_channels=8, kernel_size=3, padding=1), **change}
         other = nn.Conv2d(**args)
-        assert not kernels.conv_pool_relu_fusable(other, make_input(2, args["in_channels"], 8, 8)), change
+        assert not fusable(other, make_input(2, args["in_channels"], 8, 8)), change
     frozen = make_conv(3, 8).requires_grad_(False)
-    assert not kernels.conv_pool_relu_fusable(frozen, x) and kernels.conv_pool_relu_takes(frozen, x)
+    assert not fusable(frozen, x) and takes(frozen, x)
     hooked = make_conv(3, 8)
     hooked.register_forward_hook(lambda *a: None)
-    assert not kernels.conv_pool_relu_fusable(hooked, x)
-    assert not kernels.conv_pool_relu_fusable(conv, x.double()) and not kernels.conv_pool_relu_fusable(conv, x.half())
-    assert not kernels.conv_pool_relu_fusable(conv, x.bfloat16())  # float32 weights, no autocast
-    assert not kernels.conv_pool_relu_fusable(conv, make_input(2, 3, 1, 8))  # no window: PyTorch's error
+    assert not fusable(hooked, x)
+    assert not fusable(conv, x.double()) and not fusable(conv, x.half())
+    assert not fusable(conv, x.bfloat16())  # float32 weights, no autocast
+    assert not fusable(conv, make_input(2, 3, 1, 8))  # no window: PyTorch's error
     with torch.no_grad():  # inference: the forward alone
-        assert not kernels.conv_pool_relu_fusable(conv, x) and kernels.conv_pool_relu_takes(conv, x)
+        assert not fusable(conv, x) and takes(conv, x)
         torch.testing.assert_close(kernels.conv_pool_relu(conv, x), plain(conv, x), rtol=1e-5, atol=1e-6)
     for change in (dict(stride=2), dict(in_channels=6)):  # what it cannot compute, in inference too
         args = {**dict(in_channels=3, out_channels=8, kernel_size=3, padding=1), **change}
-        assert not kernels.conv_pool_relu_takes(nn.Conv2d(**args), make_input(2, args["in_channels"], 8, 8))
+        assert not takes(nn.Conv2d(**args), make_input(2, args["in_channels"], 8, 8))
 
 
 def test_a_hook_on_the_first_conv_sees_its_full_output(fused):
     model = VGG("1x8,1x16", in_channels=1, input_size=16, fc_width=16, num_classes=3, batch_norm=False)
-    set_kernels(model, "fused")
+    set_kernels(model, "fast")
     seen = []
     model.features[0][0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
     model(torch.randn(2, 1, 16, 16)).sum().backward()
@@ -238,7 +248,7 @@ def test_network_fused_equals_plain(fused, layout, precision):
     model = VGG("1x8,1x16", in_channels=1, input_size=32, fc_width=32, num_classes=5, dropout=0.0,
                 batch_norm=False).to(memory_format=FORMATS[layout])
     plain_model = copy.deepcopy(model)
-    assert set_kernels(model, "fused") == "fused" and set_kernels(plain_model, "plain") == "plain"
+    assert set_kernels(model, "fast") == "fast" and set_kernels(plain_model, "plain") == "plain"
     x = make_input(16, 1, 32, 32, layout)
     y = torch.randint(0, 5, (16,))
     loss, grads = train_step(model, x, y, precision)
@@ -260,7 +270,7 @@ def test_without_the_library_the_network_still_trains(monkeypatch):
     monkeypatch.setattr(build, "LIBRARY", build.KernelLibrary())
     monkeypatch.setattr(build, "_noted", set())
     conv, x = make_conv(1, 8), make_input(4, 1, 16, 16)
-    assert not kernels.conv_pool_relu_fusable(conv, x)
+    assert not fusable(conv, x)
     assert torch.equal(kernels.conv_pool_relu(conv, x), plain(conv, x))
     torch.manual_seed(0)
     model = VGG("1x8,1x16", in_channels=1, input_size=16, fc_width=16, num_classes=3, dropout=0.0, batch_norm=False)
@@ -279,10 +289,10 @@ def test_without_the_library_the_network_still_trains(monkeypatch):
 
 def test_the_network_fuses_gray_first_layers_only(fused):
     """An RGB first layer keeps oneDNN's convolution and the pool kernel: the fused forward measured
-    slower there (kernels.conv_pool.FASTER_IN_CHANNELS)."""
+    slower there (kernels.tuning.FASTER_IN_CHANNELS)."""
     for channels, expected in ((1, 1), (3, 0)):
         model = VGG("1x8,1x16", in_channels=channels, input_size=16, fc_width=16, num_classes=3, batch_norm=False)
-        set_kernels(model, "fused")
+        set_kernels(model, "fast")
         calls = backward_ops(model(make_input(2, channels, 16, 16)).sum())
         assert calls.count("ConvPoolReLUBackward") == expected
         assert calls.count("MaxPoolReLUBackward") == 2 - expected
@@ -294,7 +304,7 @@ def test_network_inference_fused_equals_plain(fused, precision):
     torch.manual_seed(0)
     model = VGG("1x8,2x16", in_channels=1, input_size=32, fc_width=32, num_classes=5, batch_norm=False).eval()
     plain_model = copy.deepcopy(model)
-    set_kernels(model, "fused"), set_kernels(plain_model, "plain")
+    set_kernels(model, "fast"), set_kernels(plain_model, "plain")
     x = make_input(4, 1, 32, 32, "nhwc")
     with torch.no_grad(), autocast(precision):
         ours, theirs = model(x).float(), plain_model(x).float()

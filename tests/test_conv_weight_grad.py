@@ -16,6 +16,12 @@ from vggkit.model import set_kernels
 CL = torch.channels_last
 
 
+def on_tiles(x_shape, weight_shape, dtype, stride, padding, dilation, groups) -> bool:
+    """Whether the routing runs the weight gradient of such a conv on the AMX tiles."""
+    conv = torch.nn.Conv2d(x_shape[1], weight_shape[0], tuple(weight_shape[2:]), stride, padding, dilation, groups)
+    return not kernels.why_not("conv_tiled_weight_grad", [conv], torch.empty(x_shape, dtype=dtype))
+
+
 @pytest.fixture(autouse=True)
 def amx():
     require_kernels()
@@ -63,13 +69,13 @@ def test_weight_grad_refuses_what_it_cannot_compute():
 
 def test_applies_only_where_it_measured_faster():
     args = ((1, 1), (1, 1), (1, 1), 1)
-    assert conv_weight_grad.applies((8, 64, 14, 14), (64, 64, 3, 3), torch.bfloat16, *args)
-    assert conv_weight_grad.applies((8, 32, 56, 56), (64, 32, 3, 3), torch.bfloat16, *args)
-    assert not conv_weight_grad.applies((8, 64, 14, 14), (64, 64, 3, 3), torch.float32, *args)
-    assert not conv_weight_grad.applies((8, 16, 112, 112), (32, 16, 3, 3), torch.bfloat16, *args)  # one block in
-    assert not conv_weight_grad.applies((8, 48, 14, 14), (40, 48, 3, 3), torch.bfloat16, *args)  # 40 out
-    assert not conv_weight_grad.applies((8, 64, 14, 14), (64, 64, 3, 3), torch.bfloat16, (2, 2), (1, 1), (1, 1), 1)
-    assert not conv_weight_grad.applies((8, 64, 14, 14), (64, 64, 1, 1), torch.bfloat16, (1, 1), (0, 0), (1, 1), 1)
+    assert on_tiles((8, 64, 14, 14), (64, 64, 3, 3), torch.bfloat16, *args)
+    assert on_tiles((8, 32, 56, 56), (64, 32, 3, 3), torch.bfloat16, *args)
+    assert not on_tiles((8, 64, 14, 14), (64, 64, 3, 3), torch.float32, *args)
+    assert not on_tiles((8, 16, 112, 112), (32, 16, 3, 3), torch.bfloat16, *args)  # one block in
+    assert not on_tiles((8, 48, 14, 14), (40, 48, 3, 3), torch.bfloat16, *args)  # 40 out
+    assert not on_tiles((8, 64, 14, 14), (64, 64, 3, 3), torch.bfloat16, (2, 2), (1, 1), (1, 1), 1)
+    assert not on_tiles((8, 64, 14, 14), (64, 64, 1, 1), torch.bfloat16, (1, 1), (0, 0), (1, 1), 1)
 
 
 @pytest.mark.parametrize("relu", [True, False])
@@ -78,7 +84,7 @@ def test_conv_with_the_tiled_weight_grad_equals_conv2d(relu):
     conv = torch.nn.Conv2d(64, 32, 3, padding=1)
     x = torch.randn(4, 64, 7, 7).contiguous(memory_format=CL).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.conv_fusable(conv, x)
+        assert not kernels.why_not("conv_tiled_weight_grad", [conv], x)
         fused = kernels.conv_relu(conv, x, relu=relu)
         plain = conv(x)
         plain = torch.relu(plain) if relu else plain
@@ -97,7 +103,7 @@ def test_a_batch_norm_network_trains_alike_with_the_tiled_weight_grad():
     model = VGG("1x16,1x32,1x64", in_channels=1, input_size=28, fc_width=32, num_classes=5, dropout=0.0,
                 batch_norm=True).to(memory_format=CL)
     plain, float_model = copy.deepcopy(model), copy.deepcopy(model)
-    set_kernels(model, "fused"), set_kernels(plain, "plain"), set_kernels(float_model, "plain")
+    set_kernels(model, "fast"), set_kernels(plain, "plain"), set_kernels(float_model, "plain")
     x, y = torch.randn(32, 1, 28, 28).contiguous(memory_format=CL), torch.randint(0, 5, (32,))
     grads = []
     for net, bf16 in ((model, True), (plain, True), (float_model, False)):

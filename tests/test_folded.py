@@ -11,6 +11,11 @@ from vggkit import kernels
 from vggkit.model import VGG, set_kernels
 
 
+def foldable(body, x) -> bool:
+    """Whether the routing folds the block's batch norms into its convs."""
+    return not kernels.why_not("folded_block", body, x)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def library():
     require_kernels()
@@ -21,7 +26,7 @@ def networks(channels: int, arch: str = "1x8,2x16"):
     model = like_trained(VGG(arch, in_channels=channels, input_size=16, fc_width=32, num_classes=5, batch_norm=True),
                          weight_noise=0.05).to(memory_format=torch.channels_last)
     plain = copy.deepcopy(model)
-    assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
+    assert set_kernels(model, "fast") == "fast" and set_kernels(plain, "plain") == "plain"
     x = torch.randn(8, channels, 16, 16).contiguous(memory_format=torch.channels_last)
     return model, plain, x
 
@@ -42,15 +47,15 @@ def test_where_it_applies():
     model, _, x = networks(1)
     body = list(model.features[1])[:-2]  # [conv, bn, ReLU, conv, bn]
     with torch.no_grad():
-        assert kernels.block_foldable(body, x.new_empty(8, 8, 8, 8))
-        assert not kernels.block_foldable(body[:-1], x)  # not a block's body
+        assert foldable(body, x.new_empty(8, 8, 8, 8))
+        assert not foldable(body[:-1], x)  # not a block's body
         body[1].train()
-        assert not kernels.block_foldable(body, x)  # batch statistics: bn_relu.py's kernels
+        assert not foldable(body, x)  # batch statistics: bn_relu.py's kernels
         body[1].eval()
         handle = body[4].register_forward_hook(lambda *args: None)
-        assert not kernels.block_foldable(body, x)  # the hook sees the batch norm's own output
+        assert not foldable(body, x)  # the hook sees the batch norm's own output
         handle.remove()
-    assert not kernels.block_foldable(body, x)  # grad mode on: the batch norms' parameters may be trained
+    assert not foldable(body, x)  # grad mode on: the batch norms' parameters may be trained
 
 
 def test_gradients_still_flow_in_eval_mode():
@@ -66,6 +71,6 @@ def test_gradients_still_flow_in_eval_mode():
 def test_a_network_without_batch_norm_keeps_its_path():
     torch.manual_seed(0)
     model = VGG("2x8,1x16", in_channels=1, input_size=16, fc_width=16, num_classes=3, batch_norm=False).eval()
-    set_kernels(model, "fused")
+    set_kernels(model, "fast")
     with torch.no_grad():
-        assert not kernels.block_foldable(list(model.features[0])[:-2], torch.randn(2, 1, 16, 16))  # conv, ReLU, conv
+        assert not foldable(list(model.features[0])[:-2], torch.randn(2, 1, 16, 16))  # conv, ReLU, conv

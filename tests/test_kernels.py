@@ -25,6 +25,16 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def takes(x) -> bool:
+    """Whether the pool kernel takes x (forward alone or with autograd)."""
+    return not kernels.why_not("max_pool_relu", (), x)
+
+
+def fusable(x) -> bool:
+    """As takes, with autograd recording x's gradient."""
+    return takes(x) and x.requires_grad and torch.is_grad_enabled()
+
+
 @pytest.fixture(scope="module")
 def fused():
     """The C++ kernels, built (or loaded from the cache) once for this module."""
@@ -98,21 +108,21 @@ def test_max_pool_relu_fuses_only_where_autograd_runs_on_the_cpu(fused):
     assert type(kernels.max_pool_relu(x).grad_fn).__name__ == "MaxPoolReLUBackward"
     with torch.no_grad():  # inference: the kernel's forward alone, PyTorch's values to the bit
         assert_same(kernels.max_pool_relu(x), reference(x))
-        assert kernels.pool_relu_takes(x) and not kernels.fusable(x)
-    assert not kernels.fusable(x.detach()) and not kernels.fusable(x.half()) and not kernels.pool_relu_takes(x.half())
-    assert not kernels.fusable(torch.randn(4, 6, 6, requires_grad=True))  # 3-D: PyTorch's ops
-    assert not kernels.fusable(torch.randn(2, 4, 6, 6, device="meta", requires_grad=True))
+        assert takes(x) and not fusable(x)
+    assert not fusable(x.detach()) and not fusable(x.half()) and not takes(x.half())
+    assert not fusable(torch.randn(4, 6, 6, requires_grad=True))  # 3-D: PyTorch's ops
+    assert not fusable(torch.randn(2, 4, 6, 6, device="meta", requires_grad=True))
 
 
 def test_kernels_setting_resolves_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert block_kernels("auto", cpu) == block_kernels("fast", cpu) == "fused"
+    assert block_kernels("auto", cpu) == block_kernels("fast", cpu) == "fast"
     assert block_kernels("auto", cuda) == block_kernels("fast", cuda) == "reordered"
     assert block_kernels("plain", cpu) == block_kernels("plain", cuda) == "plain"
-    with pytest.raises(VggkitError, match="kernels must be one of auto, fast, plain"):
+    with pytest.raises(VggkitError, match="kernels must be one of fast, plain, auto"):
         block_kernels("turbo", cpu)
-    assert resolve_config().kernels == "auto"
-    with pytest.raises(VggkitError, match="kernels must be one of auto, fast, plain, got 'turbo'"):
+    assert resolve_config().kernels == "fast" and resolve_config(overrides={"kernels": "auto"}).kernels == "auto"
+    with pytest.raises(VggkitError, match="kernels must be one of fast, plain, auto, got 'turbo'"):
         resolve_config(overrides={"kernels": "turbo"})
 
 
@@ -153,10 +163,10 @@ def test_failed_build_falls_back_to_pytorchs_ops(monkeypatch, tmp_path, capsys, 
     broken = build.KernelLibrary()
     monkeypatch.setattr(build, "LIBRARY", broken)
     model = VGG("1x4,1x8", in_channels=1, input_size=8, fc_width=8, num_classes=3)
-    assert set_kernels(model, "fused") == "reordered"
+    assert set_kernels(model, "fast") == "reordered"
     assert broken.reason.startswith("build failed")
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    assert not kernels.fusable(x)
+    assert not fusable(x)
     assert_same(kernels.max_pool_relu(x), reference(x))
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     notes = [line for line in capsys.readouterr().err.splitlines() if "unavailable" in line]
@@ -237,7 +247,7 @@ def test_training_step_fused_equals_plain(fused, precision, batch_norm):
     model = VGG("1x8,2x16", in_channels=1, input_size=16, fc_width=32, num_classes=5, dropout=0.0,
                 batch_norm=batch_norm).to(memory_format=torch.channels_last)
     plain, float_model = copy.deepcopy(model), copy.deepcopy(model)
-    assert set_kernels(model, "fused") == "fused" and set_kernels(plain, "plain") == "plain"
+    assert set_kernels(model, "fast") == "fast" and set_kernels(plain, "plain") == "plain"
     set_kernels(float_model, "plain")
     x = torch.randn(32, 1, 16, 16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (32,))
@@ -294,7 +304,7 @@ def test_conv_relu_equals_conv_then_relu(layout, precision, conv):
     torch.manual_seed(0)
     conv, relu = torch.nn.Conv2d(**conv), torch.nn.ReLU()
     x = torch.randn(2, conv.in_channels, 9, 8).contiguous(memory_format=FORMATS[layout]).requires_grad_()
-    assert kernels.conv_relu_fusable(conv, relu, x)
+    assert not kernels.why_not("conv_relu", [conv, relu], x)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         fused, plain = kernels.conv_relu(conv, x), relu(conv(x))
     assert fused.dtype == plain.dtype and fused.shape == plain.shape
@@ -309,11 +319,11 @@ def test_conv_relu_equals_conv_then_relu(layout, precision, conv):
 def test_conv_relu_is_left_to_pytorch_where_it_cannot_apply():
     conv, relu = torch.nn.Conv2d(2, 3, 3, padding="same"), torch.nn.ReLU()
     x = torch.randn(1, 2, 5, 5)
-    assert not kernels.conv_relu_fusable(conv, relu, x)  # padding="same"
-    assert not kernels.conv_relu_fusable(torch.nn.Conv2d(2, 3, 3), torch.nn.Identity(), x)
+    assert kernels.why_not("conv_relu", [conv, relu], x)  # padding="same"
+    assert not kernels.OPS["conv_relu"].covers([torch.nn.Conv2d(2, 3, 3), torch.nn.Identity(), relu, torch.nn.MaxPool2d(2)], 0)
     hooked = torch.nn.Conv2d(2, 3, 3)
     hooked.register_forward_hook(lambda *a: None)
-    assert not kernels.conv_relu_fusable(hooked, relu, x)
+    assert kernels.why_not("conv_relu", [hooked, relu], x)
 
 
 def test_dropout_keeps_one_minus_p_scaled_and_its_gradient_is_the_mask():
@@ -342,7 +352,7 @@ def test_model_dropout_uses_the_fast_mask_only_when_training_fused():
     model = VGG("1x4", in_channels=1, input_size=8, fc_width=400, num_classes=3, dropout=0.5, batch_norm=False)
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(drops) == 2
-    set_kernels(model, "fused")
+    set_kernels(model, "fast")
     x = torch.ones(64, 400)
     fast = drops[0](x)
     assert abs((fast == 0).float().mean().item() - 0.5) < 0.02 and fast.max().item() == 2.0
@@ -361,8 +371,8 @@ def test_conv_weight_grad_stays_with_onednn_without_amx(monkeypatch):
     conv = torch.nn.Conv2d(64, 32, 3, padding=1)
     x = torch.randn(2, 64, 7, 7).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels.conv_fusable(conv, x)  # a conv before batch norm stays nn.Conv2d
-        assert kernels.conv_relu_fusable(conv, torch.nn.ReLU(), x)
+        assert kernels.why_not("conv_tiled_weight_grad", [conv], x)  # a conv before batch norm stays nn.Conv2d
+        assert not kernels.why_not("conv_relu", [conv, torch.nn.ReLU()], x)
         fused, plain = kernels.conv_relu(conv, x), torch.relu(conv(x))
     grad = torch.randn_like(plain)
     got = torch.autograd.grad(fused, conv.weight, grad)[0]

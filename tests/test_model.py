@@ -257,5 +257,5 @@ def test_hooks_and_scripting_see_the_standard_layout():
 def test_set_kernels_checks_the_mode():
     model = small_vgg()
     assert set_kernels(model, "plain") == "plain" and all(b.kernels == "plain" for b in model.features)
-    with pytest.raises(VggkitError, match="unknown kernels mode 'fast'; choose one of reordered, fused, plain"):
-        set_kernels(model, "fast")
+    with pytest.raises(VggkitError, match="unknown kernels mode 'turbo'; choose one of fast, reordered, plain"):
+        set_kernels(model, "turbo")

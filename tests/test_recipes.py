@@ -13,7 +13,7 @@ from vggkit.errors import VggkitError
 # Everything but the recipe fields is TrainConfig's default (data, speed and run settings).
 COMMON = dict(data="fashion-mnist", data_dir=None, limit=None, test_limit=None, skip_bad=False, allow_sample=True,
               warmup=0.2, device="auto", precision="auto", channels_last="auto", compile="auto", allocator="auto",
-              kernels="auto", threads=None, seed=0, out="runs", name=None, eval_every_epoch_on_test=True,
+              kernels="fast", threads=None, seed=0, out="runs", name=None, eval_every_epoch_on_test=True,
               init_from=None, freeze=0, head_pool=None, tensorboard=False, ema=0.0, ema_every=1, streaming="auto",
               workers=None, backbone_lr=None)
 # None: decided from the data (decide.py; on Fashion-MNIST 28, val 5,000, flip on, 8 epochs, batch 256)

@@ -54,7 +54,7 @@ def pair(momentum=0.9, nesterov=False, dampening=0.0):
     options = dict(lr=0.05, momentum=momentum, nesterov=nesterov, dampening=dampening)
     plain, ours = small_vgg(), small_vgg()
     for model in (plain, ours):
-        set_kernels(model, "fused")
+        set_kernels(model, "fast")
     linears = [m for m in ours.classifier if isinstance(m, Linear)]
     return (plain, torch.optim.SGD(groups(plain), **options)), (ours, SGDWithWeightCopies(groups(ours), linears, **options))
 
@@ -131,7 +131,7 @@ def test_copies_only_where_they_apply(fused):
 def test_make_optimizer_keeps_copies_only_for_fused_kernels(fused):
     model = small_vgg()
     assert type(make_optimizer(TrainConfig(lr=0.05), model)) is torch.optim.SGD  # "reordered": no copies
-    set_kernels(model, "fused")
+    set_kernels(model, "fast")
     assert isinstance(make_optimizer(TrainConfig(lr=0.05), model), SGDWithWeightCopies)
     assert type(make_optimizer(TrainConfig(lr=0.05, optimizer="adamw"), model)) is torch.optim.AdamW
     set_kernels(model, "plain")

@@ -100,6 +100,15 @@ def cmd_summary(args) -> int:
     from .specs import parse_arch
     import torch
 
+    if args.explain or args.preset:
+        from .kernel_report import explain_args
+
+        if not args.explain:
+            raise VggkitError("--preset goes with --explain; give the network by --arch for the cost report")
+        if not args.preset:
+            check_arch_input(len(parse_arch(args.arch, args.ratio)), args.input_size, args.in_channels or 1)
+        print(explain_args(args))
+        return 0
     # nothing is allocated (the meta device), but sizes past the machine's memory are a typo: said as such
     check_arch_input(len(parse_arch(args.arch, args.ratio)), args.input_size, args.in_channels or 1)
     with torch.device("meta"):
@@ -215,7 +224,7 @@ TRAIN_HELP = {
     "channels_last": "NHWC memory format (auto: on for CPU and CUDA)", "compile": COMPILE_HELP["train"],
     "allocator": "CPU malloc: retain freed memory for the next step (auto: on for CPU; faster, more RSS) or default",
     "kernels": "fast: vggkit's CPU kernels (pool+ReLU and batch norm+ReLU in C++, conv+ReLU in one oneDNN call, "
-                "fast dropout masks; auto: fast); plain: the network as it was",
+                "fast dropout masks; where each applies: summary --explain; auto: fast); plain: the network as it was",
     "threads": "CPU threads, 1 to 1024, capped at the cores this process may use (default: PyTorch's, one per core)",
     "seed": "seed of the splits, the initialisation and the batches, 0 to 2**64-1",
     "out": "directory holding runs", "name": "run name (default: preset and time)",
@@ -487,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_summary_memory_args(p)
     p.add_argument("--per-layer", action="store_true", help="one row per layer instead of per block")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.add_argument("--explain", action="store_true",
+                   help="instead: which kernel each block takes on this machine, training and inference, and why not the others")
+    p.add_argument("--preset", choices=list(RECIPES), default=None,
+                   help="with --explain: the recipe's network and settings (Fashion-MNIST's 1x28x28 where it leaves the input to the data; default: none, --arch)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)",

@@ -72,7 +72,7 @@ class TrainConfig:
     compile: str = "auto"  # auto|on|off
     allocator: str = "auto"  # auto|retain|default: CPU malloc, see allocator.py
     threads: int | None = None
-    kernels: str = "auto"  # auto|fast|plain: vggkit's CPU kernels (vggkit.kernels) or the plain network
+    kernels: str = "fast"  # fast|plain: vggkit's CPU kernels where they apply (kernels.routing) or the plain network; "auto" = fast
     # run
     seed: int = 0
     out: str = "runs"
@@ -132,7 +132,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "allocator": ("auto", "retain", "default"),
     "init": ("xavier", "kaiming"),
-    "kernels": ("auto", "fast", "plain"),
+    "kernels": ("fast", "plain", "auto"),  # "auto": the old spelling of "fast"
     "tta": tuple(TTA_LEVELS),
     "streaming": ("auto", "on", "off"),
     "balance": BALANCE_CHOICES,

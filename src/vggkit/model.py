@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import kernels as cpu_kernels
+from . import kernels
+from .kernels import routing
 from .errors import VggkitError
 from .specs import PRESET_IN_CHANNELS, Arch, format_arch, parse_arch
 
@@ -32,22 +33,19 @@ def vgg_block(num_convs: int, in_channels: int, out_channels: int, batch_norm: b
     return VGGBlock(*layers)
 
 
-KERNELS = ("reordered", "fused", "plain")  # how a block computes its batch norms, last ReLU and pool; see VGGBlock
+KERNELS = routing.MODES  # how a block computes its batch norms, last ReLU and pool; see VGGBlock
 
 
 class VGGBlock(nn.Sequential):
     """A VGG block, [conv, (bn), ReLU] x n then the max-pool, in the standard layout (state dict,
-    torchvision indices, named features, export), computed in one of three ways (`kernels`):
+    torchvision indices, named features, export), computed in one of three ways (`kernels`, the
+    modes of kernels.routing):
 
-    - "reordered" (the default): the last ReLU runs after the pool. They commute (max(relu(x)) =
-      relu(max(x)); gradients agree except at exact zero ties), and the ReLU then touches a quarter
-      of the values;
-    - "fused": as "reordered", with vggkit's CPU kernels (vggkit.kernels) when training on the CPU:
-      each batch norm with the ReLU after it in one pass, the last one with the pool and last ReLU
-      (without batch norm: pool and last ReLU in one pass) (C++); a conv and its ReLU as one oneDNN
-      call (also in inference); a first block of one conv (and batch norm) on a gray input without
-      gradient as one conv + (batch norm +) ReLU + pool kernel (C++); elsewhere (other devices, no
-      kernels, hooks) PyTorch's ops;
+    - "reordered": the last ReLU runs after the pool. They commute (max(relu(x)) = relu(max(x));
+      gradients agree except at exact zero ties), and the ReLU then touches a quarter of the values;
+    - "fast": as "reordered", each part of the block computed by the first of vggkit's CPU kernels
+      (vggkit.kernels) that applies to it, in kernels.routing's priority list; PyTorch's ops elsewhere
+      (other devices, no kernels, hooks). `kernels.routing.plan_block(block, x)` says which and why;
     - "plain": every layer in order, exactly nn.Sequential.
     TorchScript, tracing (ONNX export) and forward hooks on the pool or the last ReLU get the
     layers in order, so they see the tensors the standard layout names.
@@ -58,85 +56,38 @@ class VGGBlock(nn.Sequential):
         self.kernels = "reordered"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not self._reorders():
+        if torch.jit.is_scripting():
             for layer in self:
                 x = layer(x)
             return x
-        return self._pool_first(x)
+        return self._routed(x)
 
     @torch.jit.unused
-    def _reorders(self):  # no annotations: TorchScript cannot read postponed ones on an unused method
-        if self.kernels == "plain" or torch.jit.is_tracing() or len(self) < 2:
-            return False
-        relu, pool = self[-2], self[-1]  # not so in a slice of a block, say
-        if not (isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)):
-            return False
-        return not cpu_kernels.hooked(relu, pool) and not _global_hooks()
-
-    @torch.jit.unused
-    def _pool_first(self, x):
-        *body, relu, pool = self
-        if self.kernels == "fused":
-            if cpu_kernels.block_foldable(body, x):  # inference with batch norm: folded into the convs
-                return cpu_kernels.folded_block(body, x)
-            if len(body) == 1 and cpu_kernels.conv_pool_relu_faster(body[0], x):  # a network's gray first block
-                return cpu_kernels.conv_pool_relu(body[0], x)
-            if len(body) == 2 and cpu_kernels.conv_batch_norm_pool_faster(*body, x):  # the same with batch norm
-                return cpu_kernels.conv_batch_norm_pool_relu(*body, x)
-            bn = body[-1] if body and isinstance(body[-1], nn.BatchNorm2d) else None
-            x = _fast_layers(body[:-1] if bn is not None else body, x)
-            if bn is not None:  # the block ends with bn, pool, ReLU: one kernel where it takes them
-                if cpu_kernels.batch_norm_pool_fusable(x, bn):
-                    return cpu_kernels.batch_norm_pool_relu(x, bn)
-                x = _fast_layers([bn], x)
-            if cpu_kernels.pool_relu_takes(x):
-                return cpu_kernels.max_pool_relu(x)
-        else:
-            for layer in body:
-                x = layer(x)
-        return relu(pool(x))
+    def _routed(self, x):  # no annotations: TorchScript cannot read postponed ones on an unused method
+        return routing.route_block(self, x)
 
     def extra_repr(self) -> str:
         return f"kernels={self.kernels}"
 
 
-def _fast_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The layers in order, through vggkit.kernels where they apply: a batch norm and the ReLU after
-    it (C++), a conv and the ReLU after it (oneDNN), a conv whose weight gradient runs on AMX."""
-    i = 0
-    while i < len(layers):
-        layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, nn.BatchNorm2d) and cpu_kernels.batch_norm_fusable(x, layer):
-            relu = isinstance(after, nn.ReLU) and not cpu_kernels.hooked(after)
-            x, i = cpu_kernels.batch_norm_relu(x, layer, relu), i + (2 if relu else 1)
-        elif cpu_kernels.conv_relu_fusable(layer, after, x):
-            x, i = cpu_kernels.conv_relu(layer, x), i + 2
-        elif cpu_kernels.conv_fusable(layer, x):  # a conv before batch norm whose weight gradient takes AMX
-            x, i = cpu_kernels.conv_relu(layer, x, relu=False), i + 1
-        else:
-            x, i = layer(x), i + 1
-    return x
-
-
 class Dropout(nn.Dropout):
-    """nn.Dropout; in the "fused" mode, training on the CPU, its mask comes from torch.rand
-    (kernels.dropout: PyTorch's bernoulli_ mask is ~20x slower to draw there)."""
+    """nn.Dropout; in the "fast" mode, training on the CPU, its mask comes from random words
+    (kernels.dropout: PyTorch's bernoulli_ mask is slow to draw there)."""
 
     kernels = "reordered"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._fast(x):
-            return cpu_kernels.dropout(x, self.p)
+            return kernels.dropout(x, self.p)
         return nn.functional.dropout(x, self.p, self.training, self.inplace)
 
     @torch.jit.unused
     def _fast(self, x):
-        return (self.training and self.kernels == "fused" and not self.inplace and not torch.jit.is_tracing()
-                and cpu_kernels.dropout_fusable(x, self.p))
+        return routing.uses("dropout", self, x)
 
 
 class Linear(nn.Linear):
-    """nn.Linear; in the "fused" mode, training on the CPU under bf16 autocast with an optimizer that
+    """nn.Linear; in the "fast" mode, training on the CPU under bf16 autocast with an optimizer that
     keeps a bfloat16 copy of its weight (kernels.weight_copies), the product takes that copy instead
     of autocast's cast of the weight, and the gradient stays on the copy for the optimizer."""
 
@@ -145,27 +96,24 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._copied(x):
-            return cpu_kernels.linear_with_copy(self, x)
+            return kernels.linear_with_copy(self, x)
         return nn.functional.linear(x, self.weight, self.bias)
 
     @torch.jit.unused
     def _copied(self, x):
-        return self.kernels == "fused" and cpu_kernels.weight_copy_applies(self, x)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+        return routing.uses("linear_with_copy", self, x)
 
 
 def set_kernels(model: nn.Module, mode: str) -> str:
-    """Set how every VGGBlock (and classifier Dropout and Linear) of `model` computes (KERNELS, see VGGBlock);
-    returns the mode set: "fused" becomes "reordered" where the C++ kernels cannot be had (the
-    process then says why once on stderr). The state dict is the same in every mode."""
-    if mode not in KERNELS:
-        raise VggkitError(f"unknown kernels mode {mode!r}; choose one of {', '.join(KERNELS)}")
-    if mode == "fused" and not cpu_kernels.available():
+    """Set how every VGGBlock (and classifier Dropout and Linear) of `model` computes (KERNELS, see VGGBlock;
+    "fused", the old name of "fast", is taken too); returns the mode set: "fast" becomes "reordered"
+    where the C++ kernels cannot be had (the process then says why once on stderr). The state dict is
+    the same in every mode."""
+    try:
+        mode = routing.mode_named(mode)
+    except ValueError as e:
+        raise VggkitError(str(e)) from None
+    if mode == "fast" and not kernels.available():
         mode = "reordered"
     for block in model.modules():
         if isinstance(block, (VGGBlock, Dropout, Linear)):

@@ -87,13 +87,13 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
 
 def _copied_linears(model: torch.nn.Module) -> list:
     """The Linears whose weights SGD steps through bfloat16 copies (kernels.weight_copies): those in
-    the "fused" kernels mode, in a single process (under DDP every weight must get its gradient)."""
+    the "fast" kernels mode, in a single process (under DDP every weight must get its gradient)."""
     from .distributed import world
     from .kernels import copyable_linears
 
     if world()[1] > 1:
         return []
-    return [m for m in copyable_linears(model) if m.kernels == "fused"]
+    return [m for m in copyable_linears(model) if m.kernels == "fast"]
 
 
 def _fused_step(config: TrainConfig, model: torch.nn.Module) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 from . import allocator as alloc
 from .errors import VggkitError
+from .kernels import routing
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,7 +48,7 @@ class Speed:
     amp_dtype: torch.dtype | None  # autocast dtype, None = float32
     channels_last: bool
     compile: bool
-    kernels: str = "reordered"  # how the blocks pool: model.KERNELS, set on a model by model.set_kernels
+    kernels: str = "reordered"  # how the blocks compute: kernels.routing.MODES, set on a model by model.set_kernels
 
     @property
     def precision(self) -> str:
@@ -78,20 +79,19 @@ def speed_settings(config, device: torch.device) -> Speed:
     channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type in ("cpu", "cuda"))
     # torch.compile measured slower for this network on CPU; on CUDA only when asked
     use_compile = config.compile == "on"
-    return Speed(amp, channels_last, use_compile, block_kernels(getattr(config, "kernels", "auto"), device))
+    return Speed(amp, channels_last, use_compile, block_kernels(getattr(config, "kernels", "fast"), device))
 
 
-KERNEL_CHOICES = {"auto": "fused", "fast": "fused", "plain": "plain"}  # the setting -> model.KERNELS
+KERNEL_CHOICES = ("fast", "plain", "auto")  # the `kernels` setting; "auto" is the old spelling of "fast"
 
 
 def block_kernels(setting: str, device: torch.device) -> str:
-    """The blocks' mode for the `kernels` setting: "plain" is the network as it was (every layer in
-    order, PyTorch's ops); "fast" and "auto" pool before the last ReLU, with the fused C++ kernels on
-    the CPU (the only device they exist for)."""
+    """The blocks' mode (kernels.routing.MODES) for the `kernels` setting: "plain" is the network as it
+    was (every layer in order, PyTorch's ops); "fast" pools before the last ReLU, with the fused C++
+    kernels on the CPU (the only device they exist for: elsewhere "reordered")."""
     if setting not in KERNEL_CHOICES:
         raise VggkitError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {setting!r}")
-    mode = KERNEL_CHOICES[setting]
-    return mode if mode != "fused" or device.type == "cpu" else "reordered"
+    return routing.mode_for(setting, device)
 
 
 class ProcessSettings:

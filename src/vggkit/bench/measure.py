@@ -83,7 +83,7 @@ class BenchSettings:
     compile: str = "auto"
     allocator: str = "auto"  # auto (retain freed memory on CPU, see allocator.py), retain or default
     threads: int | None = None
-    kernels: str = "auto"  # auto|fast|plain: vggkit's CPU kernels (vggkit.kernels) or the network as it was
+    kernels: str = "fast"  # fast|plain ("auto" = fast): vggkit's CPU kernels (vggkit.kernels) or the network as it was
     # how to measure
     steps: int | None = None  # steps per timed run; None: runs of about `run_seconds`
     warmup: int | None = None  # steps (`vggkit bench --warmup-steps`); None: DEFAULT_WARMUP steps

@@ -18,12 +18,12 @@
 #include <tuple>
 
 #include "batch_norm_common.h"
+#include "contracts.h"
 
 namespace vggkit::bn {
 namespace {
 
 constexpr const char* kOp = "batch_norm_pool_relu";
-constexpr uint8_t kBlocked = 4;  // the window's max was <= 0: the ReLU passes no gradient (as in max_pool_relu.cpp)
 // The loops that touch the codes run over this many channels (NHWC) or windows (NCHW) at a time:
 // GCC sizes a loop's vectors by its smallest type, and 16 bytes of codes would leave the float work
 // in 128-bit vectors.

@@ -11,7 +11,8 @@ num_batches_tracked and gradients equal PyTorch's to rounding.
 With the pool, the full-size normalised tensor and its gradient are never written: the forward
 writes the pooled output and a code byte per output (where the max was, or that the ReLU blocked
 it), the backward reads the pooled gradient and the codes. The forward equals batch_norm_relu
-(relu=False) then max_pool_relu to the bit; the gradients equal theirs to rounding.
+(relu=False) then max_pool_relu to the bit; the gradients equal theirs to rounding. routing.py
+decides where they run.
 """
 from __future__ import annotations
 
@@ -19,9 +20,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .pool_relu import fusable as _fusable_input, hooked, max_pool_relu
-
-DTYPES = (torch.float32, torch.bfloat16)
 
 
 class BatchNormReLU(torch.autograd.Function):
@@ -61,44 +59,13 @@ class BatchNormPoolReLU(torch.autograd.Function):
                 None, None, None, None)
 
 
-def batch_norm_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
-    """Whether the fused kernels take bn(x): an nn.BatchNorm2d (no subclass) in training mode without
-    hooks, with float32 parameters and statistics, and more than one value per channel, on an input
-    that `kernels.fusable` takes in float32 or bfloat16, outside tracing. Everything else (exporters
-    included) keeps PyTorch's module."""
-    return (module_fusable(bn, x.device) and x.dtype in DTYPES and x.dim() == 4 and x.numel() > x.shape[1] > 0
-            and _fusable_input(x))
-
-
-def module_fusable(bn: nn.Module, device: torch.device) -> bool:
-    """The module's part of batch_norm_fusable: an nn.BatchNorm2d (no subclass) in training mode
-    without hooks, its parameters and statistics float32 and contiguous on `device`, outside tracing."""
-    if type(bn) is not nn.BatchNorm2d or not bn.training or hooked(bn) or torch.jit.is_tracing():
-        return False
-    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return all(t is None or (t.dtype == torch.float32 and t.device == device and t.is_contiguous()) for t in tensors)
-
-
-def batch_norm_relu(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
-    """relu(bn(x)) (bn(x) without `relu`): the fused kernels where `batch_norm_fusable(x, bn)`,
-    else PyTorch's module and torch.relu."""
-    if not batch_norm_fusable(x, bn):
-        y = bn(x)
-        return torch.relu(y) if relu else y
+def compute(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
+    """relu(bn(x)) (bn(x) without `relu`) on the kernels (the routing chose them: routing.py)."""
     return BatchNormReLU.apply(x, *module_arguments(bn), relu)
 
 
-def batch_norm_pool_fusable(x: torch.Tensor, bn: nn.Module) -> bool:
-    """Whether BatchNormPoolReLU takes relu(max_pool2d(bn(x), 2, 2)): as `batch_norm_fusable`, on a
-    height and width of at least 2 (a pooled output that is not empty)."""
-    return batch_norm_fusable(x, bn) and x.shape[-2] >= 2 and x.shape[-1] >= 2
-
-
-def batch_norm_pool_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """relu(max_pool2d(bn(x), 2, 2)): one fused kernel where `batch_norm_pool_fusable(x, bn)`, else
-    batch_norm_relu (without ReLU) then max_pool_relu, each fused where it can be."""
-    if not batch_norm_pool_fusable(x, bn):
-        return max_pool_relu(batch_norm_relu(x, bn, relu=False))
+def compute_with_pool(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """relu(max_pool2d(bn(x), 2, 2)) in one kernel (the routing chose it: routing.py)."""
     return BatchNormPoolReLU.apply(x, *module_arguments(bn))
 
 

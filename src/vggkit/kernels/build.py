@@ -42,9 +42,7 @@ try:
 except ImportError:  # Windows: torch's own lock file is the only guard
     fcntl = None
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("max_pool_relu.cpp", "batch_norm_relu.cpp",
-                                                             "batch_norm_pool_relu.cpp", "conv_pool_relu.cpp",
-                                                             "sgd_bf16_copy.cpp", "conv_weight_grad.cpp"))
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))  # every kernel: a new op's .cpp needs no line here
 SWITCH = "VGGKIT_KERNELS"  # set to "plain": never build or load the kernels
 BUILT = "built.txt"  # in the build folder: "<library file name> <size> <sha256>", written once it built and loaded
 BUILD_LOCK = "vggkit-build.lock"  # in the build folder: flock'ed by the one process building there

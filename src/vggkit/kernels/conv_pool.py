@@ -1,8 +1,8 @@
 """A network's first block, 3x3 conv -> ReLU -> 2x2 max-pool, as one autograd function on the C++
 kernels (conv_pool_relu.cpp), for inputs of 1 to 4 channels that need no gradient.
 
-On the d2l preset (1 -> 16 channels at 224x224, batch 128) oneDNN's convolution writes a 206 MB
-output that the pool reads, and the backward writes an input gradient of the same size for the
+On the d2l preset (1 -> 16 channels at 224x224, batch 128) oneDNN's convolution writes a 16-channel
+full-size output that the pool reads, and the backward writes an input gradient of the same size for the
 convolution's weight-gradient pass to read again. Here the forward computes each pooled output's
 four convolution values in registers and writes only the pooled output and one code byte per
 output (max_pool_relu.cpp's); the backward computes the weight and bias gradients from the output
@@ -17,6 +17,9 @@ then a convolution with folded weights, so the same forward kernel runs; and sin
 the batch norm's backward is a sum over pixels of the output gradient, the output or their
 product with an input tap, the weight, bias and batch-norm gradients follow from the forward
 kernel's backward sums and the same moments. No full-size tensor is written in either direction.
+
+routing.py decides where they run: on gray first layers (tuning.FASTER_IN_CHANNELS; on RGB, oneDNN's
+convolution on the matrix units measured faster).
 """
 from __future__ import annotations
 
@@ -25,17 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import build
+from .bn_relu import module_arguments
 from .conv_relu import _dtype as compute_dtype
-from .bn_relu import module_arguments, module_fusable
-from .pool_relu import hooked
 
-DTYPES = (torch.float32, torch.bfloat16)
-MAX_IN_CHANNELS = 4  # the C++ kernel's: gray and RGB(A) first layers
-# Where the network uses it (VGGBlock): gray first layers only. Measured (benchmarks/bench_kernels.py,
-# bf16 channels-last, 2 threads): 128x1x224x224 -> 16 forward 2.35x and backward 7.5x PyTorch's, but
-# 64x3x64x64 -> 32 forward 0.78x (oneDNN's convolution uses the matrix units there).
-FASTER_IN_CHANNELS = 1
+MAX_IN_CHANNELS = 4  # the C++ kernel's (kMaxInChannels): gray and RGB(A) first layers
 
 
 class ConvPoolReLU(torch.autograd.Function):
@@ -54,53 +50,12 @@ class ConvPoolReLU(torch.autograd.Function):
                 grad_bias if ctx.needs_input_grad[2] else None)
 
 
-def conv_pool_relu_fusable(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether relu(max_pool2d(conv(x), 2, 2)) can run as ConvPoolReLU in training: as
-    `conv_pool_relu_takes`, with autograd recording and the weight needing a gradient."""
-    return conv_pool_relu_takes(conv, x) and conv.weight.requires_grad and torch.is_grad_enabled()
-
-
-def conv_pool_relu_takes(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the kernels take relu(max_pool2d(conv(x), 2, 2)), in training (ConvPoolReLU) or in
-    inference (its forward alone): an nn.Conv2d (no subclass) without hooks, 3x3, stride 1, zero
-    padding 1, no dilation or groups, 1 to MAX_IN_CHANNELS input channels, whose input needs no
-    gradient (a network's first layer); a 4-D float32 or bfloat16 CPU input (under CPU autocast,
-    bfloat16 its dtype; else the weight's); outside torch.compile and tracing, with the library built."""
-    if type(conv) is not nn.Conv2d or hooked(conv) or not _first_layer_geometry(conv):
-        return False
-    weight, bias = conv.weight, conv.bias
-    if torch.is_autocast_enabled("cpu"):
-        same_dtype = bias is None or bias.dtype == weight.dtype
-    else:
-        same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4
-            and x.shape[1] == conv.in_channels and min(x.shape[2:]) >= 2 and not x.requires_grad
-            and x.dtype in DTYPES and weight.dtype in DTYPES and compute_dtype(x) in DTYPES and same_dtype
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and build.LIBRARY.available())
-
-
-def conv_pool_relu_faster(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the network should run relu(max_pool2d(conv(x))) on the kernels: they take it
-    (conv_pool_relu_takes) and measured faster than oneDNN's convolution then the pool kernel for
-    this many input channels (FASTER_IN_CHANNELS)."""
-    return conv_pool_relu_takes(conv, x) and conv.in_channels <= FASTER_IN_CHANNELS
-
-
-def _first_layer_geometry(conv: nn.Conv2d) -> bool:
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and 1 <= conv.in_channels <= MAX_IN_CHANNELS)
-
-
-def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(max_pool2d(conv(x), 2, 2)): the fused kernels where `conv_pool_relu_takes(conv, x)` (with
-    autograd where `conv_pool_relu_fusable`; in the dtype autocast would give the convolution), else
-    PyTorch's ops."""
-    if conv_pool_relu_fusable(conv, x):
+def compute(conv: nn.Conv2d, x: torch.Tensor, backward: bool) -> torch.Tensor:
+    """relu(max_pool2d(conv(x), 2, 2)) on the kernels, in the dtype autocast would give the convolution;
+    with its autograd function where `backward` (the routing chose it: routing.py)."""
+    if backward:
         return ConvPoolReLU.apply(x.to(compute_dtype(x)), conv.weight, conv.bias)
-    if conv_pool_relu_takes(conv, x):  # no gradient to record: the forward alone
-        return torch.ops.vggkit.conv_pool_relu(x.to(compute_dtype(x)), conv.weight, conv.bias)[0]
-    return torch.relu(F.max_pool2d(conv(x), 2, 2))
+    return torch.ops.vggkit.conv_pool_relu(x.to(compute_dtype(x)), conv.weight, conv.bias)[0]
 
 
 class ConvBatchNormPoolReLU(torch.autograd.Function):
@@ -152,24 +107,7 @@ def _flat(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor
     return w, (torch.zeros(len(w), dtype=torch.float64) if bias is None else bias.detach().double())
 
 
-def conv_batch_norm_pool_fusable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
-    """Whether relu(max_pool2d(bn(conv(x)), 2, 2)) can run as ConvBatchNormPoolReLU: the conv as
-    conv_pool_relu_fusable has it, then a training-mode batch norm as the fused batch-norm kernels
-    take it (bn_relu.module_fusable), over more than one value per channel."""
-    return (conv_pool_relu_fusable(conv, x) and module_fusable(bn, x.device) and bn.num_features == conv.out_channels
-            and x.shape[0] * x.shape[2] * x.shape[3] > 1)
-
-
-def conv_batch_norm_pool_faster(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the network should run the block as ConvBatchNormPoolReLU: it can, on a gray input. On
-    RGB the 27x27 moments cost what the fused batch norm saves (bench_kernels.py: 256x3x32x32 -> 32,
-    7.4 against 6.9 ms forward + backward for oneDNN's conv, then the batch norm + pool kernel)."""
-    return conv_batch_norm_pool_fusable(conv, bn, x) and conv.in_channels <= FASTER_IN_CHANNELS
-
-
-def conv_batch_norm_pool_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(max_pool2d(bn(conv(x)), 2, 2)): the fused kernels where
-    `conv_batch_norm_pool_fusable(conv, bn, x)`, else PyTorch's modules."""
-    if not conv_batch_norm_pool_fusable(conv, bn, x):
-        return torch.relu(F.max_pool2d(bn(conv(x)), 2, 2))
+def compute_with_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(bn(conv(x)), 2, 2)), bn in training mode, on the kernels (the routing chose
+    them: routing.py)."""
     return ConvBatchNormPoolReLU.apply(x.to(compute_dtype(x)), conv.weight, conv.bias, *module_arguments(bn))

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "bfloat16.h"
+#include "contracts.h"
 
 #include <algorithm>
 #include <numeric>
@@ -45,10 +46,10 @@
 #define VGGKIT_LANES
 #endif
 
-// 512-bit vectors for this file's loops: GCC 12 prefers 256-bit ones on AVX-512 CPUs. Measured on the
-// Xeon of BENCHMARKS.md (benchmarks/bench_kernels.py), the d2l first layer's forward / backward went
-// from 28.0 / 13.8 to 21.4 / 8.4 ms; not library-wide: max_pool_relu's backward on 32 channels ran 4x
-// slower so.
+// 512-bit vectors for this file's loops: GCC 12 prefers 256-bit ones on AVX-512 CPUs, and the d2l
+// first layer's forward and backward measured faster at 512 bits (bench_kernels.py; where it was
+// measured: tuning.py's C++ table). Not library-wide: max_pool_relu's 32-channel backward measured
+// slower so. Without AVX-512 (-march=native) the preference changes nothing.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("prefer-vector-width=512")
 #endif
@@ -59,7 +60,7 @@ constexpr int64_t kLanes = 16;  // output channels per block: 16 float sums, one
 constexpr int kTaps = 9;        // a 3x3 kernel
 constexpr int kRows = 4;        // input rows under one row of 2x2 windows of 3x3 convolutions
 constexpr int64_t kMaxInChannels = 4;
-constexpr uint8_t kBlocked = 4;         // max_pool_relu.cpp's code: the window's max was <= 0
+using vggkit::kBlocked;
 constexpr int64_t kGrainValues = 4096;  // pooled values (x channels) per parallel task or chunk, at least
 constexpr int64_t kMaxChunks = 256;     // partial sums of the backward, at most
 

@@ -6,7 +6,7 @@ the backward masks the gradient by the output and calls PyTorch's convolution ba
 weight gradient on the matrix units where conv_weight_grad.py applies. Results equal PyTorch's (the
 same convolution and the same ReLU; the weight gradient up to the order of its sums). Without the
 ReLU (`conv_relu(conv, x, relu=False)`) the same function serves a convolution whose weight gradient
-runs there.
+runs there. routing.py decides where it runs and whether the weight gradient takes the tiles.
 """
 from __future__ import annotations
 
@@ -15,18 +15,16 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import conv_weight_grad
-from .pool_relu import hooked
-
-DTYPES = (torch.float32, torch.bfloat16)
 
 
 class ConvReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, padding, stride, dilation, groups, relu=True):
+    def forward(ctx, x, weight, bias, padding, stride, dilation, groups, relu=True, tiles=False):
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
                                                     "relu" if relu else "none", [], None)
         ctx.save_for_backward(x, weight, y if relu else None)
         ctx.setting = (stride, padding, dilation, groups, None if bias is None else list(bias.shape))
+        ctx.tiles = tiles
         return y
 
     @staticmethod
@@ -37,12 +35,10 @@ class ConvReLU(torch.autograd.Function):
         if y is not None:
             grad = torch.ops.aten.threshold_backward(grad, y, 0)
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        by_tiles = (wanted[1] and x.dtype == weight.dtype
-                    and conv_weight_grad.applies(x.shape, weight.shape, x.dtype, stride, padding, dilation, groups))
-        if not by_tiles:
+        if not (wanted[1] and ctx.tiles):
             gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
                                                              False, [0, 0], groups, wanted)
-            return gx, gw, gb, None, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None, None
         # the bias gradient from the same pass (oneDNN's comes with its weight gradient: asking it for
         # the bias alone costs both)
         gx = None
@@ -51,39 +47,18 @@ class ConvReLU(torch.autograd.Function):
                                                      groups, [True, False, False])[0]
         gw, gb = conv_weight_grad.weight_grad(grad, x)
         gb = gb.to(grad.dtype) if wanted[2] else None
-        return gx, gw.to(weight.dtype), gb, None, None, None, None, None
+        return gx, gw.to(weight.dtype), gb, None, None, None, None, None, None
 
 
-def conv_relu_fusable(conv: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
-    """Whether relu(conv(x)) can run as ConvReLU: a plain 2-D convolution and ReLU without hooks,
-    a 4-D float32/bfloat16 CPU input, oneDNN present, outside torch.compile."""
-    return isinstance(relu, nn.ReLU) and _convolution_fusable(conv, x) and not hooked(conv, relu)
-
-
-def conv_fusable(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether conv(x), training, should run as ConvReLU without the ReLU: it can (as conv_relu_fusable)
-    and its weight gradient would run on the matrix units (conv_weight_grad.applies)."""
-    if not (_convolution_fusable(conv, x) and not hooked(conv) and conv.weight.requires_grad
-            and torch.is_grad_enabled()):
-        return False
-    return conv_weight_grad.applies(x.shape, conv.weight.shape, _dtype(x), conv.stride, conv.padding, conv.dilation,
-                                    conv.groups)
-
-
-def _convolution_fusable(conv: nn.Module, x: torch.Tensor) -> bool:
-    return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and x.device.type == "cpu" and x.dim() == 4 and _dtype(x) in DTYPES
-            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
-
-
-def conv_relu(conv: nn.Conv2d, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
-    """relu(conv(x)) (or conv(x), relu=False) in one oneDNN call (see conv_relu_fusable), autocast-aware."""
+def compute(conv: nn.Conv2d, x: torch.Tensor, relu: bool, tiles: bool) -> torch.Tensor:
+    """relu(conv(x)) (or conv(x), relu=False) in one oneDNN call, autocast-aware; the weight gradient on the
+    AMX tiles where `tiles` (the routing chose both: routing.py)."""
     weight, bias = conv.weight, conv.bias
     dtype = _dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     return ConvReLU.apply(x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                          relu)
+                          relu, tiles)
 
 
 def _dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,9 +1,8 @@
 """Dropout with its mask drawn as random bits on the CPU.
 
-PyTorch's CPU dropout draws its mask with bernoulli_, one scalar draw at a time: on the 2-core
-Xeon of BENCHMARKS.md, 5.9 ms per [128, 4096] mask (the d2l classifier draws two a step).
-torch.rand's vectorised generator fills it in 1.2 ms; 64-bit random integers, each cut into four
-16-bit draws, in 0.34 ms (the whole dropout: 0.8 against 1.7 ms with torch.rand). A value is kept
+PyTorch's CPU dropout draws its mask with bernoulli_, one scalar draw at a time (BENCHMARKS.md has
+what that costs the d2l classifier, two masks a step). 64-bit random integers, each cut into four
+16-bit draws, fill it in one vectorised pass (faster than torch.rand's floats too). A value is kept
 where its 16-bit draw u (uniform on 0..65535) is at least round(p * 65536): the keep probability is
 1 - p to within 2^-17 (exactly for p = 0.5 and other multiples of 2^-16), and kept values are
 scaled by 1 / (1 - p) as F.dropout scales them. Another random stream than F.dropout's.
@@ -13,10 +12,6 @@ from __future__ import annotations
 import torch
 
 DRAWS_PER_WORD = 4  # 16-bit draws per 64-bit random integer
-
-
-def dropout_fusable(x: torch.Tensor, p: float) -> bool:
-    return x.device.type == "cpu" and x.is_floating_point() and 0 < p < 1 and not torch.compiler.is_compiling()
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "contracts.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -22,7 +24,7 @@
 
 namespace {
 
-constexpr uint8_t kBlocked = 4;        // the window's max was <= 0: ReLU passes no gradient
+using vggkit::kBlocked;
 constexpr int64_t kGrainValues = 32768;  // values per parallel task, at least
 
 // The kernels move values as raw bits (a max-pool and a ReLU only select and compare): a
@@ -106,11 +108,11 @@ int64_t grain(int64_t values_per_task) {
 // is 32 lanes wide, so C = 16 (the first block of VGG-11/4) would run entirely in the compiler's
 // scalar remainder loop: small channel counts get a compile-time trip count instead (kC > 0).
 
-// GCC prefers 256-bit vectors on AVX-512 CPUs. In the forward 512-bit ones measured faster for 64
-// channels and more (bench_kernels.py, Intel Xeon: 128x64x56x56 2.1 -> 1.35 ms, 128x128x28x28
-// 1.0 -> 0.7, 256x64x14x14 0.3 -> 0.2) and no faster in the backward; library-wide they made the
-// 32-channel backward 4x slower. So the forward's row loop exists in both widths, the wide one
-// (not inlined: inlined into the parallel region it loses its width) from kWideChannels on.
+// GCC prefers 256-bit vectors on AVX-512 CPUs. In the forward 512-bit ones measured faster from
+// kWideChannels channels on and no faster in the backward; library-wide they made the 32-channel
+// backward slower (bench_kernels.py; where it was measured: tuning.py's C++ table). So the forward's
+// row loop exists in both widths, the wide one (not inlined: inlined into the parallel region it
+// loses its width) from kWideChannels on.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define VGGKIT_WIDE_VECTORS __attribute__((target("prefer-vector-width=512"), noinline))
 #else

@@ -2,14 +2,14 @@
 
 Training on the CPU under bf16 autocast, a Linear casts its float32 weight to bfloat16 every forward
 and casts the weight's bfloat16 gradient back to float32 every backward: two passes over the weight
-that cost the d2l preset 25 ms of its 349 ms step (42 M classifier weights; BENCHMARKS.md, issue 15).
+every step (the d2l preset's classifier has 42 M weights; BENCHMARKS.md has what they cost).
 With a copy, the Linear multiplies by a bfloat16 leaf tensor (`WeightCopy.tensor`), autograd leaves
 the gradient on it in bfloat16, and SGDWithWeightCopies's step reads that gradient, updates the
 float32 weight and its momentum buffer as torch.optim.SGD does and writes the next copy, in one
 pass. The copy equals autocast's cast to the bit, so the forward and the gradients are autocast's.
 
 The float32 weight stays the parameter: state dict, checkpoints (the momentum buffer is SGD's own
-state), EMA and export see nothing else. The copy is used only where all of this holds (`applies`);
+state), EMA and export see nothing else. The copy is used only where all of this holds (routing.py);
 elsewhere the Linear computes as nn.Linear and the optimizer steps the weight as SGD does.
 """
 from __future__ import annotations
@@ -42,19 +42,8 @@ class WeightCopy:
         return WeightCopy()
 
 
-def applies(linear: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `linear` multiplies by its copy: it has one (given by SGDWithWeightCopies), it trains
-    with gradients on the CPU under bfloat16 autocast, outside tracing and torch.compile."""
-    weight = linear.weight
-    return (getattr(linear, "weight_copy", None) is not None and linear.training and torch.is_grad_enabled()
-            and weight.requires_grad and weight.dtype == torch.float32 and weight.is_contiguous()
-            and x.device.type == "cpu" and weight.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
-
-
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) with the bfloat16 copy of its weight (applies(module, x) must hold), in bfloat16 as
+    """module(x) with the bfloat16 copy of its weight (the routing chose it: routing.py), in bfloat16 as
     autocast computes it."""
     bias = None if module.bias is None else module.bias.to(torch.bfloat16)
     return LinearOnCopy.apply(x.to(torch.bfloat16), module.weight_copy.current(module.weight), bias)
@@ -62,8 +51,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class LinearOnCopy(torch.autograd.Function):
     """F.linear on bfloat16 tensors whose weight gradient multiplies a contiguous transpose of the
-    output gradient: autograd's go.t() @ x took 5.5 ms where this takes 2.5 (the d2l preset's first
-    classifier layer, 2 cores); the same products otherwise."""
+    output gradient (faster than autograd's go.t() @ x on the d2l preset's first classifier layer);
+    the same products otherwise."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -135,9 +124,7 @@ class SGDWithWeightCopies(SGD):
 
 
 def copyable_linears(model: nn.Module) -> list[nn.Module]:
-    """The Linears of `model` that can take a copy: vggkit's Linear (model.Linear) with a trainable
-    float32 weight on the CPU."""
-    from ..model import Linear
-
-    return [m for m in model.modules() if isinstance(m, Linear) and m.weight.requires_grad
-            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    """The Linears of `model` that can take a copy: an nn.Linear that declares a `weight_copy` slot
+    (vggkit's model.Linear: it multiplies by the copy) with a trainable float32 weight on the CPU."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "weight_copy")
+            and m.weight.requires_grad and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
