@@ -3,6 +3,7 @@ TOML file and then by flags; saved with the run. Architecture presets (vgg11, ..
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -280,9 +281,15 @@ def _toml(value) -> str:
     return repr(value)
 
 
+def require_tensorboard() -> None:
+    """A one-line error when the optional tensorboard package is missing (called before a run writes)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise VggkitError("--tensorboard needs the tensorboard package: pip install 'vggkit[tensorboard]' "
+                          "(or train without --tensorboard)")
+
+
 def validate_fine_tuning(config: TrainConfig) -> None:
     """init_from, freeze, head_pool and tensorboard (its package must be installed: checked before a run writes)."""
-    from .loggers import require_tensorboard
     from .model import HEAD_POOLS
 
     if config.init_from is not None and (not isinstance(config.init_from, str) or not config.init_from.strip()):

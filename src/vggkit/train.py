@@ -484,7 +484,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
 
     model, config = build_model(config, splits, device, speed, world_size, log, resumed, decisions)
     ema = EMA(model, config.ema, config.ema_every) if config.ema else None
-    optimizer = make_optimizer(config, model)
+    optimizer = make_optimizer(config, model, world_size)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
     stored = (storage_size(config.input_size),) * 2 if splits.streamed else splits.image_size
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime import synchronize
+
 RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 
 
@@ -25,14 +27,6 @@ def device_name(device: torch.device) -> str:
             pass
         return platform.processor() or "CPU"
     return device.type
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait until the device has finished the work queued on it (CPU work is done when queued)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def timed(fn, n: int, device: torch.device) -> float:
