@@ -54,7 +54,7 @@ def one_line(excinfo):
 @pytest.fixture(autouse=True)
 def tiny_idx_datasets(monkeypatch):
     """The IDX datasets' entries take any number of images: these tests write tiny files (the official
-    counts are held in test_input_bounds.py)."""
+    counts are held in test_bounds.py)."""
     for name in ("fashion-mnist", "mnist"):
         entry = D.REGISTRY[name]
         monkeypatch.setitem(D.REGISTRY, name, replace(entry, reader=replace(entry.reader, counts=None)))
