@@ -3,7 +3,7 @@ through a link or in place of a device or FIFO, and --overwrite deletes only wha
 
 Every refusal asserts the exit code (2), the one line, and that the tree around it is unchanged:
 files byte for byte, links with the same target, FIFOs and devices still what they were. Trainings
-are the tiny ones of test_reliability.py (the bundled sample, a 1x8 network): about a second each.
+are the tiny ones of helpers.tiny (the bundled sample, a 1x8 network): about a second each.
 """
 import importlib
 import os
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_reliability import QUIET, TINY_FLAGS, assert_checkpoints_sound, cli, events, one_line, tiny
+from helpers import QUIET, TINY_FLAGS, assert_checkpoints_sound, cli, events, one_line, tiny
 from vggkit import checkpoint as checkpoint_module
 from vggkit.atomic import NotAFile, atomic_write, atomic_write_text
 from vggkit.checkpoint import load_model, read_meta, save_checkpoint

@@ -193,7 +193,6 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         run, config, state = open_run(config, resume, overwrite, world_size)
         try:
             t = set_up(config, run, settings, log, on_step, started, resumed=state is not None)
-            config = t.config  # with what decide.py decided from the data
             if state is None:  # the data is loaded and checked: now the run directory may be written
                 dist.from_main(lambda: run.claim(overwrite))
             loop = restore(t, state) if state is not None else LoopState(fresh_sums(t), History(run.path))
