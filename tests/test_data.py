@@ -85,6 +85,7 @@ def test_read_real_files(fmnist_dir):
     assert test.shape == (10000,) and (np.bincount(test) == 1000).all()
 
 
+@pytest.mark.slow
 def test_load_fashion_mnist(fmnist, fmnist_dir):
     assert fmnist.name == "fashion-mnist" and not fmnist.is_sample
     assert fmnist.classes[0] == "T-shirt/top" and fmnist.classes[9] == "Ankle boot" and len(fmnist.classes) == 10

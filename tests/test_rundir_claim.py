@@ -57,6 +57,7 @@ def test_bad_data_writes_no_new_run_and_deletes_no_old_one(tmp_path, capsys):
     assert snapshot(tmp_path) == before and len(assert_checkpoints_sound(old)) == 2
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run_and_only_it(tmp_path, capsys):
     out = tmp_path / "runs"
     old = train(tiny(out, "old"), **QUIET).run_dir
@@ -97,6 +98,7 @@ def start_trainer(tmp_path, config: dict, at_step: int, resume=None) -> subproce
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_training_is_refused_while_the_first_completes(tmp_path, capsys):
     first = start_trainer(tmp_path, tiny(tmp_path, epochs=2), at_step=STEPS_PER_EPOCH + 1)  # after a checkpoint
     try:
@@ -115,6 +117,7 @@ def test_a_second_training_is_refused_while_the_first_completes(tmp_path, capsys
     assert len(assert_checkpoints_sound(run)) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("then", ["resume", "overwrite"])
 def test_after_a_sigkill_a_new_training_takes_the_run_at_once(tmp_path, capsys, then):
     victim = start_trainer(tmp_path, tiny(tmp_path, epochs=2), at_step=STEPS_PER_EPOCH + 1)

@@ -122,6 +122,7 @@ def test_resume_with_an_invalid_epoch_count_changes_nothing(tmp_path, capsys):
     assert snapshot(tmp_path, leave_out=run / ".lock") == before and 'epochs = 1' in (run / "config.toml").read_text()
 
 
+@pytest.mark.slow
 def test_stale_temporaries_of_a_killed_save_go_with_the_next_save(tmp_path):
     run = train(tiny(tmp_path), **QUIET).run_dir
     stale = [run / "checkpoints" / ".last.k1ll3d.tmp", run / "checkpoints" / ".best.k1ll3d.tmp"]
@@ -160,6 +161,7 @@ def fill(disk: Path, leave: int) -> None:
         f.write(b"\0" * max(free - leave, 0))
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, capsys):
     run = train(tiny(small_disk), **QUIET).run_dir
     previous = load_model(run / "checkpoints" / "last")[0].state_dict()
