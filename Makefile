@@ -1,4 +1,5 @@
-# Two commands: `make demo` (the main job) and `make test` (the suite). Each creates .venv
+# Commands: `make demo` (the main job), `make test` (the suite) and `make test-fast` (the suite without the
+# tests marked slow: trainings, kernel builds, CLI subprocesses). Each creates .venv
 # when missing and reinstalls only when pyproject.toml or constraints.txt changed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,13 +11,16 @@ ifneq ($(wildcard ../shared/data/fashion-mnist),)
 export VGGKIT_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/vggkit train --preset fast
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -m 'not slow'
 
 # The speed benchmarks of BENCHMARKS.md, one after another (run alone: they time 2 busy cores).
 bench: $(VENV)/.installed

@@ -10,7 +10,7 @@ fast: the fast preset for one epoch (55,000 images, 214 steps), full 10,000-imag
 The final weights are then evaluated again on the same test images in fp32 and in bf16, to tell
 training precision from evaluation precision.
 Each run is a real `vggkit.train()` in a fresh process (with train's automatic retained allocator,
-bit-for-bit neutral: tests/test_fastpaths.py).
+bit-for-bit neutral: tests/test_runtime.py).
 """
 from __future__ import annotations
 

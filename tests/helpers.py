@@ -1,11 +1,18 @@
 """Small helpers shared by the tests (tests/ is on sys.path under pytest's default import mode)."""
+import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vggkit.checkpoint import load_model
+from vggkit.cli import main
 
 
 def require_kernels() -> None:
@@ -70,3 +77,62 @@ def assert_no_further_off(ours: dict, theirs: dict, reference: dict, factor: flo
         return ((grad.float() - reference[name]).norm() / max(reference[name].norm().item(), 1e-2 * scale)).item()
     for name, grad in ours.items():
         assert off(grad, name) <= factor * off(theirs[name], name) + slack, (name, off(grad, name), off(theirs[name], name))
+
+
+# Tiny trainings through the API and the CLI (the bundled sample, a 1x8 network, a few hundred images)
+
+SAMPLE = "fashion-mnist-sample"
+TINY = dict(arch="1x8", fc_width=16, init="xavier", input_size=28, limit=200, test_limit=100, val_size=100,
+            batch_size=50, epochs=1, lr=0.05, precision="fp32", threads=1, data=SAMPLE)
+TINY_FLAGS = ["--arch", "1x8", "--fc-width", "16", "--init-scheme", "xavier", "--input-size", "28", "--limit", "200",
+              "--test-limit", "100", "--val-size", "100", "--batch-size", "50", "--epochs", "1", "--lr", "0.05",
+              "--precision", "fp32", "--threads", "1", "--data", SAMPLE]
+STEPS_PER_EPOCH = 4  # 200 training images (validation comes on top), batches of 50
+QUIET = dict(progress="none", log=lambda *a, **k: None)
+
+
+def tiny(out, name="run", **changes) -> dict:
+    return {**TINY, "out": str(out), "name": name, **changes}
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1 and err.startswith("vggkit: error: ") and "Traceback" not in err, err
+    return err
+
+
+def snapshot(root: Path, leave_out: Path | None = None) -> dict:
+    """Every file and folder under root (but leave_out) with its mode and contents."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if leave_out is not None and (path == leave_out or leave_out in path.parents):
+            continue
+        files[path] = (path.stat().st_mode, path.read_bytes() if path.is_file() else None)
+    return files
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("model.safetensors"))
+
+
+def assert_checkpoints_sound(root: Path) -> list[Path]:
+    """Every checkpoint under root loads, has finite weights and gives finite outputs."""
+    found = checkpoints_in(root)
+    for directory in found:
+        model, meta = load_model(directory)
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+        assert torch.isfinite(model(torch.rand(2, 1, 28, 28))).all()
+    return found
+
+
+def events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def vggkit_command(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vggkit", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300)

@@ -23,6 +23,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_bench_prints_the_fields(capsys):
     code, out, err = run_cli(capsys, "bench", *TINY)
     assert code == 0, err
@@ -32,6 +33,7 @@ def test_bench_prints_the_fields(capsys):
     assert "textbook" not in out
 
 
+@pytest.mark.slow
 def test_bench_json_has_the_keys(capsys):
     code, out, _ = run_cli(capsys, "bench", *TINY, "--json", "--precision", "fp32", "--channels-last", "off")
     assert code == 0
@@ -49,6 +51,7 @@ def test_bench_json_has_the_keys(capsys):
     assert precision in PRECISIONS and set(r["peak"]["probes"]) == {f"conv_{precision}", f"matmul_{precision}"}
 
 
+@pytest.mark.slow
 def test_bench_compare_adds_the_textbook_loop(capsys):
     code, out, _ = run_cli(capsys, "bench", *TINY, "--compare", "--input-size", "32", "--no-peak", "--json")
     assert code == 0
@@ -63,6 +66,7 @@ def test_bench_compare_adds_the_textbook_loop(capsys):
     assert "textbook" in text and "training speed-up" in text and "ratio" in text
 
 
+@pytest.mark.slow
 def test_bench_api_on_real_images(fmnist_dir):
     r = bench(preset="fast", arch="1x8", batch_size=32, steps=1, warmup=1, runs=1, data="fashion-mnist",
               data_dir=str(fmnist_dir), peak=False, inference=False, allocator="default", compare=True)
@@ -70,6 +74,7 @@ def test_bench_api_on_real_images(fmnist_dir):
     assert r["train_images_per_s"] > 0 and "infer_images_per_s" not in r and r["baseline"]["train_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_a_settings_object_and_keywords_are_the_same_call():
     settings = BenchSettings(preset="fast", arch="1x8", batch_size=16, steps=1, warmup=1, runs=1, peak=False,
                              inference=False, precision="fp32", channels_last="off")
@@ -114,6 +119,7 @@ def test_bench_bad_input_is_one_line_exit_2(capsys, argv, needle):
     assert err.count("\n") == 1 and err.startswith("vggkit: error:") and needle in err, err
 
 
+@pytest.mark.slow
 def test_memory_estimate_within_20_percent_of_measured(tmp_path):
     """benchmarks/bench_memory.py in a fresh process: VGG-11/4 at 224, batch 32, bf16, channels-last;
     with every block of 64 KiB or more mapped on its own, the peak RSS follows the live tensors."""

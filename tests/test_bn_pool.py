@@ -244,6 +244,7 @@ def small_vgg():
     return VGG("1x8,2x16", batch_norm=True, in_channels=3, input_size=12, fc_width=32, num_classes=5, dropout=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_vgg_blocks_end_in_the_fused_kernel_and_train_as_plain(fused, layout, precision):

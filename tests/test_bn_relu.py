@@ -242,6 +242,7 @@ def fast_preset_pair():
     return (model, make_optimizer(config, model)), (plain, make_optimizer(config, plain))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fast_preset_trains_alike_fused_and_plain(fused, precision):
     g = torch.Generator().manual_seed(0)

@@ -328,6 +328,7 @@ def test_the_registry_downloads_from_the_authors_site():
 
 # ---------------------------------------------------------------- train one step and evaluate
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_cifar10(small):
     from vggkit.evaluate import evaluate
     from vggkit.train import train

@@ -64,6 +64,7 @@ def elsewhere(tmp_path, monkeypatch) -> Path:
     return other
 
 
+@pytest.mark.slow
 def test_the_saved_config_names_paths_absolute(tmp_path, monkeypatch, capsys):
     start = tmp_path / "start"
     image_folder(start / "images", per_class=10, seed=0)
@@ -90,6 +91,7 @@ def test_named_datasets_and_standard_weights_stay_names(tmp_path, monkeypatch):
     assert (config.data, config.data_dir, config.init_from) == ("fashion-mnist-sample", None, "vgg16")
 
 
+@pytest.mark.slow
 def test_evaluate_from_another_directory_evaluates_the_runs_folder(started, elsewhere, capsys):
     """Before: the other folder's 60 images ("accuracy ... (60 images)"), exit 0."""
     code, out, err = run_cli(capsys, "evaluate", started, "--json")
@@ -99,6 +101,7 @@ def test_evaluate_from_another_directory_evaluates_the_runs_folder(started, else
     assert result["split"] == "test"
 
 
+@pytest.mark.slow
 def test_resume_from_another_directory_trains_on_the_runs_folder(started, elsewhere, capsys):
     before = files(elsewhere)
     code, out, err = run_cli(capsys, "train", "--resume", started, "--epochs", "2")
@@ -121,6 +124,7 @@ def make_old(run: Path, data: str) -> None:
         save_file(load_file(str(weights)), str(weights), metadata={**metadata, "vggkit": json.dumps(meta | {"dataset": data})})
 
 
+@pytest.mark.slow
 def test_a_run_saved_with_relative_paths_works_from_its_directory(started, capsys):
     make_old(started, "images")
     assert saved(started)["data"] == "images"

@@ -173,6 +173,7 @@ def test_network_fused_equals_plain(layout):
     assert calls.count("ConvBatchNormPoolReLUBackward") == 1 and "MaxPool2DWithIndicesBackward0" not in calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", FORMATS)
 def test_network_in_bfloat16_as_close_to_float32_as_plain(layout):
     """In bf16 each gradient of the fused blocks is no further from the float32 one than the plain
@@ -200,6 +201,7 @@ def test_the_network_fuses_gray_first_blocks_only():
         assert calls.count("ConvBatchNormPoolReLUBackward") == expected
 
 
+@pytest.mark.slow
 def test_without_the_library_the_network_trains_and_evaluates_as_plain(monkeypatch):
     """The library switched off: the first block runs PyTorch's modules in training; inference still
     folds the batch norms (oneDNN), with PyTorch's pool."""

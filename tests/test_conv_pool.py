@@ -147,6 +147,7 @@ def test_a_constant_image_ties_to_the_first_position(fused):
     assert torch.equal(code, reference_codes(conv(x))) and torch.equal(y, plain(conv, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("case", ["gray-16", "rgb-odd"])

@@ -98,6 +98,7 @@ def test_conv_with_the_tiled_weight_grad_equals_conv2d(relu):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
+@pytest.mark.slow
 def test_a_batch_norm_network_trains_alike_with_the_tiled_weight_grad():
     torch.manual_seed(0)
     model = VGG("1x16,1x32,1x64", in_channels=1, input_size=28, fc_width=32, num_classes=5, dropout=0.0,

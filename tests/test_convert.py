@@ -75,6 +75,7 @@ def test_full_size_layout_on_meta(name, batch_norm):
     assert list(to_standard(ours)) == list(standard)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, batch_norm", CASES)
 def test_round_trip_and_same_outputs(name, batch_norm):
     standard = small_standard(name, batch_norm)
@@ -139,6 +140,7 @@ def test_to_standard_rejects_foreign_keys():
         to_standard({"features.0.weight": torch.zeros(1)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_load_standard(tmp_path, suffix):
     standard = small_standard("vgg11", True, in_channels=1)
@@ -166,6 +168,7 @@ def test_load_standard_bad_files(tmp_path):
         load_standard(tmp_path / "pickled.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [32, 64, (48, 80), 224])
 def test_standard_weights_at_another_input_size_get_the_adaptive_pool(size):
     standard = small_standard("vgg11", True)  # classifier.0 takes 16 x 7 x 7, as the ImageNet weights' 512 x 7 x 7

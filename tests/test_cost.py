@@ -76,6 +76,7 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     import subprocess
     import sys

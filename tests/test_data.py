@@ -54,7 +54,7 @@ def one_line(excinfo):
 @pytest.fixture(autouse=True)
 def tiny_idx_datasets(monkeypatch):
     """The IDX datasets' entries take any number of images: these tests write tiny files (the official
-    counts are held in test_input_bounds.py)."""
+    counts are held in test_bounds.py)."""
     for name in ("fashion-mnist", "mnist"):
         entry = D.REGISTRY[name]
         monkeypatch.setitem(D.REGISTRY, name, replace(entry, reader=replace(entry.reader, counts=None)))
@@ -85,6 +85,7 @@ def test_read_real_files(fmnist_dir):
     assert test.shape == (10000,) and (np.bincount(test) == 1000).all()
 
 
+@pytest.mark.slow
 def test_load_fashion_mnist(fmnist, fmnist_dir):
     assert fmnist.name == "fashion-mnist" and not fmnist.is_sample
     assert fmnist.classes[0] == "T-shirt/top" and fmnist.classes[9] == "Ankle boot" and len(fmnist.classes) == 10

@@ -199,6 +199,7 @@ def shapes_folder(root, per_class: int, test_per_class: int = 0, seed: int = 0):
     return root
 
 
+@pytest.mark.slow
 def test_no_data_flags_on_a_small_folder_reach_the_stated_accuracy_and_say_what_they_decided(tmp_path):
     data = shapes_folder(tmp_path / "shapes", per_class=20, test_per_class=10)
     lines = []
@@ -234,6 +235,7 @@ def test_a_folder_smaller_than_a_batch_trains_with_a_smaller_one_or_is_refused_i
     assert not (tmp_path / "runs" / "too-few").exists()  # nothing written before the data was checked
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_tested_at_the_end_when_the_epochs_were_not(tmp_path):
     data = shapes_folder(tmp_path / "shapes", per_class=10, test_per_class=4)
     history = train({"data": str(data), "out": str(tmp_path), "name": "run", "threads": 1, "epochs": 3, "arch": "1x8",

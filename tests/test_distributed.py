@@ -108,6 +108,7 @@ def _launch(argv, tmp_path, **kwargs):
     return subprocess.run(VGGKIT + argv, capture_output=True, text=True, env=env, cwd=tmp_path, **kwargs)
 
 
+@pytest.mark.slow
 def test_two_processes_train_exactly_like_one(tmp_path, fmnist_dir):
     """Same global batch and seed: the weights after 2 epochs match 1 process to 1e-5, with flip, crop and
     erasing, label smoothing and an uneven last batch (801 images: the last global batch has 1 image, so
@@ -132,6 +133,7 @@ def test_two_processes_train_exactly_like_one(tmp_path, fmnist_dir):
     assert state["world_size"] == 2 and state["step"] == 2 * 9
 
 
+@pytest.mark.slow
 def test_training_with_batch_norm_uses_the_global_batch_statistics(tmp_path, fmnist_dir):
     """One step with batch norm: the running statistics after it are those of the whole global batch
     (each rank's half would be off by ~1e-3); the weights agree to torch's float32 batch-norm error."""
@@ -168,6 +170,7 @@ SYNC_BN_RANK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batch_norm_statistics_and_gradients_cover_the_global_batch(tmp_path):
     """CpuSyncBatchNorm in DDP on 2 ranks (7 + 5 images) = plain batch norm over all 12 images in float64."""
     script = tmp_path / "rank.py"
@@ -242,6 +245,7 @@ def _start_long_run(tmp_path, fmnist_dir, name):
     return proc, run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 def test_a_killed_rank_stops_the_job_with_a_message_naming_it(tmp_path, fmnist_dir):
     proc, run = _start_long_run(tmp_path, fmnist_dir, "killed")
@@ -267,6 +271,7 @@ def test_a_killed_rank_stops_the_job_with_a_message_naming_it(tmp_path, fmnist_d
     assert history.epochs[-1]["epoch"] == state["epoch"] and 0.1 < history.test_acc <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 def test_sigint_stops_all_ranks_at_the_same_step_and_the_run_resumes_with_two(tmp_path, fmnist_dir):
     proc, run = _start_long_run(tmp_path, fmnist_dir, "interrupted")
@@ -283,6 +288,7 @@ def test_sigint_stops_all_ranks_at_the_same_step_and_the_run_resumes_with_two(tm
     assert f"epoch {epoch}/{epoch}" in result.stdout
 
 
+@pytest.mark.slow
 def test_launch_reports_user_errors_once_before_starting(tmp_path):
     result = _launch(["train", "--nproc", "3", "--batch-size", "100"], tmp_path, timeout=60)
     assert result.returncode == 2

@@ -104,6 +104,7 @@ def test_the_update_is_one_fused_lerp(monkeypatch):
     assert calls == [floating]  # every parameter and batch-norm statistic in one call
 
 
+@pytest.mark.slow
 def test_a_wrapped_or_half_precision_model_gives_an_fp32_shadow_under_the_networks_keys():
     model = small_net()
     compiled = torch.compile(model)  # not run: only the wrapper
@@ -158,6 +159,7 @@ def test_checkpoint_round_trip_of_raw_and_averaged_weights(tmp_path):
     assert all(torch.equal(raw.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_without_averaging_a_checkpoint_is_as_before(tmp_path):
     history = train(tiny(tmp_path, ema=0.0, epochs=1, limit=300), progress="none", log=quiet)
     for which in ("last", "best"):
@@ -178,6 +180,7 @@ def straight_run(tmp_path_factory):
     return history, lines
 
 
+@pytest.mark.slow
 def test_training_evaluates_and_saves_the_average(straight_run):
     history, lines = straight_run
     assert lines[1].endswith("; ema: decay 0.9, every 2 steps; evaluated with the averaged weights; closing test figure "
@@ -197,6 +200,7 @@ def test_training_evaluates_and_saves_the_average(straight_run):
     assert "weights: raw" in format_report(raw)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_restores_the_average_exactly(tmp_path, straight_run):
     def interrupt(step):
         if step == 3:  # mid-epoch 1, between two updates of the average (every 2 steps)
@@ -248,6 +252,7 @@ class SkippingScaler:
         self.scale_value *= 0.5 if self.calls in self.skip else 1.0
 
 
+@pytest.mark.slow
 def test_steps_a_scaler_skipped_do_not_update_the_average(tmp_path, monkeypatch):
     original = train_module.set_up
 
@@ -283,6 +288,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_predict_and_export_use_the_average_unless_raw_weights(tmp_path, capsys):
     model, ema = averaged_checkpoint(tmp_path / "ckpt")
     image = tmp_path / "x.png"

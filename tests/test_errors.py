@@ -266,6 +266,7 @@ def test_warnings_become_one_line_notes(monkeypatch, capsys):
     assert code == 0 and err == "vggkit: note: something long\n"
 
 
+@pytest.mark.slow
 def test_broken_pipe_is_quiet(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vggkit", "summary", "--json", "--per-layer", "--arch", "vgg19"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -303,6 +304,7 @@ CHECK_CHECKPOINTS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_exit_1_and_keeps_the_checkpoints(tmp_path):
     unshare = mount_namespace(tmp_path)
     (tmp_path / "check.py").write_text(CHECK_CHECKPOINTS)

@@ -55,6 +55,7 @@ def run(tmp_path_factory):
     return history.run_dir, folder
 
 
+@pytest.mark.slow
 def test_test_split_is_the_runs_held_out_split(run):
     run_dir, folder = run
     result = evaluate(run_dir, log=lambda *a: None)
@@ -79,6 +80,7 @@ def test_val_split(run):
     assert result["out_dir"].endswith("evaluation-val")
 
 
+@pytest.mark.slow
 def test_predict_on_the_held_out_images_agrees_with_evaluate(run):
     run_dir, folder = run
     result = evaluate(run_dir, log=lambda *a: None)
@@ -87,6 +89,7 @@ def test_predict_on_the_held_out_images_agrees_with_evaluate(run):
     assert [CLASSES.index(p["top"][0]["class"]) for p in predicted] == result["predictions"]
 
 
+@pytest.mark.slow
 def test_any_folder_of_class_sub_folders(run, tmp_path):
     run_dir, _ = run
     # some of the classes, other sizes: fitted to the run's images as training images are
@@ -119,6 +122,7 @@ def test_top5_only_with_more_than_five_classes(tmp_path):
     assert result["top5_acc"] is None and result["count"] == 6 and "top-5" not in format_report(result)
 
 
+@pytest.mark.slow
 def test_misclassified_grid_names_true_and_predicted_class_and_confidence(tmp_path, monkeypatch):
     E = importlib.import_module("vggkit.evaluate")  # the module: vggkit.evaluate is also the function
     titles = {}
@@ -137,6 +141,7 @@ def test_misclassified_grid_names_true_and_predicted_class_and_confidence(tmp_pa
     assert all(m["path"].startswith(str(folder)) for m in wrong)
 
 
+@pytest.mark.slow
 def test_cli_evaluate(run, tmp_path, capsys):
     run_dir, _ = run
     assert main(["evaluate", str(run_dir), "--split", "val", "--json"]) == 0

@@ -44,6 +44,7 @@ def reference(run, x):
         return model(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.slow
 def test_onnx_parity_dynamic_batch_and_metadata(run):
     result = export_model(run, "onnx")
     assert result["out"] == str(run / "model.onnx")
@@ -74,6 +75,7 @@ def test_onnx_explicit_opset_and_out(run, tmp_path):
     assert export_model(run, "onnx", out=tmp_path)["out"] == str(tmp_path / "model.onnx")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_torchscript_parity_and_metadata(run):
     result = export_model(run, "torchscript")
@@ -112,6 +114,7 @@ def test_failed_verification_leaves_nothing(run, monkeypatch, fmt, runner):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
 
 
+@pytest.mark.slow
 def test_failed_verification_keeps_previous_file(run, monkeypatch):
     previous = export_model(run, "onnx")["out"]
     before = open(previous, "rb").read()

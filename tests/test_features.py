@@ -74,6 +74,7 @@ def test_normalisation_from_mean_and_std():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_the_docstring_perceptual_loss(tmp_path):
     """Runs the module docstring's example on a local standard-layout file instead of downloading vgg16."""
     torch.manual_seed(0)

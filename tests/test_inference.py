@@ -229,6 +229,7 @@ def test_bad_policy_is_a_one_line_error(tmp_path):
         InferenceRunner(model, FP32, CPU, images=4, batch_size=4, compile="yes")
 
 
+@pytest.mark.slow
 def test_real_compile_gives_eagers_predictions(tmp_path):
     """One real torch.compile of a tiny model (bf16, channels-last, batch norm), last batch smaller."""
     torch.manual_seed(0)
@@ -288,6 +289,7 @@ class Counting(nn.Module):
         return self.model(x)
 
 
+@pytest.mark.slow
 def test_evaluate_runs_full_batches_compiled_and_off_as_before(weights, folder, tmp_path, monkeypatch):
     seen = []
 
@@ -306,6 +308,7 @@ def test_evaluate_runs_full_batches_compiled_and_off_as_before(weights, folder, 
         evaluate(weights, data=str(folder), device="cpu", compile="yes")
 
 
+@pytest.mark.slow
 def test_evaluate_off_equals_the_training_loops_evaluation(weights, folder, tmp_path):
     from vggkit.checkpoint import load_model
     from vggkit.data.folder import load_labelled_folder

@@ -74,6 +74,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_library_is_built_again_never_loaded(cache, damage):
     """Before: SIGBUS (exit 135) in every later command until the cache was deleted by hand."""
@@ -92,6 +93,7 @@ def test_a_damaged_library_is_built_again_never_loaded(cache, damage):
     assert (again.returncode, again.stdout.strip(), notes(again.stderr)) == (0, "True", [])
 
 
+@pytest.mark.slow
 def test_the_locks_of_a_killed_build_are_taken_over(cache):
     """A build killed before it linked: no library, no record, torch's lock file left and vggkit's
     lock naming a dead process. Before: every later run waited for ever after "building ..."."""
@@ -109,6 +111,7 @@ def test_the_locks_of_a_killed_build_are_taken_over(cache):
     assert build.verified_library(cache)[0] == library
 
 
+@pytest.mark.slow
 def test_a_live_builder_is_waited_for_and_named(cache):
     """While a live process holds the build lock, a process that needs a build waits (saying for whom);
     it goes on once that lock is released."""
@@ -136,6 +139,7 @@ def test_a_live_builder_is_waited_for_and_named(cache):
     assert build.verified_library(cache)[0] is not None
 
 
+@pytest.mark.slow
 def test_a_rebuild_that_fails_leaves_pytorchs_ops_and_one_note(cache, tmp_path):
     """A damaged library and a compiler that now fails: the damaged file is still never mapped; the
     command goes on with PyTorch's ops and says so in one note."""

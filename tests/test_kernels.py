@@ -186,6 +186,7 @@ def test_compile_error_is_reported_in_one_line(monkeypatch, tmp_path, fresh_note
     assert "\n" not in library.reason
 
 
+@pytest.mark.slow
 def test_a_finished_build_is_loaded_without_the_builder(fused, tmp_path):
     """Once built, a new process loads the library straight from the cache: no cpp_extension import
     (setuptools) and no ninja run at every start."""

@@ -28,6 +28,7 @@ def test_presets_match_standard_parameter_counts(arch, batch_norm):
     assert count(model) == STANDARD_PARAMS[arch, batch_norm]
 
 
+@pytest.mark.slow
 def test_textbook_block_shapes():
     model = VGG("d2l-vgg11")
     x = torch.randn(1, 1, 224, 224)

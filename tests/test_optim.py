@@ -102,3 +102,16 @@ def test_the_names_come_from_the_one_table():
 
 def test_train_still_exports_the_schedule_and_the_optimizer():
     assert lr_at_from_train is lr_at and make_optimizer_from_train is make_optimizer
+
+
+def test_sgd_keeps_no_weight_copies_when_processes_train_the_model_together():
+    """Under DDP every weight must get its gradient: with world_size > 1, plain SGD even for "fused" Linears."""
+    from helpers import require_kernels
+    from vggkit.kernels import SGDWithWeightCopies
+    from vggkit.model import set_kernels
+
+    require_kernels()
+    model = VGG(arch=((1, 8), (1, 16)), in_channels=1, num_classes=10, input_size=(16, 16), fc_width=64)
+    set_kernels(model, "fused")
+    assert isinstance(make_optimizer(config(), model), SGDWithWeightCopies)
+    assert type(make_optimizer(config(), model, world_size=2)) is torch.optim.SGD

@@ -133,6 +133,7 @@ def trained_looking_vgg(channels, input_size, classes):
 MIXED = [(24, 24), (40, 17), (13, 30), (24, 24), (60, 48)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels, sizes, input_size", [
     (3, (24, 24), 16), (1, (12, 12), 20), (3, (16, 16), 16),  # one size
     (3, MIXED, 16), (1, MIXED, 32), (3, "every kind", 24),  # mixed sizes (fitted to the median), modes

@@ -43,6 +43,7 @@ def snapshot(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_standard_state_dict(standard_pth):
     path, source = standard_pth
     notes = []

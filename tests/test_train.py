@@ -59,6 +59,7 @@ def weights(run_dir, which="last"):
     return load_file(str(run_dir / "checkpoints" / which / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_run_writes_every_file_and_tells_every_logger(tmp_path):
     lines, recorder = [], Recorder()
     history = train(tiny(tmp_path), progress="none", log=lines.append, loggers=[recorder])
@@ -107,6 +108,7 @@ def straight_run(tmp_path_factory):
     return train(tiny(tmp_path_factory.mktemp("straight")), progress="none", log=lambda *a: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at,saved", [(5, "at epoch 1, step 5"), (10, "after epoch 1")])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, straight_run, stop_at, saved):
     def interrupt(step):
@@ -136,6 +138,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, strai
     assert len((resumed.run_dir / "metrics.csv").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_a_resumed_run_may_train_longer_but_not_change_its_recipe(tmp_path, straight_run, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", straight_run.run_dir, "--lr", "0.5")
     assert code == 2 and "drop the lr option" in err and err.count("\n") == 1
@@ -144,6 +147,7 @@ def test_a_resumed_run_may_train_longer_but_not_change_its_recipe(tmp_path, stra
     assert longer.epochs[:2] == straight_run.epochs
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import torch
@@ -170,6 +174,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path)
         assert meta["i"] >= 1 and torch.all(model.classifier[1].bias == meta["i"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     def poison(step):
         if step == 13:  # epoch 2: the weights become NaN
@@ -193,6 +198,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert events[-1] == {"event": "diverged", "epoch": 2, "step": 20}  # found at the epoch's last step
 
 
+@pytest.mark.slow
 def test_diverging_lr_from_cli_is_one_line_exit_2(tmp_path, capsys):
     code = main(["train", "--arch", "1x8", "--input-size", "28", "--fc-width", "16", "--limit", "600",
                  "--test-limit", "100", "--val-size", "0", "--epochs", "1", "--batch-size", "20", "--lr", "1e30",
@@ -202,6 +208,7 @@ def test_diverging_lr_from_cli_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and "lower the learning rate" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_agree_with_training(tmp_path):
     history = train(tiny(tmp_path, epochs=1), progress="none", log=lambda *a: None)
     last = history.run_dir / "checkpoints" / "last"
@@ -242,6 +249,7 @@ def test_training_on_an_image_folder_learns_its_classes(tmp_path):
     assert top["top"][0]["class"] == "green"
 
 
+@pytest.mark.slow
 def test_training_on_the_real_fashion_mnist_files(tmp_path, fmnist_dir):
     lines = []
     history = train(tiny(tmp_path, data="fashion-mnist", data_dir=str(fmnist_dir), allow_sample=False),
@@ -256,6 +264,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_predict_roundtrip(tmp_path, capsys):
     config = tmp_path / "tiny.toml"
     config.write_text('[train]\narch = "1x8,1x16"\ninput_size = 28\nfc_width = 32\nepochs = 1\nlimit = 600\n'
@@ -289,6 +298,7 @@ def test_train_bad_input(capsys, argv, needle):
     assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     history = train(tiny(tmp_path, name="taken", epochs=1), progress="none", log=lambda *a: None)
     before = {p: p.read_bytes() for p in history.run_dir.rglob("*") if p.is_file()}
@@ -297,6 +307,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert {p: p.read_bytes() for p in history.run_dir.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
     history = train(tiny(tmp_path, epochs=1), progress="none", log=lambda *a: None)
     last = history.run_dir / "checkpoints" / "last"

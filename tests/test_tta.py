@@ -197,6 +197,7 @@ def evaluate_sample(run_dir, **kwargs):
     return evaluate(run_dir, data=SAMPLE, test_limit=TEST_LIMIT, device="cpu", **QUIET, **kwargs)
 
 
+@pytest.mark.slow
 def test_train_tta_labels_the_best_checkpoints_figure_in_the_closing_line(sample_run):
     history, lines = sample_run
     best = history.best
@@ -210,12 +211,14 @@ def test_train_tta_labels_the_best_checkpoints_figure_in_the_closing_line(sample
                                                                                            abs=1.5 / TEST_LIMIT)
 
 
+@pytest.mark.slow
 def test_tta_off_is_plain_evaluation_bit_for_bit(sample_run, tmp_path):
     run_dir = sample_run[0].run_dir
     plain, off = evaluate_sample(run_dir, out_dir=tmp_path), evaluate_sample(run_dir, out_dir=tmp_path, tta="off")
     assert plain == off and "tta" not in off
 
 
+@pytest.mark.slow
 def test_evaluate_tta_reports_its_views_and_its_figures_come_from_them(sample_run, tmp_path):
     run_dir = sample_run[0].run_dir
     result = evaluate_sample(run_dir, out_dir=tmp_path, tta="flip-translate")
@@ -225,6 +228,7 @@ def test_evaluate_tta_reports_its_views_and_its_figures_come_from_them(sample_ru
     assert len(result["misclassified"]) == TEST_LIMIT - np.trace(confusion)
 
 
+@pytest.mark.slow
 def test_evaluate_tta_writes_its_plots_beside_the_plain_ones(sample_run):
     run_dir = sample_run[0].run_dir
     plain, flip = Path(evaluate_sample(run_dir)["out_dir"]), Path(evaluate_sample(run_dir, tta="flip")["out_dir"])
@@ -232,6 +236,7 @@ def test_evaluate_tta_writes_its_plots_beside_the_plain_ones(sample_run):
     assert (plain / "confusion.png").is_file() and (flip / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_evaluate_tta_prints_the_views_line_and_the_accuracy(sample_run, tmp_path, capsys):
     run_dir = sample_run[0].run_dir
     common = [str(run_dir), "--data", SAMPLE, "--limit", str(TEST_LIMIT), "--out", str(tmp_path)]
@@ -256,6 +261,7 @@ def drawn_digits(root, per_class=12):
     return root
 
 
+@pytest.mark.slow
 def test_not_flip_safe_data_leaves_flip_out_with_a_note(tmp_path):
     lines = []
     history = train({**TINY, "data": str(drawn_digits(tmp_path / "digits")), "arch": "1x8", "input_size": 12,

@@ -2,7 +2,7 @@
 --help, every option's default in its help, and the old spellings still read (hidden, with a note).
 
 The values themselves have one owner each: precisions, compile policies and recipes are config.py's
-(PRECISION_DTYPES, CHOICES, RECIPES, DEFAULT_RECIPE), optimizers optim.py's; this module only words them.
+(CHOICES, RECIPES, DEFAULT_RECIPE; PRECISION_DTYPES from cost.py), optimizers optim.py's; this module only words them.
 """
 from __future__ import annotations
 

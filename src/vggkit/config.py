@@ -3,6 +3,7 @@ TOML file and then by flags; saved with the run. Architecture presets (vgg11, ..
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .balance import BALANCE_CHOICES
+from .cost import PRECISION_DTYPES
 from .errors import VggkitError
 from .optim import SCHEDULES, TRAINING_OPTIMIZERS
 from .special_files import refuse_special
@@ -121,8 +123,6 @@ RECIPES: dict[str, dict] = {
                  label_smoothing=0.1, tta="flip"),
 }
 
-# The precisions every command names (train, bench, summary): name -> the torch dtype's name.
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 CHOICES = {
     "optimizer": TRAINING_OPTIMIZERS,
@@ -286,9 +286,15 @@ def _toml(value) -> str:
     return repr(value)
 
 
+def require_tensorboard() -> None:
+    """A one-line error when the optional tensorboard package is missing (called before a run writes)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise VggkitError("--tensorboard needs the tensorboard package: pip install 'vggkit[tensorboard]' "
+                          "(or train without --tensorboard)")
+
+
 def validate_fine_tuning(config: TrainConfig) -> None:
     """init_from, freeze, head_pool and tensorboard (its package must be installed: checked before a run writes)."""
-    from .loggers import require_tensorboard
     from .model import HEAD_POOLS
 
     if config.init_from is not None and (not isinstance(config.init_from, str) or not config.init_from.strip()):

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import PRECISION_DTYPES
 from .units import binary_size, si
 from .optim import OPTIMIZER_STATES
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The precisions every command names (train, bench, summary): name -> the torch dtype's name.
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISION_OF = {dtype: name for name, dtype in PRECISION_DTYPES.items()}  # float32 -> fp32, as the flags say it
 # how the report names the optimizer state it counts: `vggkit train --optimizer sgd` keeps a momentum buffer
 OPTIMIZER_SHOWN = {"momentum": "sgd with momentum", "sgd": "sgd without momentum"}

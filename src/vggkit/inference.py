@@ -32,7 +32,7 @@ from .atomic import NotAFile, atomic_write_text
 from .config import CHOICES
 from .errors import VggkitError
 from .kernels import build
-from .runtime import Speed, autocast
+from .runtime import Speed, autocast, synchronize
 
 COMPILE_POLICIES = CHOICES["compile"]  # auto, on, off
 DEFAULT_COMPILE_SECONDS = 60.0  # what a compile is assumed to cost before one was measured here
@@ -260,8 +260,6 @@ class InferenceRunner:
         return Decision(self.path, min(eager) / n, min(fast) / n, compile_seconds, today)
 
     def _timed(self, module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        from .bench.machine import synchronize  # here: vggkit.bench imports this module
-
         synchronize(self.device)
         start = self.clock()
         out = self._run(module, x)

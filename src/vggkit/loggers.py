@@ -17,15 +17,13 @@ The loop calls every logger, on rank 0 only, at these points:
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import torch
 
 from .atomic import atomic_write, atomic_write_text, make_folder
-from .config import load_config
-from .errors import VggkitError
+from .config import load_config, require_tensorboard
 from .rundir import RunDir
 
 
@@ -345,13 +343,6 @@ class CurvesPlot(Logger):
         ax.set_xlim(0.5, max(epochs) + 0.5)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-
-def require_tensorboard() -> None:
-    """A one-line error when the optional tensorboard package is missing (called before a run writes)."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise VggkitError("--tensorboard needs the tensorboard package: pip install 'vggkit[tensorboard]' "
-                          "(or train without --tensorboard)")
-
 
 class TensorBoardLogger(Logger):
     """Event files under RUN/tensorboard/: `step/...` scalars at the console's pace (every PROGRESS_EVERY

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from .config import TrainConfig
+
+class Settings(Protocol):
+    """What this module reads of a config.TrainConfig. config.py reads this module's names (it checks
+    --optimizer and --schedule against them), so the module takes the config by these fields only."""
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    backbone_lr: float | None
+    schedule: str
+    warmup: float
 
 
 @dataclass(frozen=True)
@@ -26,7 +37,7 @@ class OptimizerKind:
     trainable: bool = True  # False: a name only the memory estimate knows
 
 
-def _sgd(groups: list[dict], config: TrainConfig, linears=(), **options) -> torch.optim.Optimizer:
+def _sgd(groups: list[dict], config: Settings, linears=(), **options) -> torch.optim.Optimizer:
     """SGD; where the model's Linears take bfloat16 weight copies (`linears`, see _copied_linears),
     the SGD that keeps them."""
     from torch.optim import SGD
@@ -38,13 +49,13 @@ def _sgd(groups: list[dict], config: TrainConfig, linears=(), **options) -> torc
     return SGDWithWeightCopies(groups, list(linears), **settings) if linears else SGD(groups, **settings)
 
 
-def _adam(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
+def _adam(groups: list[dict], config: Settings, **options) -> torch.optim.Optimizer:
     from torch.optim import Adam
 
     return Adam(groups, lr=config.lr, **options)
 
 
-def _adamw(groups: list[dict], config: TrainConfig, **options) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict], config: Settings, **options) -> torch.optim.Optimizer:
     from torch.optim import AdamW
 
     return AdamW(groups, lr=config.lr, **options)
@@ -66,10 +77,10 @@ def state_kind(optimizer: str, momentum: float) -> str:
     return "momentum" if optimizer == "sgd" and momentum > 0 else optimizer
 
 
-def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: Settings, model: torch.nn.Module, world_size: int = 1) -> torch.optim.Optimizer:
     """The config's optimizer over the model's parameters; no weight decay on biases and batch norm.
     With config.backbone_lr other than 1, the feature blocks' groups learn at that fraction of the lr
-    ("lr_scale", which set_lr applies)."""
+    ("lr_scale", which set_lr applies). `world_size`: the processes training the model together (DDP)."""
     parts = [(list(model.parameters()), 1.0)]
     if (config.backbone_lr or 1.0) != 1.0:
         features = {id(p) for p in model.features.parameters()}
@@ -81,22 +92,21 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
                    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
     options = _fused_step(config, model)
     if config.optimizer == "sgd":
-        options["linears"] = _copied_linears(model)
+        options["linears"] = _copied_linears(model, world_size)
     return OPTIMIZERS[config.optimizer].build(groups, config, **options)
 
 
-def _copied_linears(model: torch.nn.Module) -> list:
+def _copied_linears(model: torch.nn.Module, world_size: int) -> list:
     """The Linears whose weights SGD steps through bfloat16 copies (kernels.weight_copies): those in
     the "fast" kernels mode, in a single process (under DDP every weight must get its gradient)."""
-    from .distributed import world
     from .kernels import copyable_linears
 
-    if world()[1] > 1:
+    if world_size > 1:
         return []
     return [m for m in copyable_linears(model) if m.kernels == "fast"]
 
 
-def _fused_step(config: TrainConfig, model: torch.nn.Module) -> dict:
+def _fused_step(config: Settings, model: torch.nn.Module) -> dict:
     """torch.optim's fused step (one kernel over all parameters instead of a loop of ops) on CPU and
     CUDA, unless config.kernels is "plain" (the step as it was); same results."""
     devices = {p.device.type for p in model.parameters()}
@@ -105,29 +115,29 @@ def _fused_step(config: TrainConfig, model: torch.nn.Module) -> dict:
     return {"fused": True}
 
 
-def _constant(config: TrainConfig, progress: float) -> float:
+def _constant(config: Settings, progress: float) -> float:
     return config.lr
 
 
-def _cosine(config: TrainConfig, progress: float) -> float:
+def _cosine(config: Settings, progress: float) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _onecycle(config: TrainConfig, progress: float) -> float:
+def _onecycle(config: Settings, progress: float) -> float:
     """Linear warm-up from lr/10 to lr over the first `warmup` of training, then linear decay to 0."""
     if progress < config.warmup:
         return config.lr * (0.1 + 0.9 * progress / config.warmup)
     return config.lr * (1 - progress) / (1 - config.warmup)
 
 
-SCHEDULES: dict[str, Callable[[TrainConfig, float], float]] = {
+SCHEDULES: dict[str, Callable[[Settings, float], float]] = {
     "none": _constant,
     "cosine": _cosine,
     "onecycle": _onecycle,
 }
 
 
-def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+def lr_at(config: Settings, step: int, total_steps: int) -> float:
     """The learning rate for `step` (0-based) of `total_steps`."""
     progress = min(step / max(1, total_steps), 1.0)
     return SCHEDULES[config.schedule](config, progress)

@@ -195,7 +195,6 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         run, config, state = open_run(config, resume, overwrite, world_size)
         try:
             t = set_up(config, run, settings, log, on_step, started, resumed=state is not None)
-            config = t.config  # with what decide.py decided from the data
             if state is None:  # the data is loaded and checked: now the run directory may be written
                 dist.from_main(lambda: run.claim(overwrite))
             loop = restore(t, state) if state is not None else LoopState(fresh_sums(t), History(run.path))
@@ -488,7 +487,7 @@ def set_up(config: TrainConfig, run: RunDir, settings: ProcessSettings, log, on_
 
     model, config = build_model(config, splits, device, speed, world_size, log, resumed, decisions)
     ema = EMA(model, config.ema, config.ema_every) if config.ema else None
-    optimizer = make_optimizer(config, model)
+    optimizer = make_optimizer(config, model, world_size)
     scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
     stored = (storage_size(config.input_size),) * 2 if splits.streamed else splits.image_size
     meta = {"classes": splits.classes, "mean": list(mean), "std": list(std), "input_size": config.input_size,

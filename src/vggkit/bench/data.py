@@ -28,7 +28,8 @@ from ..pipeline import Augment
 from ..preprocess import storage_size
 from ..runtime import ProcessSettings, pick_device, speed_settings
 from ..stream import StreamLoader, stream_workers
-from .machine import device_name, timed
+from .machine import auto_steps, device_name, timed
+from .vggkit_steps import VggkitSteps
 
 SAMPLE = 96  # images decoded per worker count in the first-pass figure
 
@@ -108,8 +109,6 @@ def _batch_rate(loader: StreamLoader, runs: int) -> dict:
 
 def _training(settings, config, device, train, loader_args: dict, workers: int) -> dict:
     """Training images/s on streamed batches and on synthetic in-memory ones, in alternating rounds."""
-    from .measure import VggkitSteps, _auto_steps
-
     speed = speed_settings(config, device)
     real = VggkitSteps(config, speed, device, None, settings.seed,
                        loader=StreamLoader(train, config.batch_size, workers=workers, **loader_args))
@@ -123,7 +122,7 @@ def _training(settings, config, device, train, loader_args: dict, workers: int) 
     for name, contender in (("real", real), ("synthetic", synthetic)):
         contender.mode(training=True)
         timed(contender.train_step, warmup, device)
-        steps[name] = settings.steps or _auto_steps(timed(contender.train_step, 1, device), settings.run_seconds)
+        steps[name] = settings.steps or auto_steps(timed(contender.train_step, 1, device), settings.run_seconds)
     count = min(steps.values())
     rates = {"real": [], "synthetic": []}
     for _ in range(settings.runs):

@@ -2,12 +2,17 @@
 other processes keep it (a shared machine makes timings low; the benchmarks say so)."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+from ..runtime import synchronize
+
+RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 
 
 def device_name(device: torch.device) -> str:
@@ -22,14 +27,6 @@ def device_name(device: torch.device) -> str:
             pass
         return platform.processor() or "CPU"
     return device.type
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait until the device has finished the work queued on it (CPU work is done when queued)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def timed(fn, n: int, device: torch.device) -> float:
@@ -70,3 +67,8 @@ def others_cpu(before) -> float | None:
         return None
     wall = after[2] - before[2]
     return round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / max(wall, 1e-9), 2)
+
+
+def auto_steps(seconds_per_step: float, run_seconds: float = RUN_SECONDS) -> int:
+    """Steps for a timed run of about run_seconds, between 2 and 100."""
+    return max(2, min(100, math.ceil(run_seconds / max(seconds_per_step, 1e-6))))

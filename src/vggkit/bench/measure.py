@@ -14,7 +14,8 @@ with the recipe's label smoothing, denormals flushed to zero on CPU, plus the CP
 setting of allocator.py. Inference runs as `vggkit evaluate` runs it (inference.InferenceRunner):
 eagerly, and with compile="on" compiled as well (figures of its own, and the compile time). The
 textbook loop (the d2l book's) is in textbook.py, the measured peak in peak.py, the text in
-report.py, `--profile` (a step's time by group of ops) in profile.py.
+report.py, `--profile` (a step's time by group of ops) in profile.py, vggkit's own steps (VggkitSteps)
+in vggkit_steps.py.
 
 FLOPs: one image's forward pass costs 2 x MACs (cost.summary); a training step counts 3 x that
 (forward, gradient of the activations, gradient of the weights). The first convolution needs no
@@ -26,10 +27,8 @@ from other processes hits both alike) over `steps` steps each; the figures are t
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -38,28 +37,22 @@ import torch
 
 from .. import allocator as alloc
 from ..bounds import check_training_fits
+from .data import bench_folder
 from .peak import PeakProbe
 from .textbook import TEXTBOOK_SETTINGS, TextbookBatches, TextbookSteps
+from .vggkit_steps import NUM_CLASSES, VggkitSteps
 from ..config import DEFAULT_RECIPE, RECIPES, TrainConfig, resolve_config
 from ..cost import Report, summary
 from ..data import Dataset, load_data
 from ..data.load import is_folder
 from ..decide import LIKE_FASHION_MNIST, decide
-from ..distributed import batch_loss
 from ..errors import VggkitError
-from .machine import cpu_snapshot, device_name, load_average, others_cpu, timed
-from ..pipeline import Augment, BatchLoader
-from ..inference import InferenceRunner
-from ..runtime import ProcessSettings, Speed, pick_device, speed_settings
+from .machine import RUN_SECONDS, auto_steps, cpu_snapshot, device_name, load_average, others_cpu, timed
+from ..runtime import ProcessSettings, pick_device, speed_settings
 from ..specs import format_arch
-from ..steps import train_step
-from ..optim import make_optimizer
-from ..model import set_kernels
 
-RUN_SECONDS = 4.0  # auto steps: aim for runs of about this long
 DEFAULT_WARMUP = 2
 STORED_SIZE = 28  # random images are stored at Fashion-MNIST's size and resized like it
-NUM_CLASSES = 10
 TRAIN_FLOPS_PER_MAC = 3 * 2  # forward, gradient of the activations, gradient of the weights; 2 FLOPs a MAC
 INFER_FLOPS_PER_MAC = 2
 FLOPS_NOTE = "training FLOPs per image = 3 x 2 x forward MACs (cost.summary); inference = 2 x MACs"
@@ -124,8 +117,6 @@ def bench(settings: BenchSettings | None = None, *, log=None, **changes) -> dict
     if settings.warmup is None:
         settings = replace(settings, warmup=DEFAULT_WARMUP)
     if settings.data is not None and is_folder(settings.data):  # photos on disk: the data path against the compute
-        from .data import bench_folder
-
         result = bench_folder(settings, log)
         if result is not None:
             return result
@@ -154,84 +145,6 @@ class Steps(Protocol):
         """One training step; returns the number of images."""
 
     def infer_step(self) -> int: ...
-
-
-class VggkitSteps:
-    """vggkit's real training step (steps.train_step with the recipe's optimizer, loss and augmentation)
-    and its inference step, on one model."""
-
-    def __init__(self, config: TrainConfig, speed: Speed, device: torch.device, dataset: Dataset | None, seed: int,
-                 relu_inplace: bool = True, loader=None):
-        """Batches of `dataset` in memory (unnormalised), or of `loader` (e.g. a stream.StreamLoader) as it is."""
-        self.speed, self.device, self.label_smoothing = speed, device, config.label_smoothing
-        torch.manual_seed(seed)
-        channels = loader.channels if loader is not None else dataset.channels
-        if loader is None:
-            plain = dict(mean=(0.0,) * channels, std=(1.0,) * channels)
-            augment = Augment(crop_padding=config.crop_padding, flip=config.flip, erasing=config.erasing)
-            loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size, **plain,
-                                 shuffle=True, seed=seed, drop_last=True, augment=augment,
-                                 channels_last=speed.channels_last)
-            eval_loader = BatchLoader(dataset, config.batch_size, device=device, input_size=config.input_size,
-                                      **plain, drop_last=True, channels_last=speed.channels_last)
-        else:
-            eval_loader = loader
-        self.model = _vggkit_model(config, channels, device, speed, relu_inplace)
-        self.kernels = set_kernels(self.model, speed.kernels)  # what the blocks really run
-        self.optimizer = make_optimizer(config, self.model)
-        self.step_model = torch.compile(self.model) if speed.compile else self.model
-        self.eager_infer = InferenceRunner(self.model, speed, device, batch_size=config.batch_size, compile="off")
-        # asked to compile (--compile on): inference is timed compiled as well as eagerly
-        self.compiled_infer = InferenceRunner(self.model, speed, device, batch_size=config.batch_size,
-                                              compile="on") if speed.compile else None
-        self.scaler = torch.amp.GradScaler("cuda") if speed.amp_dtype == torch.float16 else None
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.train_batches = _cycle(loader)
-        self.eval_batches = _cycle(eval_loader)
-
-    def settings(self):
-        return nullcontext()  # bench() has set vggkit's process settings
-
-    def mode(self, training: bool) -> None:
-        self.model.train(training)
-
-    def train_step(self) -> int:
-        return self.step_on(*self.next_batch())
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self.train_batches)
-
-    def step_on(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        train_step(self.step_model, self.optimizer, self.scaler, self.speed, x, y, self.sums, self._loss)
-        return len(y)
-
-    def infer_step(self, runner: InferenceRunner | None = None) -> int:
-        """One batch of inference: eager, or by `runner` (compiled_infer)."""
-        x, y = next(self.eval_batches)
-        logits = (runner or self.eager_infer)(x)
-        (logits.argmax(1) == y).sum()
-        return len(y)
-
-    def compiled_infer_step(self) -> int:
-        return self.infer_step(self.compiled_infer)
-
-    def loss_is_finite(self) -> bool:
-        return math.isfinite(self.sums[0].item())
-
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor):
-        return batch_loss(logits, y, len(y), self.label_smoothing)
-
-
-def _vggkit_model(config: TrainConfig, channels: int, device: torch.device, speed: Speed,
-                  relu_inplace: bool) -> torch.nn.Module:
-    model = config.build_model(channels, NUM_CLASSES).to(device)
-    if not relu_inplace:
-        for m in model.modules():
-            if isinstance(m, torch.nn.ReLU):
-                m.inplace = False
-    if speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 @dataclass
@@ -317,12 +230,12 @@ class Measurement:
             if self.settings.inference:
                 steps.mode(training=False)
                 timed(steps.infer_step, warmup, self.device)
-                infer_steps = fixed or _auto_steps(timed(steps.infer_step, 1, self.device), seconds)
+                infer_steps = fixed or auto_steps(timed(steps.infer_step, 1, self.device), seconds)
                 if _compiles_inference(steps):
                     compile_seconds = timed(steps.compiled_infer_step, 1, self.device)
                     timed(steps.compiled_infer_step, warmup - 1, self.device)
                 steps.mode(training=True)
-        return Plan(first, fixed or _auto_steps(per_step, seconds), infer_steps, compile_seconds)
+        return Plan(first, fixed or auto_steps(per_step, seconds), infer_steps, compile_seconds)
 
     def _rounds(self, vggkit: VggkitSteps, plan: Plan, textbook: TextbookSteps | None, base_plan: Plan | None,
                 probe: PeakProbe | None) -> tuple[Rates, Rates]:
@@ -436,18 +349,6 @@ def cost_report(config: TrainConfig, channels: int) -> tuple[str, Report]:
 def _compiles_inference(steps: Steps) -> bool:
     """Whether `steps` times compiled inference too (vggkit's, with --compile on)."""
     return isinstance(steps, VggkitSteps) and steps.compiled_infer is not None
-
-
-def _cycle(loader: BatchLoader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def _auto_steps(seconds_per_step: float, run_seconds: float = RUN_SECONDS) -> int:
-    return max(2, min(100, math.ceil(run_seconds / max(seconds_per_step, 1e-6))))
 
 
 def _round(values, digits=1):

@@ -1,6 +1,6 @@
 """`vggkit bench --profile`: where a training step's time goes.
 
-A few of vggkit's real training steps (measure.VggkitSteps: the batch loader, autocast, the
+A few of vggkit's real training steps (vggkit_steps.VggkitSteps: the batch loader, autocast, the
 recipe's loss and optimizer) run under torch.profiler (CPU activity). Each profiled op's self time
 goes to one group of GROUPS, and the table gives milliseconds per step and shares of the total.
 
@@ -18,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 from ..runtime import ProcessSettings, pick_device, speed_settings
-from .measure import DEFAULT_WARMUP, BenchSettings, VggkitSteps, bench_dataset, cost_report
+from .measure import DEFAULT_WARMUP, BenchSettings, bench_dataset, cost_report
+from .vggkit_steps import VggkitSteps
 
 PROFILE_STEPS = 5
 DATA_RANGE = "vggkit.data"

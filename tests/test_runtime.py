@@ -96,6 +96,7 @@ def test_bf16_forward_alone_matches_in_eval_mode():
     assert (fast.argmax(1) == plain.argmax(1)).float().mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager():
     """--compile on: torch.compile (inductor) computes the same step to float32 rounding."""
     model, (x, y) = small_model(True), batch()
@@ -152,6 +153,7 @@ def test_retained_memory_allocator_is_bit_for_bit_and_undoable():
         assert (a == b) if isinstance(a, float) else torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not allocator.available(), reason="allocator tuning needs Linux with glibc")
 def test_training_with_the_retained_allocator_is_bit_for_bit_and_leaves_the_process_as_it_was(tmp_path, fmnist_dir):
     from safetensors.torch import load_file

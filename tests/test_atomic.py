@@ -3,7 +3,7 @@ through a link or in place of a device or FIFO, and --overwrite deletes only wha
 
 Every refusal asserts the exit code (2), the one line, and that the tree around it is unchanged:
 files byte for byte, links with the same target, FIFOs and devices still what they were. Trainings
-are the tiny ones of test_reliability.py (the bundled sample, a 1x8 network): about a second each.
+are the tiny ones of helpers.tiny (the bundled sample, a 1x8 network): about a second each.
 """
 import importlib
 import os
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_reliability import QUIET, TINY_FLAGS, assert_checkpoints_sound, cli, events, one_line, tiny
+from helpers import QUIET, TINY_FLAGS, assert_checkpoints_sound, cli, events, one_line, tiny
 from vggkit import checkpoint as checkpoint_module
 from vggkit.atomic import NotAFile, atomic_write, atomic_write_text
 from vggkit.checkpoint import load_model, read_meta, save_checkpoint
@@ -78,6 +78,7 @@ def plant(path: Path, kind: str, target: Path) -> None:
         os.link(target, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["new run", "resume"])
 @pytest.mark.parametrize("kind,says", [("symbolic link", "symbolic link"), ("FIFO", "FIFO"),
                                        ("hard link", "has 2 names (hard links)")])
@@ -205,6 +206,7 @@ def test_a_run_name_that_is_a_link_is_not_followed(tmp_path, capsys, trained, fl
     assert "choose another --name" in err and tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run_holding_only_what_vggkit_wrote(tmp_path, capsys):
     """Everything vggkit writes counts as its own: TensorBoard files, evaluate's plots, an export, the
     temporaries a kill leaves (atomic_write's, a checkpoint folder's, safetensors')."""
@@ -244,6 +246,7 @@ def test_a_link_planted_where_a_run_writes_stops_the_resume(tmp_path, capsys, tr
 
 # ---------------------------------------------------------------------------------------------- 11: the smaller ones
 
+@pytest.mark.slow
 def test_a_save_removes_what_a_kill_left_in_a_checkpoint_temporary(tmp_path, trained):
     """A kill while safetensors wrote the weights leaves its own .tmpXXXXXX inside the temporary folder."""
     run = copy_run(trained, tmp_path)
@@ -298,6 +301,7 @@ def test_a_checkpoint_swapped_while_it_is_read_is_read_again(tmp_path, trained, 
     assert len(calls) == 1
 
 
+@pytest.mark.slow
 def test_evaluate_while_a_training_saves_reports_what_it_read(tmp_path, trained, monkeypatch, capsys):
     """evaluate writes its plots into the checkpoint folder it read; a training's save replaced that
     folder meanwhile: the figures are reported, the plots are not put into the new folder."""
@@ -320,6 +324,7 @@ def test_evaluate_while_a_training_saves_reports_what_it_read(tmp_path, trained,
     assert sorted(p.name for p in best.parent.iterdir()) == ["best", "last"]
 
 
+@pytest.mark.slow
 def test_a_full_standard_output_is_not_called_a_full_disk(tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
@@ -357,6 +362,7 @@ def c_locale() -> dict:
     return {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
 
 
+@pytest.mark.slow
 def test_unicode_paths_work_in_the_c_locale(tmp_path):
     """LC_ALL=C PYTHONUTF8=0: Python reads file names as ASCII; vggkit runs in UTF-8 mode instead."""
     out = tmp_path / "données"

@@ -155,6 +155,7 @@ def test_a_changed_file_is_never_read_from_an_old_cache(tmp_path):
     assert rebuilt.path != first.path and (rebuilt.read(row) == 255).all() and not (first.read(row) == 255).all()
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_cache_that_is_used(tmp_path, cache_home):
     root = write_photos(tmp_path / "photos", per_class=30)
     script = textwrap.dedent(f"""
@@ -183,6 +184,7 @@ def test_a_killed_prepare_leaves_no_cache_that_is_used(tmp_path, cache_home):
     assert prepared.count == 90 and all(prepared.read(r).any() for r in range(90))
 
 
+@pytest.mark.slow
 def test_an_image_that_fails_to_decode_stops_the_run_or_is_skipped(tmp_path, capsys):
     root = write_photos(tmp_path / "photos", per_class=12, ext="jpg")
     whole = (root / "red" / "005.jpg").read_bytes()
@@ -208,6 +210,7 @@ def photo_config(tmp_path, photos, **changes):
                 precision="fp32", threads=2, workers=2, out=str(tmp_path), name="photos", lr=0.05) | changes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["png", "jpeg"])
 def test_a_photo_run_records_its_preprocessing_and_evaluate_and_predict_feed_it_alike(tmp_path, kind, request):
     from vggkit import evaluate, load
@@ -230,6 +233,7 @@ def test_a_photo_run_records_its_preprocessing_and_evaluate_and_predict_feed_it_
     assert torch.allclose(streamed, from_files, atol=1e-5)  # predict reads each file as the cache was made
 
 
+@pytest.mark.slow
 def test_an_interrupted_photo_run_resumes_to_identical_weights(tmp_path, photos):
     from safetensors.torch import load_file
 
@@ -258,6 +262,7 @@ def test_prepare_decodes_a_folder_once_for_the_input_size_training_will_use(tmp_
     assert "no such folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_on_a_photo_folder_weighs_the_data_path_against_the_compute(photos):
     from vggkit.bench import BenchSettings, bench
     from vggkit.bench.data import format_folder_bench
@@ -272,6 +277,7 @@ def test_bench_on_a_photo_folder_weighs_the_data_path_against_the_compute(photos
     assert "first pass (decode + fit), images/s:" in text and "on synthetic in-memory images" in text
 
 
+@pytest.mark.slow
 def test_a_photo_run_fine_tunes_from_initial_weights(tmp_path, photos):
     """The decisions that build the network to size a batch take the initial weights' shape."""
     from vggkit.checkpoint import load_model

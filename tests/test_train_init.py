@@ -46,6 +46,7 @@ def last_weights(run):
     return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_standard_state_dict_keeps_frozen_blocks_bit_for_bit(tmp_path, standard_pth, capsys):
     path, source = standard_pth
     assert train_cli(tmp_path, "ft", "--init", str(path), "--freeze", "1") == 0
@@ -72,6 +73,7 @@ def test_fine_tuning_a_standard_state_dict_keeps_frozen_blocks_bit_for_bit(tmp_p
     assert json.loads(capsys.readouterr().out)["count"] == 100
 
 
+@pytest.mark.slow
 def test_another_input_size_gets_the_adaptive_head_pool_and_the_run_exports(tmp_path, standard_pth, capsys):
     path, _ = standard_pth
     assert train_cli(tmp_path, "ft32", "--init", str(path), "--input-size", "32") == 0
@@ -83,6 +85,7 @@ def test_another_input_size_gets_the_adaptive_head_pool_and_the_run_exports(tmp_
     assert (run / "model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_from_a_run_directory_with_frozen_features_and_resume_without_reloading(tmp_path, monkeypatch, capsys):
     assert train_cli(tmp_path, "base", "--arch", ARCH, "--fc-width", "32") == 0
     base = tmp_path / "runs" / "base"
@@ -154,6 +157,7 @@ def test_the_readme_head_api_snippet_runs_as_written(tmp_path, monkeypatch):
     assert namespace["model"].num_classes == 5 and namespace["model"].frozen_blocks == 2
 
 
+@pytest.mark.slow
 def test_imagenet_weights_bring_their_normalisation_and_a_lower_rate_for_their_blocks(tmp_path, capsys):
     from vggkit.optim import make_optimizer, set_lr
 

@@ -160,6 +160,7 @@ def test_damaged_checkpoints_are_refused_by_every_loader(tmp_path, capsys, case,
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("case", HUGE)
 def test_metadata_describing_gigabytes_is_refused_before_building(tmp_path, case, loader):
@@ -264,6 +265,7 @@ RESUMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RESUMES)
 def test_resume_refuses_a_damaged_training_state(trained, tmp_path, capsys, case):
     damage, needles = RESUMES[case]

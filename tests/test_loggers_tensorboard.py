@@ -30,6 +30,7 @@ def csv_rows(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_epoch_scalars_equal_metrics_csv_and_steps_follow_the_console(tmp_path):
     history = train({**TINY, "epochs": 2, "tensorboard": True, "out": str(tmp_path), "name": "tb"}, log=lambda *a: None)
     run = history.run_dir
@@ -49,6 +50,7 @@ def test_epoch_scalars_equal_metrics_csv_and_steps_follow_the_console(tmp_path):
     assert reader.PluginTagToContent("hparams")  # the hyperparameters, for TensorBoard's HParams tab
 
 
+@pytest.mark.slow
 def test_a_resumed_run_appends_to_the_same_event_files(tmp_path):
     run = train({**TINY, "epochs": 1, "tensorboard": True, "out": str(tmp_path), "name": "resumed"},
                 log=lambda *a: None).run_dir

@@ -38,6 +38,7 @@ def test_ops_are_grouped_by_themselves_or_what_encloses_them():
     assert list(totals) == list(GROUPS) and totals["convolution"] == 3e-3 and totals["other"] == 1e-3
 
 
+@pytest.mark.slow
 def test_profile_splits_a_real_step():
     r = profile(**TINY)
     assert list(r["groups"]) == list(GROUPS) and r["steps"] == 2
@@ -48,6 +49,7 @@ def test_profile_splits_a_real_step():
     assert all(name in text for name in GROUPS) and "ms/step" in text and "total" in text
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table(capsys):
     argv = ["bench", "--profile", "--preset", "fast", "--arch", "1x8", "--batch-size", "8", "--steps", "1",
             "--warmup", "1", "--kernels", "plain"]

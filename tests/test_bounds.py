@@ -169,6 +169,7 @@ def large_toml(tmp) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MEMORY_CASES)
 def test_sizes_from_outside_are_refused_before_memory_is_taken(tmp_path, case):
     make, needles = MEMORY_CASES[case]
@@ -188,6 +189,7 @@ def test_sizes_from_outside_are_refused_before_memory_is_taken(tmp_path, case):
 SHAPE = ["--arch", "1x8", "--input-size", "28"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("toml, flags, needles", [
     ("epochs = true\n", [*SHAPE, "--epochs", "2"], ["config file", "epochs must be an integer, got true (bool)"]),
     ("input_size = 1e9\n", SHAPE, ["input_size must be an integer, got 1000000000.0"]),
@@ -277,6 +279,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, command", [
     (["summary", "--arch", "1x8", "--input-size", "28"], "summary"),
     (["predict", "{root}/ckpt", "{root}/x.png", "--compile", "off"], "predict"),
@@ -289,6 +292,7 @@ def test_results_for_a_closed_stdout_are_refused_at_once(checkpoint, argv, comma
     assert snapshot(checkpoint) == before
 
 
+@pytest.mark.slow
 def test_files_are_made_with_stdout_closed(checkpoint, tmp_path):
     done = closed_stdout("predict", checkpoint / "ckpt", checkpoint / "x.png", "--compile", "off",
                          "--csv", tmp_path / "p.csv", cwd=tmp_path)
