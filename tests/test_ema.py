@@ -24,6 +24,7 @@ from vggkit.train import TrainingDiverged, train
 from helpers import like_trained
 
 train_module = importlib.import_module("vggkit.train")  # the package's `train` is the function
+trainer_module = importlib.import_module("vggkit.trainer")  # set_up and restore make the average
 
 SAMPLE = "fashion-mnist-sample"
 # 600 training images in batches of 100: 6 steps an epoch, the average updated at every second one
@@ -262,7 +263,7 @@ def test_steps_a_scaler_skipped_do_not_update_the_average(tmp_path, monkeypatch)
         return trainer
 
     monkeypatch.setattr(train_module, "set_up", with_scaler)
-    monkeypatch.setattr(train_module, "EMA", Recording)
+    monkeypatch.setattr(trainer_module, "EMA", Recording)
     train(tiny(tmp_path, epochs=1, ema_every=1), progress="none", log=quiet)
     assert Recording.made.steps == [1, 2, 5, 6]
 
@@ -273,7 +274,7 @@ def test_a_nan_average_is_never_saved(tmp_path, monkeypatch):
             with torch.no_grad():
                 next(iter(Recording.made.state_dict().values())).fill_(float("nan"))
 
-    monkeypatch.setattr(train_module, "EMA", Recording)
+    monkeypatch.setattr(trainer_module, "EMA", Recording)
     with pytest.raises(TrainingDiverged, match="NaN or infinite.*no checkpoint was saved"):
         train(tiny(tmp_path), progress="none", log=quiet, on_step=poison)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -100,7 +100,7 @@ def test_from_a_run_directory_with_frozen_features_and_resume_without_reloading(
     def no_reload(*args, **kwargs):
         raise AssertionError("a resumed run must not load its initial weights again")
 
-    monkeypatch.setattr(importlib.import_module("vggkit.train"), "init_model", no_reload)
+    monkeypatch.setattr(importlib.import_module("vggkit.trainer"), "init_model", no_reload)
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert "resuming" in capsys.readouterr().out

@@ -42,7 +42,7 @@ def storage_size(input_size: int) -> int:
 
 
 def preprocess_meta(image_size: tuple[int, int] | None = None, crop: str | None = None) -> dict:
-    """The preprocessing keys to store with a model's metadata (train.py merges them into meta).
+    """The preprocessing keys to store with a model's metadata (trainer.py merges them into meta).
 
     image_size: (height, width) of the training images as stored (DataSplits.image_size); other
     images are fitted to it. Without it, images are fitted to the input size.
