@@ -23,3 +23,13 @@ def prepared_cache(tmp_path_factory):
     patch.setattr("vggkit.data.prepared.cache_root", lambda: root / "vggkit" / "prepared")
     yield root
     patch.undo()
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """The C++ kernels, built (or loaded from the cache) once per module; skipped without a compiler."""
+    from helpers import require_kernels
+    from vggkit import kernels
+
+    require_kernels()
+    return kernels.MaxPoolReLU.apply

@@ -14,6 +14,9 @@ from torch import nn
 from vggkit.checkpoint import load_model
 from vggkit.cli import main
 
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}  # the memory layouts kernels take
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def require_kernels() -> None:
     """Skip where vggkit's C++ kernels are switched off or cannot be built (no compiler); else build

@@ -10,7 +10,6 @@ from helpers import assert_no_further_off, backward_ops, require_kernels
 
 from vggkit import VGG
 from vggkit import kernels
-from vggkit.kernels import conv_weight_grad
 from vggkit.model import set_kernels
 
 CL = torch.channels_last
@@ -115,7 +114,22 @@ def test_a_batch_norm_network_trains_alike_with_the_tiled_weight_grad():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         seen = backward_ops(model(x).sum())
     assert seen.count("ConvReLUBackward") == 1  # the third block's 32 -> 64 conv at 7x7, before its batch norm
-    # the gray first block rounds otherwise than PyTorch's modules (test_conv_bn_pool.py): both
+    # the gray first block rounds otherwise than PyTorch's modules (test_kernels_conv_bn_pool.py): both
     # networks' bf16 gradients are held against float32
     assert_no_further_off(*grads)
 
+
+def test_conv_weight_grad_stays_with_onednn_without_amx(monkeypatch):
+    from vggkit.kernels import conv_weight_grad
+
+    monkeypatch.setattr(conv_weight_grad, "_amx", lambda: False)  # as on a CPU without AMX (e.g. AMD Zen 5)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+    x = torch.randn(2, 64, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.why_not("conv_tiled_weight_grad", [conv], x)  # a conv before batch norm stays nn.Conv2d
+        assert not kernels.why_not("conv_relu", [conv, torch.nn.ReLU()], x)
+        fused, plain = kernels.conv_relu(conv, x), torch.relu(conv(x))
+    grad = torch.randn_like(plain)
+    got = torch.autograd.grad(fused, conv.weight, grad)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(plain, conv.weight, grad)[0], rtol=1e-2, atol=1e-2)

@@ -2,14 +2,14 @@
 BatchNorm2d in training mode followed by ReLU: outputs, running statistics and gradients, in
 float32 and under bf16 autocast, NCHW and channels-last, odd shapes; the cases left to PyTorch;
 the fallback where the kernels cannot be had; the fast preset's network trained a few steps fused
-and plain. The `fused` fixture (test_kernels.py) builds the library once, or skips."""
+and plain. The `fused` fixture (conftest.py) builds the library once, or skips."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import backward_ops
-from test_kernels import FORMATS, fused  # noqa: F401 (fused: the fixture)
+from helpers import FORMATS
 from torch import nn
 
 from vggkit import kernels
@@ -268,8 +268,8 @@ def test_fast_preset_graph_and_state_dict(fused):
     (model, _), (plain, _) = fast_preset_pair()
     x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     calls = backward_ops(model(x).sum())
-    # each block's last batch norm with its pool and ReLU (test_bn_pool.py), the other two alone; the
-    # first block, one conv on the gray input, with its conv (test_conv_bn_pool.py)
+    # each block's last batch norm with its pool and ReLU (test_kernels_bn_pool.py), the other two alone; the
+    # first block, one conv on the gray input, with its conv (test_kernels_conv_bn_pool.py)
     assert calls.count("ConvBatchNormPoolReLUBackward") == 1
     assert calls.count("BatchNormPoolReLUBackward") == 2 and calls.count("BatchNormReLUBackward") == 2
     assert "MaxPoolReLUBackward" not in calls

@@ -9,9 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backward_ops, train_step
-from test_bn_relu import AGAINST_PYTORCH, batch_norm, bf16_input, close_to_scale, run, sample
-from test_kernels import FORMATS, fused  # noqa: F401 (fused: the fixture)
+from helpers import FORMATS, backward_ops, train_step
+from test_kernels_bn_relu import AGAINST_PYTORCH, batch_norm, bf16_input, close_to_scale, run, sample
 
 from vggkit import kernels
 from vggkit.kernels import build
@@ -239,7 +238,7 @@ def test_what_stays_with_the_two_kernels_or_pytorch(fused):
 
 
 def small_vgg():
-    """RGB: a gray first block would be one ConvBatchNormPoolReLU (test_conv_bn_pool.py)."""
+    """RGB: a gray first block would be one ConvBatchNormPoolReLU (test_kernels_conv_bn_pool.py)."""
     torch.manual_seed(0)
     return VGG("1x8,2x16", batch_norm=True, in_channels=3, input_size=12, fc_width=32, num_classes=5, dropout=0.0)
 
