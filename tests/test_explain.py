@@ -204,3 +204,18 @@ def test_pixels_in_memory_and_uploads(weights, images):
     bad.name = "notes.txt"
     with pytest.raises(VggkitError, match="notes.txt is not a readable image"):
         explainer.explain([bad])
+
+
+def test_evaluate_writes_a_grad_cam_grid_beside_the_misclassified_grid(weights, tmp_path):
+    from vggkit.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "folder" / name / f"{i}.png")
+    result = evaluate(weights, data=str(tmp_path / "folder"), out_dir=tmp_path / "ev", compile="off", log=lambda *a: None)
+    assert result["misclassified"]  # random weights: most are wrong
+    with Image.open(tmp_path / "ev" / "misclassified_gradcam.png") as grid, \
+            Image.open(tmp_path / "ev" / "misclassified.png") as plain:
+        assert grid.size == plain.size
