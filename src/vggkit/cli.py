@@ -417,7 +417,8 @@ def add_explain_parser(sub) -> None:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(args.run, host=args.host, port=args.port, averaged=not args.raw_weights, log=say)
+    serve(args.run, host=args.host, port=args.port, averaged=not args.raw_weights,
+          log=lambda *parts: say(*parts, flush=True))  # the address at once, even into a pipe
     return 0
 
 
