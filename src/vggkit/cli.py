@@ -2,8 +2,8 @@
 
 A closed standard stream (`>&-`) is opened on /dev/null first, so that no file the command opens
 takes its descriptor (and receives what a library prints). A command whose results go to stdout
-(summary, evaluate, predict without --csv, bench) then refuses to start (exit 2): its work would
-be lost. train and export, whose results are files, run as with stdout sent to /dev/null."""
+(summary, evaluate, predict without --csv, bench, serve: its address) then refuses to start (exit 2): its
+work would be lost. train, export and explain, whose results are files, run as with stdout sent to /dev/null."""
 from __future__ import annotations
 
 import argparse
@@ -591,7 +591,7 @@ def _run(argv: list[str], stdout_closed: bool = False) -> int:
     return code
 
 
-RESULTS_ON_STDOUT = ("summary", "evaluate", "predict", "bench")  # what they print is what they are for
+RESULTS_ON_STDOUT = ("summary", "evaluate", "predict", "bench", "serve")  # what they print is what they are for
 STREAMS = ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w"))
 
 
