@@ -80,12 +80,11 @@ class Explainer:
             blocks = [name for name in layers if "." not in name]
             raise VggkitError(f"unknown layer {self.layer!r}; give a block ({', '.join(blocks)}) or a conv or "
                               f"batch norm inside one, e.g. {blocks[-1]}.conv1")
-        # in-place ReLUs after a hooked conv would overwrite its output: hook ReLU-free layers only (above)
+        # the ReLUs run in place, so they are not offered; a conv they follow directly is seen after its ReLU
         self._grad_cam = LayerGradCam(model, layers[self.layer])
         self.device = next(model.parameters()).device
-        channels = meta["model"]["in_channels"]
-        self.channels = channels
-        self.preprocess = Preprocess.from_meta(meta, channels, self.device)
+        self.channels = meta["model"]["in_channels"]
+        self.preprocess = Preprocess.from_meta(meta, self.channels, self.device)
         self.size = fit_size(meta)
         self.reduced = _reduced_for(meta, self.size)
         self.crop = interpolation_of(meta).get("crop")
