@@ -86,8 +86,9 @@ def test_heatmap_peaks_in_the_corner_that_makes_the_class(corner_run, tmp_path):
 
 def test_grad_cam_is_the_plain_networks_by_hand_and_predict_agrees(weights, images):
     found = explain(weights, images[:1])[0]
-    model, meta = Explainer.from_run(weights).model, None
-    x = Explainer.from_run(weights).preprocess(torch.from_numpy(found.pixels).permute(2, 0, 1)[None].contiguous())
+    fresh = Explainer.from_run(weights)
+    model = fresh.model
+    x = fresh.preprocess(torch.from_numpy(found.pixels).permute(2, 0, 1)[None].contiguous())
     set_kernels(model, "plain")
     activations = FeatureExtractor(model, ["block2"])(x)["block2"]
     logits = model.forward_head(activations)

@@ -221,7 +221,8 @@ def format_report(result: dict) -> str:
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
     lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
-              f"wrote {result['out_dir']}/confusion.png, misclassified.png and misclassified_gradcam.png" if result["out_dir"] is not None
+              f"wrote {result['out_dir']}/confusion.png, misclassified.png and misclassified_gradcam.png"
+              if result["out_dir"] is not None
               else f"plots not written: a training replaced {result['checkpoint']} while it was evaluated (the "
                    "figures above are of the checkpoint read before); --out FOLDER keeps them"]
     return "\n".join(lines)
