@@ -2,8 +2,8 @@
 
 A closed standard stream (`>&-`) is opened on /dev/null first, so that no file the command opens
 takes its descriptor (and receives what a library prints). A command whose results go to stdout
-(summary, evaluate, predict without --csv, bench) then refuses to start (exit 2): its work would
-be lost. train and export, whose results are files, run as with stdout sent to /dev/null."""
+(summary, evaluate, predict without --csv, bench, serve: its address) then refuses to start (exit 2): its
+work would be lost. train, export and explain, whose results are files, run as with stdout sent to /dev/null."""
 from __future__ import annotations
 
 import argparse
@@ -480,6 +480,48 @@ def add_predict_parser(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def cmd_explain(args) -> int:
+    from .explain import Explainer, write_pngs
+
+    explainer = Explainer.from_run(args.run, args.layer, averaged=not args.raw_weights, device=args.device)
+    found = explainer.explain(args.images, target=args.target)  # all of it first: nothing half-written
+    for explanation, png in zip(found, write_pngs(found, args.out)):
+        say(f"{explanation.image}: {explanation.title} -> {png}")
+    return 0
+
+
+def add_explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM: where in each image the model found its class, as PNGs")
+    p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, and folders searched recursively")
+    p.add_argument("--class", dest="target", default=None, metavar="C",
+                   help="explain this class (a name or an index; default: each image's predicted class)")
+    p.add_argument("--layer", default=None, metavar="blockN",
+                   help="the block whose activations are weighted (default: the last block)")
+    p.add_argument("--out", default="gradcam", metavar="DIR",
+                   help="folder for the PNGs, <image>.gradcam.png (default: ./gradcam)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    add_raw_weights_flag(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.run, host=args.host, port=args.port, averaged=not args.raw_weights,
+          log=lambda *parts: say(*parts, flush=True))  # the address at once, even into a pipe
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="a local web page: drop images, see the top-5 classes and the Grad-CAM")
+    p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=0, help="port (default: 0, a free one; the address is printed)")
+    add_raw_weights_flag(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import RECIPES
 
@@ -509,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     add_predict_parser(sub)
+    add_explain_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified")
     p.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
@@ -660,7 +704,7 @@ def _run(argv: list[str], stdout_closed: bool = False) -> int:
     return code
 
 
-RESULTS_ON_STDOUT = ("summary", "evaluate", "predict", "bench")  # what they print is what they are for
+RESULTS_ON_STDOUT = ("summary", "evaluate", "predict", "bench", "serve")  # what they print is what they are for
 STREAMS = ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w"))
 
 

@@ -98,18 +98,22 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
     if out_dir:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _plot(result, dataset, meta["classes"], out_dir)
+        _plot(result, dataset, meta["classes"], out_dir, model, meta)
     else:
         out_dir = _default_out_dir(checkpoint, name, plan)
         if not _plotted_into_checkpoint(checkpoint, read, lambda: _plot(result, dataset, meta["classes"],
-                                                                         make_folder(out_dir))):
+                                                                         make_folder(out_dir), model, meta)):
             out_dir = None
     return result | {"out_dir": out_dir and str(out_dir), "checkpoint": str(checkpoint), "weights": meta["weights"]}
 
 
-def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path) -> None:
+def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path, model=None, meta=None) -> None:
+    from .explain import plot_misclassified
+
     _plot_confusion(np.array(result["confusion"]), classes, out_dir / "confusion.png")
     _plot_misclassified(dataset, result["misclassified"][:GRID], classes, out_dir / "misclassified.png")
+    if model is not None:  # the same grid under the Grad-CAM of the class each image was taken for
+        plot_misclassified(model, meta, dataset, result["misclassified"][:GRID], out_dir / "misclassified_gradcam.png")
     write_evaluation_files(result, out_dir)
 
 
@@ -223,7 +227,8 @@ def format_report(result: dict) -> str:
               " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(classes)))]
     lines += [f"  {c:<{width}}" + "".join(f"{n:>6}" for n in row) for c, row in zip(classes, confusion)]
     lines += ["", WEIGHTS_USED[result.get("weights", "raw")],
-              f"wrote {result['out_dir']}/confusion.png, misclassified.png, {', '.join(EVALUATION_FILES)}"
+              f"wrote {result['out_dir']}/confusion.png, misclassified.png, misclassified_gradcam.png, "
+              f"{', '.join(EVALUATION_FILES)}"
               if result["out_dir"] is not None
               else f"plots not written: a training replaced {result['checkpoint']} while it was evaluated (the "
                    "figures above are of the checkpoint read before); --out FOLDER keeps them"]

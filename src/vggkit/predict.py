@@ -33,14 +33,18 @@ SPEED = Speed(amp_dtype=None, channels_last=False, compile=False)  # predictions
 
 def load_image(path: str | Path, channels: int, reduced_for: tuple[int, int] | None = None) -> torch.Tensor:
     """An image file as a uint8 tensor C x H x W (grayscale or RGB as the model expects).
-    reduced_for (h, w): decoded as the prepared cache decodes photos for that size (image.reduce_on_decode)."""
+    reduced_for (h, w): decoded as the prepared cache decodes photos for that size (image.reduce_on_decode).
+    path may also be a binary file object (an upload held in memory); messages name it by its `name`."""
     from PIL import Image, UnidentifiedImageError
 
-    refuse_special(path, "image")
+    if hasattr(path, "read"):
+        source, path = path, getattr(path, "name", "the image")
+    else:
+        source = refuse_special(path, "image")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if reduced_for is not None:
                     reduce_on_decode(image, reduced_for)
                 array = pixels_of(image, channels)

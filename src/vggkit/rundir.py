@@ -64,7 +64,7 @@ WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 PREV_SUFFIX = ".prev"
 EXPORTS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # `vggkit export`'s file in the run, by format
-EVALUATION_PLOTS = ("confusion.png", "misclassified.png")
+EVALUATION_PLOTS = ("confusion.png", "misclassified.png", "misclassified_gradcam.png")
 TENSORBOARD_FILES = "events.out.tfevents.*"
 SAFETENSORS_TEMPORARY = ".tmp*"  # safetensors writes the weights beside their name, then renames
 
