@@ -139,3 +139,12 @@ def events(run: Path) -> list[dict]:
 def vggkit_command(*argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vggkit", *map(str, argv)], capture_output=True, text=True,
                           timeout=300)
+
+
+def copy_every_linear(monkeypatch) -> None:
+    """Weight copies for dense layers of any size (tests use small ones; tuning.MIN_COPY_WEIGHTS would skip them)."""
+    import dataclasses
+
+    from vggkit.kernels import tuning
+
+    monkeypatch.setattr(tuning, "MIN_COPY_WEIGHTS", dataclasses.replace(tuning.MIN_COPY_WEIGHTS, value=0))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import require_kernels
+from helpers import copy_every_linear, require_kernels
 
 from vggkit import kernels
 from vggkit.config import TrainConfig
@@ -64,8 +64,9 @@ SHORT = {"conv_batch_norm_pool_relu": "cbp", "conv_pool_relu": "cp", "batch_norm
 
 
 @pytest.fixture(autouse=True)
-def _kernels():
+def _kernels(monkeypatch):
     require_kernels()
+    copy_every_linear(monkeypatch)  # OLD was recorded before tuning.MIN_COPY_WEIGHTS
 
 
 def _short(steps) -> str:

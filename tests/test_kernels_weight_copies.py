@@ -7,12 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import require_kernels
+from helpers import copy_every_linear, require_kernels
 
 from vggkit.config import TrainConfig
 from vggkit.kernels import SGDWithWeightCopies
 from vggkit.model import VGG, Linear, set_kernels
 from vggkit.optim import make_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _copies_for_small_layers(monkeypatch):
+    copy_every_linear(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +152,19 @@ def test_state_dict_and_scripting_are_nn_linears(fused):
     x, _ = batch(n=2)
     torch.testing.assert_close(scripted(x), ours.eval()(x))
     assert copy.deepcopy(ours).classifier[1].weight_copy.tensor is None  # an EMA's copy holds none
+
+
+def test_only_dense_layers_large_enough_get_a_copy(monkeypatch):
+    """tuning.MIN_COPY_WEIGHTS: the d2l preset's 25.7M- and 16.8M-weight layers take copies, its 41K-weight
+    last layer and the fast preset's (at most 295K weights) do not: autocast's cast measured faster there."""
+    from vggkit.kernels import copyable_linears, tuning, why_not
+
+    monkeypatch.undo()
+    model = VGG("d2l-vgg11", ratio=4, num_classes=10, in_channels=1, input_size=224)
+    sizes = [m.weight.numel() for m in copyable_linears(model)]
+    assert sizes == [6272 * 4096, 4096 * 4096] and all(n >= tuning.MIN_COPY_WEIGHTS.value for n in sizes)
+    small = model.classifier[-1]
+    with torch.autocast("cpu", torch.bfloat16):
+        reasons = why_not("linear_with_copy", [small], torch.randn(2, 4096))
+    assert reasons[0].startswith("40,960 weights: under 1,000,000 a bfloat16 copy measured slower")
+

@@ -104,9 +104,11 @@ def test_train_still_exports_the_schedule_and_the_optimizer():
     assert lr_at_from_train is lr_at and make_optimizer_from_train is make_optimizer
 
 
-def test_sgd_keeps_no_weight_copies_when_processes_train_the_model_together():
+def test_sgd_keeps_no_weight_copies_when_processes_train_the_model_together(monkeypatch):
     """Under DDP every weight must get its gradient: with world_size > 1, plain SGD even for "fused" Linears."""
-    from helpers import require_kernels
+    from helpers import copy_every_linear, require_kernels
+
+    copy_every_linear(monkeypatch)
     from vggkit.kernels import SGDWithWeightCopies
     from vggkit.model import set_kernels
 

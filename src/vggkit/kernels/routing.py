@@ -298,8 +298,13 @@ def _why_not_dropout(layers, x, ctx, tuned=True):
 def _why_not_linear_with_copy(layers, x, ctx, tuned=True):
     linear = layers[0]
     weight = linear.weight
-    why = [] if getattr(linear, "weight_copy", None) is not None else [
-        "no optimizer keeps a bfloat16 copy of its weight (SGD in one process does)"]
+    if tuned and weight.numel() < tuning.MIN_COPY_WEIGHTS.value:
+        why = [f"{weight.numel():,} weights: under {tuning.MIN_COPY_WEIGHTS.value:,} a bfloat16 copy measured slower "
+               "than autocast's cast" + _where_measured(tuning.MIN_COPY_WEIGHTS)]
+    elif getattr(linear, "weight_copy", None) is None:
+        why = ["no optimizer keeps a bfloat16 copy of its weight (SGD in one process does)"]
+    else:
+        why = []
     if not (linear.training and ctx.grad and weight.requires_grad):
         why.append("no weight gradient (inference or frozen)")
     if ctx.autocast != torch.bfloat16:

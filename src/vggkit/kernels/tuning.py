@@ -39,7 +39,16 @@ MIN_IN_CHANNELS = Threshold(
     32, "input channels from which a conv's weight gradient on the AMX tiles beats oneDNN's",
     XEON_AMX, depends_on="amx")
 
-PYTHON_TUNING = {"FASTER_IN_CHANNELS": FASTER_IN_CHANNELS, "MIN_IN_CHANNELS": MIN_IN_CHANNELS}
+# A dense layer trains on a bfloat16 copy of its weight that the SGD step writes (weight_copies.py) from
+# this many weights on: the copy saves a cast over the weight each step, which pays on d2l's 25.7M- and
+# 16.8M-weight layers (1.14x the whole step) and costs more than it saves on the fast preset's (at most
+# 295K: without copies the fast step measured 1.07x); BENCHMARKS.md, "Routing".
+MIN_COPY_WEIGHTS = Threshold(
+    1_000_000, "weights from which a dense layer's bfloat16 copy beats autocast's cast of the weight each step",
+    XEON_AMX)
+
+PYTHON_TUNING = {"FASTER_IN_CHANNELS": FASTER_IN_CHANNELS, "MIN_IN_CHANNELS": MIN_IN_CHANNELS,
+                 "MIN_COPY_WEIGHTS": MIN_COPY_WEIGHTS}
 
 # Compile-time choices in the C++ files, documented here beside the Python ones.
 CXX_TUNING = {

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import SGD
 
+from . import tuning
+
 
 class WeightCopy:
     """The bfloat16 copy of one Linear's weight, made at its first use, and the weight's version
@@ -125,6 +127,8 @@ class SGDWithWeightCopies(SGD):
 
 def copyable_linears(model: nn.Module) -> list[nn.Module]:
     """The Linears of `model` that can take a copy: an nn.Linear that declares a `weight_copy` slot
-    (vggkit's model.Linear: it multiplies by the copy) with a trainable float32 weight on the CPU."""
+    (vggkit's model.Linear: it multiplies by the copy) with a trainable float32 weight on the CPU, large
+    enough for the copy to pay (tuning.MIN_COPY_WEIGHTS)."""
     return [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "weight_copy")
-            and m.weight.requires_grad and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+            and m.weight.requires_grad and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+            and m.weight.numel() >= tuning.MIN_COPY_WEIGHTS.value]
