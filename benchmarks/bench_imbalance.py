@@ -9,12 +9,11 @@ and Shirt, 20 (20 times rarer: the class the other two are mistaken for most); O
 --no-eval-every-epoch-on-test` (FLAGS: a small network, few epochs) with --balance and --seed (the rest
 decided from the data), then `vggkit evaluate` of its best checkpoint on the test tree. The table gives
 the median over the seeds of balanced accuracy (the mean of the per-class recalls), accuracy,
-macro F1 and the rare class's recall; the figures per seed go to benchmarks/results/imbalance_<date>.json.
+macro F1 and the rare class's recall; the figures per seed go to benchmarks/results/<machine>/imbalance.json.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import statistics
@@ -100,8 +99,10 @@ def main() -> None:
             rows.append(run_one(folder, args.out, mode, seed))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows, modes))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"imbalance_{datetime.date.today().isoformat()}.json"
+    from records import machine_slug  # benchmarks/records.py: one folder of results per machine
+
+    path = RESULTS / machine_slug(cpu_name()) / "imbalance.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"command": f"benchmarks/bench_imbalance.py OUT --seeds {args.seeds} "
                                            f"--modes {args.modes}",
                                 "cpu": cpu_name(), "classes": CLASSES, "flags": FLAGS, "test_per_class": TEST_PER_CLASS,

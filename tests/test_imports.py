@@ -9,8 +9,6 @@ from pathlib import Path
 import vggkit
 
 PACKAGE = Path(vggkit.__file__).parent
-# model.py <-> kernels/ is being untangled apart; any other circle fails the test
-TOLERATED = {"vggkit.model", "vggkit.kernels"}
 
 
 def module_files() -> dict[str, tuple[Path, list[str]]]:
@@ -80,12 +78,8 @@ def circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def tolerated(component: set[str]) -> bool:
-    return all(any(name == t or name.startswith(t + ".") for t in TOLERATED) for name in component)
-
-
 def test_the_package_has_no_import_circles():
-    found = [sorted(c) for c in circles(import_graph()) if not tolerated(c)]
+    found = [sorted(c) for c in circles(import_graph())]
     assert found == []
 
 

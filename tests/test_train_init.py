@@ -145,14 +145,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, standard_pth, capsys
     assert not (tmp_path / "runs" / "bad").exists()
 
 
-def test_the_readme_head_api_snippet_runs_as_written(tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_guide_head_api_snippet_runs_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
     code = readme.split("## The head API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     model = vggkit.VGG("1x32,2x64,2x128", in_channels=1, input_size=28, fc_width=256, batch_norm=True)
     save_checkpoint(tmp_path / "runs" / "base" / "checkpoints" / "best", model, {"classes": list("abcdefghij")})
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md (The head API)", "exec"), namespace)
+    exec(compile(code, "docs/guide.md (The head API)", "exec"), namespace)
     assert namespace["features"].shape == (4, 128, 3, 3) and namespace["embedding"].shape == (4, 256)
     assert namespace["model"].num_classes == 5 and namespace["model"].frozen_blocks == 2
 

@@ -1,4 +1,4 @@
-"""The README's onnxruntime snippet, run as written, agrees with `vggkit predict` on images of
+"""The guide's onnxruntime snippet (docs/guide.md), run as written, agrees with `vggkit predict` on images of
 every kind: gray and RGB, smaller, larger and the size of the input, square or not; for models that
 fit images to their training images' size (centre crop) and for models from before (plain resize)."""
 import contextlib
@@ -20,7 +20,7 @@ from vggkit.preprocess import preprocess_meta
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guide.md"
 MODEL, IMAGE = "runs/my-run/model.onnx", "shoe.png"  # the snippet's placeholders
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 INPUT_SIZE = 24
@@ -28,8 +28,8 @@ INPUT_SIZE = 24
 IMAGES = [(8, 8, "L"), (24, 24, "RGB"), (60, 60, "RGB"), (40, 17, "L"), (13, 90, "RGB"), (31, 24, "L")]
 
 
-def readme_snippet() -> str:
-    export_section = README.read_text().split("## Export", 1)[1]
+def guide_snippet() -> str:
+    export_section = GUIDE.read_text().split("## ONNX and TorchScript", 1)[1]
     code = re.search(r"```python\n(.*?)```", export_section, re.S).group(1)
     assert MODEL in code and IMAGE in code
     return code
@@ -69,7 +69,7 @@ def run_snippet(code: str, model: Path, image: Path) -> tuple[str, dict]:
     namespace, out = {}, io.StringIO()
     code = code.replace(MODEL, str(model)).replace(IMAGE, str(image))
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md (Export)", "exec"), namespace)
+        exec(compile(code, "docs/guide.md (ONNX)", "exec"), namespace)
     return out.getvalue().strip(), namespace
 
 
@@ -77,13 +77,13 @@ def run_snippet(code: str, model: Path, image: Path) -> tuple[str, dict]:
                                         preprocess_meta((28, 28), "center")],
                          ids=["fit-to-20x16", "fit-to-input", "plain", "photos"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_readme_onnx_snippet_matches_predict(tmp_path, channels, preprocess):
+def test_the_onnx_snippet_matches_predict(tmp_path, channels, preprocess):
     run = exported_model(tmp_path, channels, preprocess)
     images = drawn_images(tmp_path)
     if preprocess.get("crop"):  # a photo model reads JPEGs at reduced scale: one large enough to be reduced
         Image.open(images[2]).convert("RGB").resize((200, 150)).save(tmp_path / "large.jpg", quality=90)
         images.append(tmp_path / "large.jpg")
-    code = readme_snippet()
+    code = guide_snippet()
     predicted = predict(run, images, top_k=1, device="cpu")
     meta = read_meta(run)
     for image, result in zip(images, predicted, strict=True):
