@@ -74,11 +74,19 @@ DAMAGE = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_library_is_built_again_never_loaded(cache, damage):
-    """Before: SIGBUS (exit 135) in every later command until the cache was deleted by hand."""
+def test_every_damage_is_seen_before_the_library_is_mapped(cache, damage):
     spoil, why = DAMAGE[damage]
+    spoil(library_of(cache))
+    found, reason = build.verified_library(cache)
+    assert found is None and why in reason
+
+
+@pytest.mark.slow
+def test_a_damaged_library_is_built_again_never_loaded(cache):
+    """Before: SIGBUS (exit 135) in every later command until the cache was deleted by hand. One damage
+    end to end (each rebuild compiles every kernel; every damage is seen: the test above)."""
+    spoil, why = DAMAGE["truncated to half"]
     library = library_of(cache)
     intact = library.read_bytes()
     spoil(library)
