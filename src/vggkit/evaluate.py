@@ -108,12 +108,15 @@ def evaluate(path: str | Path, *, data: str | None = None, data_dir: str | None 
 
 
 def _plot(result: dict, dataset: Dataset, classes: list[str], out_dir: Path, model=None, meta=None) -> None:
-    from .explain import plot_misclassified
+    from .explain import Explainer, overlay
 
+    wrong = result["misclassified"][:GRID]
     _plot_confusion(np.array(result["confusion"]), classes, out_dir / "confusion.png")
-    _plot_misclassified(dataset, result["misclassified"][:GRID], classes, out_dir / "misclassified.png")
+    _plot_misclassified(wrong, lambda item: dataset.pixels(item["index"]), out_dir / "misclassified.png")
     if model is not None:  # the same grid under the Grad-CAM of the class each image was taken for
-        plot_misclassified(model, meta, dataset, result["misclassified"][:GRID], out_dir / "misclassified_gradcam.png")
+        explainer = Explainer(model, meta)
+        _plot_misclassified(wrong, lambda item: np.asarray(overlay(explainer.explain(
+            [dataset.pixels(item["index"])], target=item["predicted"])[0])), out_dir / "misclassified_gradcam.png")
     write_evaluation_files(result, out_dir)
 
 
@@ -260,8 +263,9 @@ def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def _plot_misclassified(dataset: Dataset, wrong: list[dict], classes: list[str], path: Path) -> None:
-    """A grid of misclassified images, titled true class, predicted class and confidence."""
+def _plot_misclassified(wrong: list[dict], image_of, path: Path) -> None:
+    """A grid of misclassified images (image_of(item): H x W x C uint8), titled true class, predicted class
+    and confidence."""
     plt = _pyplot()
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
@@ -269,7 +273,7 @@ def _plot_misclassified(dataset: Dataset, wrong: list[dict], classes: list[str],
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, wrong):
-        image = dataset.pixels(item["index"])
+        image = image_of(item)
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {item['true']}\n→ {item['predicted']} {item['confidence']:.0%}", fontsize=7)
     fig.tight_layout()

@@ -245,24 +245,6 @@ def write_pngs(explanations: Sequence[Explanation], out_dir: str | Path) -> list
     return written
 
 
-def plot_misclassified(model: torch.nn.Module, meta: dict, dataset, wrong: list[dict], path: Path) -> None:
-    """evaluate's misclassified grid again, each image under the Grad-CAM of the class it was taken for."""
-    plt = _pyplot()
-    explainer = Explainer(model, meta)
-    cols = 6
-    rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.0), dpi=100, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, item in zip(axes.flat, wrong):
-        found = explainer.explain([dataset.pixels(item["index"])], target=item["predicted"])[0]
-        ax.imshow(overlay(found))
-        ax.set_title(f"true {item['true']}\n→ {item['predicted']} {item['confidence']:.0%}", fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
