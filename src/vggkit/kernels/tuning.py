@@ -40,9 +40,9 @@ MIN_IN_CHANNELS = Threshold(
     XEON_AMX, depends_on="amx")
 
 # A dense layer trains on a bfloat16 copy of its weight that the SGD step writes (weight_copies.py) from
-# this many weights on: the copy saves a cast over the weight each step, which pays on d2l's 25.7M- and
-# 16.8M-weight layers (1.14x the whole step) and costs more than it saves on the fast preset's (at most
-# 295K: without copies the fast step measured 1.07x); BENCHMARKS.md, "Routing".
+# this many weights on: the copy saves a cast over the weight each step, which paid on the whole step of
+# d2l (25.7M and 16.8M weights) and cost more than it saved on the fast preset's (295K at most);
+# BENCHMARKS.md, "Routing".
 MIN_COPY_WEIGHTS = Threshold(
     1_000_000, "weights from which a dense layer's bfloat16 copy beats autocast's cast of the weight each step",
     XEON_AMX)
