@@ -197,3 +197,19 @@ def test_summary_explain(capsys):
     assert "not conv_pool_relu: 3 input channels (RGB)" in out
     assert main(["summary", "--preset", "d2l"]) == 2
     assert "--preset goes with --explain" in capsys.readouterr().err
+
+
+def test_summary_explain_of_a_trained_run(tmp_path, capsys):
+    """--run: the network a run saved (here RGB, 16 px) and its settings (weights alone: fp32, the fast kernels)."""
+    from vggkit.checkpoint import save_checkpoint
+    from vggkit.cli import main
+
+    model = VGG("1x16,1x32", in_channels=3, input_size=16, fc_width=32, num_classes=4)
+    run = tmp_path / "runs" / "rgb"
+    save_checkpoint(run / "checkpoints" / "best", model, {"classes": list("abcd")})
+    assert main(["summary", "--run", str(run), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run {run}\n") and "training (float32, batch 128, input 3x16x16)" in out
+    assert "not conv_pool_relu: 3 input channels (RGB)" in out
+    assert main(["summary", "--run", str(run)]) == 2
+    assert "--run goes with --explain" in capsys.readouterr().err

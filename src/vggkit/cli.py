@@ -100,12 +100,13 @@ def cmd_summary(args) -> int:
     from .specs import parse_arch
     import torch
 
-    if args.explain or args.preset:
+    if args.explain or args.preset or args.run:
         from .kernel_report import explain_args
 
         if not args.explain:
-            raise VggkitError("--preset goes with --explain; give the network by --arch for the cost report")
-        if not args.preset:
+            flag = "--preset" if args.preset else "--run"
+            raise VggkitError(f"{flag} goes with --explain; give the network by --arch for the cost report")
+        if not (args.preset or args.run):
             check_arch_input(len(parse_arch(args.arch, args.ratio)), args.input_size, args.in_channels or 1)
         print(explain_args(args))
         return 0
@@ -542,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: which kernel each block takes on this machine, training and inference, and why not the others")
     p.add_argument("--preset", choices=list(RECIPES), default=None,
                    help="with --explain: the recipe's network and settings (Fashion-MNIST's 1x28x28 where it leaves the input to the data; default: none, --arch)")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="with --explain: a trained run's network and settings (a run or checkpoint directory; default: none, --arch)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help=f"train a VGG (recipes {', '.join(RECIPES)}; every field overridable)",

@@ -89,11 +89,20 @@ def _step_name(step: routing.Step) -> str:
 
 
 def explain_args(args) -> str:
-    """explain() for `vggkit summary --explain`: the network of --preset (its recipe, on Fashion-MNIST's
-    input where the recipe leaves that to the data) or of the model flags (--arch ...)."""
+    """explain() for `vggkit summary --explain`: the network and settings of a trained run (--run), of
+    --preset (its recipe, on Fashion-MNIST's input where the recipe leaves that to the data) or of the
+    model flags (--arch ...)."""
     from .config import resolve_config
     from .model import VGG
 
+    if args.run:
+        from .checkpoint import load_model
+        from .evaluate import run_config_for
+
+        model, _ = load_model(args.run)
+        config = run_config_for(args.run)
+        setting = Setting(config.batch_size or DEFAULT_BATCH, config.precision, config.optimizer, config.kernels)
+        return f"run {args.run}\n" + explain(model, model.in_channels, model.input_size, setting)
     if args.preset:
         config = resolve_config(args.preset)
         in_channels, size = DEFAULT_IMAGE
