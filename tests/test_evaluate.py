@@ -124,13 +124,13 @@ def test_top5_only_with_more_than_five_classes(tmp_path):
 
 @pytest.mark.slow
 def test_misclassified_grid_names_true_and_predicted_class_and_confidence(tmp_path, monkeypatch):
-    E = importlib.import_module("vggkit.evaluate")  # the module: vggkit.evaluate is also the function
+    plots = importlib.import_module("vggkit.plots")  # every figure is written through plots.write_png
     titles = {}
 
     def capture(path, write):
-        titles[path.name] = [ax.get_title() for ax in E._pyplot().gcf().axes if ax.get_title()]
+        titles[path.name] = [ax.get_title() for ax in plots.pyplot().gcf().axes if ax.get_title()]
 
-    monkeypatch.setattr(E, "atomic_write", capture)
+    monkeypatch.setattr(plots, "atomic_write", capture)
     folder = drawn_folder(tmp_path / "drawn", per_class=2)
     result = evaluate(untrained_weights(tmp_path / "weights", CLASSES), data=str(folder), log=lambda *a: None)
     wrong = result["misclassified"]

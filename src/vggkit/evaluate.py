@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, make_folder
+from .atomic import make_folder
 from .checkpoint import folder_identity, load_model
 from .config import TrainConfig, load_config
 from .data import Dataset, load_data, stratified_indices
@@ -32,6 +32,7 @@ from .errors import VggkitError
 from .inference import InferenceRunner, check_policy
 from .metrics import (EVALUATION_FILES, calibration, class_metrics, format_class_rows, format_summary,
                       write_evaluation_files)
+from .plots import pyplot, write_png
 from .preprocess import CENTER, fit_size, settings_from_meta
 from .rundir import evaluation_folder, find_checkpoint, find_config
 from .runtime import pick_device, speed_settings
@@ -245,7 +246,7 @@ def tta_line(tta: dict) -> str:
 
 
 def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
     ax.imshow(confusion, cmap="Blues")
     ticks = range(len(classes))
@@ -259,14 +260,13 @@ def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> No
             ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if confusion[i, j] > threshold else "black")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    write_png(fig, path)
 
 
 def _plot_misclassified(wrong: list[dict], image_of, path: Path) -> None:
     """A grid of misclassified images (image_of(item): H x W x C uint8), titled true class, predicted class
     and confidence."""
-    plt = _pyplot()
+    plt = pyplot()
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.0), dpi=100, squeeze=False)
@@ -277,12 +277,4 @@ def _plot_misclassified(wrong: list[dict], image_of, path: Path) -> None:
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {item['true']}\n→ {item['predicted']} {item['confidence']:.0%}", fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    write_png(fig, path)

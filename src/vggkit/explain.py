@@ -32,12 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, make_folder
+from .atomic import make_folder
 from .checkpoint import load_model
 from .data.image import crop_box, to_channels
 from .errors import VggkitError
 from .features import named_layers
 from .model import KERNELS, set_kernels
+from .plots import pyplot, write_png
 from .predict import _fitted, _reduced_for, image_paths, load_image
 from .preprocess import CENTER, Preprocess, fit_size, interpolation_of
 
@@ -95,6 +96,13 @@ class Explainer:
         """The model stored at `path` (run dir, checkpoint dir or weights file); averaged: its EMA weights if any."""
         model, meta = load_model(path, device, averaged=averaged)
         return cls(model.eval(), meta, layer)
+
+    @classmethod
+    def of(cls, source, layer: str | None = None, averaged: bool = True, device: str = "cpu") -> Explainer:
+        """For a run (its path: from_run) or a (model, meta) pair."""
+        if isinstance(source, tuple):
+            return cls(*source, layer)
+        return cls.from_run(source, layer, averaged=averaged, device=device)
 
     def explain(self, images: Iterable, target: str | int | None = None, top_k: int = TOP_K) -> list[Explanation]:
         """One Explanation per image: a file path, a binary file object with a `name` (an upload), or
@@ -165,9 +173,7 @@ class Explainer:
 def explain(source, images: Iterable, *, target: str | int | None = None, layer: str | None = None,
             top_k: int = TOP_K, averaged: bool = True, device: str = "cpu") -> list[Explanation]:
     """Grad-CAM of `images` for a run (its path) or a (model, meta) pair: see Explainer.explain."""
-    explainer = Explainer(*source, layer) if isinstance(source, tuple) else \
-        Explainer.from_run(source, layer, averaged=averaged, device=device)
-    return explainer.explain(images, target, top_k)
+    return Explainer.of(source, layer, averaged, device).explain(images, target, top_k)
 
 
 @contextlib.contextmanager
@@ -216,7 +222,7 @@ def overlay(explanation: Explanation, alpha: float = ALPHA, min_side: int = 0):
 def save_png(explanation: Explanation, path: str | Path) -> Path:
     """The overlay at the image's own size (small images enlarged to MIN_SIDE), titled with the class and
     its probability, written atomically."""
-    plt = _pyplot()
+    plt = pyplot()
     picture = overlay(explanation, min_side=MIN_SIDE)
     dpi, title_px = 100, 40
     fig = plt.figure(figsize=(picture.width / dpi, (picture.height + title_px) / dpi), dpi=dpi)
@@ -225,9 +231,7 @@ def save_png(explanation: Explanation, path: str | Path) -> Path:
     ax.axis("off")
     fig.suptitle(f"{explanation.title} ({explanation.layer})", y=1 - 4 / (picture.height + title_px), va="top",
                  fontsize=11)
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    plt.close(fig)
-    return Path(path)
+    return write_png(fig, path, dpi=dpi)
 
 
 def write_pngs(explanations: Sequence[Explanation], out_dir: str | Path) -> list[Path]:
@@ -243,10 +247,3 @@ def write_pngs(explanations: Sequence[Explanation], out_dir: str | Path) -> list
         used.add(name)
         written.append(save_png(explanation, out_dir / name))
     return written
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt

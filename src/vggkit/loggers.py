@@ -22,8 +22,9 @@ from datetime import datetime
 
 import torch
 
-from .atomic import atomic_write, atomic_write_text, make_folder
+from .atomic import atomic_write_text, make_folder
 from .config import load_config, require_tensorboard
+from .plots import pyplot, write_png
 from .rundir import RunDir
 
 
@@ -314,16 +315,12 @@ class CurvesPlot(Logger):
     def end(self, summary):
         if not summary.rows:
             return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120)
         for ax, (quantity, keys) in zip(axes, self.CURVES.items()):
             self._panel(ax, summary, quantity, keys)
         fig.tight_layout()
-        atomic_write(self.run.curves_path, lambda tmp: fig.savefig(tmp, format="png"))
-        plt.close(fig)
+        write_png(fig, self.run.curves_path)
 
     def _panel(self, ax, summary, quantity: str, keys: tuple[str, ...]) -> None:
         from matplotlib.ticker import MaxNLocator

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import ENCODING, ENCODING_ERRORS, atomic_write
+from .plots import pyplot, write_png
 from .untrusted import csv_cell
 
 CALIBRATION_BINS = 15
@@ -103,7 +104,7 @@ def format_summary(result: dict) -> list[str]:
 
 
 def write_class_csv(result: dict, path: Path) -> None:
-    """class, precision, recall, f1, support and accuracy rows, atomically; class names that a spreadsheet
+    """class, precision, recall, f1 and support rows, atomically; class names that a spreadsheet
     would run as formulas are written as text (untrusted.csv_cell)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding=ENCODING, errors=ENCODING_ERRORS) as f:
@@ -119,10 +120,7 @@ def write_class_csv(result: dict, path: Path) -> None:
 def plot_reliability(calibrated: dict, path: Path) -> None:
     """The reliability diagram: accuracy against confidence per bin, the diagonal a calibrated model
     follows, the gap shaded; ECE in the title."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     bins = calibrated["bins"]
     edges = np.linspace(0, 1, bins + 1)
     centres, width = (edges[:-1] + edges[1:]) / 2, 1 / bins
@@ -139,8 +137,7 @@ def plot_reliability(calibrated: dict, path: Path) -> None:
            title=f"reliability: ECE {calibrated['ece']:.4f} ({bins} bins)")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    write_png(fig, path)
 
 
 EVALUATION_FILES = ("reliability.png", "per_class.csv", "metrics.json")

@@ -37,8 +37,7 @@ def make_server(source, host: str = "127.0.0.1", port: int = 0, *, averaged: boo
                 max_upload: int = MAX_UPLOAD) -> ThreadingHTTPServer:
     """A server (not yet serving: call serve_forever) for the model at `source` (a run, checkpoint or
     weights file; or a (model, meta) pair); port 0: a free one (server.server_address says which)."""
-    explainer = Explainer(*source, layer) if isinstance(source, tuple) else \
-        Explainer.from_run(source, layer, averaged=averaged)
+    explainer = Explainer.of(source, layer, averaged)
     name = "model" if isinstance(source, tuple) else Path(source).name
     try:
         server = ThreadingHTTPServer((host, port), _handler(explainer, name, max_upload))
