@@ -186,16 +186,15 @@ def conv_weight_grad(repeats: int) -> list[dict]:
 
 def routes(presets: list[str], batch: int | None, repeats: int) -> list[dict]:
     """Per preset, phase, block and routed step: the default route's ms against PyTorch's layers'."""
-    from vggkit.config import resolve_config
+    from vggkit.kernel_report import preset_network
     from vggkit.kernels import routing
-    from vggkit.model import VGG, set_kernels
+    from vggkit.model import set_kernels
     from vggkit.runtime import speed_settings
 
     rows = []
     for preset in presets:
-        config = resolve_config(preset)
-        size = config.input_size or 28  # Fashion-MNIST's, where the recipe leaves it to the data
-        model = VGG(**config.model_arguments(1, 10) | {"input_size": size})
+        model, config = preset_network(preset)  # on Fashion-MNIST's 1x28x28 where the recipe leaves it
+        size = model.input_size[0]
         assert set_kernels(model, config.kernels) == "fast", "the routing is not in the fast mode here"
         speed = speed_settings(config, torch.device("cpu"))
         n = batch or config.batch_size or 128

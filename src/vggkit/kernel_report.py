@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import build, routing, tuning
-from .kernels.weight_copies import WeightCopy, copyable_linears
+from .kernels.weight_copies import WeightCopy
+from .optim import copied_linears
 
 # Fashion-MNIST's images, the default data, where a recipe leaves the input to the data
 DEFAULT_IMAGE = (1, 28)
@@ -24,6 +25,21 @@ class Setting:
     channels_last: str = "auto"  # what runtime.speed_settings reads besides precision (not the routes)
     compile: str = "off"
 
+    @classmethod
+    def of(cls, config) -> Setting:
+        """A run's or a recipe's (a TrainConfig)."""
+        return cls(config.batch_size or DEFAULT_BATCH, config.precision, config.optimizer, config.kernels)
+
+
+def preset_network(preset: str):
+    """(the recipe's VGG, its config): on Fashion-MNIST's input where the recipe leaves that to the data."""
+    from .config import resolve_config
+    from .model import VGG
+
+    config = resolve_config(preset)
+    in_channels, size = DEFAULT_IMAGE
+    return VGG(**config.model_arguments(in_channels, 10) | {"input_size": config.input_size or size}), config
+
 
 def explain(model: torch.nn.Module, in_channels: int, input_size: tuple[int, int], setting: Setting) -> str:
     """The routes `vggkit train` (and evaluation) would take through `model` on this machine's CPU."""
@@ -33,8 +49,8 @@ def explain(model: torch.nn.Module, in_channels: int, input_size: tuple[int, int
     cpu = torch.device("cpu")
     wanted = block_kernels(setting.kernels, cpu)
     mode = set_kernels(model, wanted)
-    if setting.optimizer == "sgd" and mode == "fast":  # as optim.make_optimizer gives them (one process)
-        for linear in copyable_linears(model):
+    if setting.optimizer == "sgd":  # the copies optim.make_optimizer gives, in one process
+        for linear in copied_linears(model, world_size=1):
             linear.weight_copy = WeightCopy()
     amp = speed_settings(setting, cpu).amp_dtype
     spec = routing.Spec((setting.batch_size, in_channels, *input_size), torch.float32, cpu)
@@ -92,7 +108,6 @@ def explain_args(args) -> str:
     """explain() for `vggkit summary --explain`: the network and settings of a trained run (--run), of
     --preset (its recipe, on Fashion-MNIST's input where the recipe leaves that to the data) or of the
     model flags (--arch ...)."""
-    from .config import resolve_config
     from .model import VGG
 
     if args.run:
@@ -100,16 +115,11 @@ def explain_args(args) -> str:
         from .evaluate import run_config_for
 
         model, _ = load_model(args.run)
-        config = run_config_for(args.run)
-        setting = Setting(config.batch_size or DEFAULT_BATCH, config.precision, config.optimizer, config.kernels)
-        return f"run {args.run}\n" + explain(model, model.in_channels, model.input_size, setting)
+        return f"run {args.run}\n" + explain(model, model.in_channels, model.input_size,
+                                              Setting.of(run_config_for(args.run)))
     if args.preset:
-        config = resolve_config(args.preset)
-        in_channels, size = DEFAULT_IMAGE
-        size = config.input_size or size
-        model = VGG(**config.model_arguments(in_channels, 10) | {"input_size": size})
-        setting = Setting(config.batch_size or DEFAULT_BATCH, config.precision, config.optimizer, config.kernels)
-        return f"preset {args.preset}\n" + explain(model, in_channels, (size, size), setting)
+        model, config = preset_network(args.preset)
+        return f"preset {args.preset}\n" + explain(model, model.in_channels, model.input_size, Setting.of(config))
     model = VGG(args.arch, ratio=args.ratio, in_channels=args.in_channels, num_classes=args.num_classes,
                 input_size=args.input_size, fc_width=args.fc_width, batch_norm=args.batch_norm)
     setting = Setting(batch_size=args.batch_size)

@@ -38,7 +38,7 @@ class OptimizerKind:
 
 
 def _sgd(groups: list[dict], config: Settings, linears=(), **options) -> torch.optim.Optimizer:
-    """SGD; where the model's Linears take bfloat16 weight copies (`linears`, see _copied_linears),
+    """SGD; where the model's Linears take bfloat16 weight copies (`linears`, see copied_linears),
     the SGD that keeps them."""
     from torch.optim import SGD
 
@@ -92,11 +92,11 @@ def make_optimizer(config: Settings, model: torch.nn.Module, world_size: int = 1
                    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
     options = _fused_step(config, model)
     if config.optimizer == "sgd":
-        options["linears"] = _copied_linears(model, world_size)
+        options["linears"] = copied_linears(model, world_size)
     return OPTIMIZERS[config.optimizer].build(groups, config, **options)
 
 
-def _copied_linears(model: torch.nn.Module, world_size: int) -> list:
+def copied_linears(model: torch.nn.Module, world_size: int) -> list:
     """The Linears whose weights SGD steps through bfloat16 copies (kernels.weight_copies): those in
     the "fast" kernels mode, in a single process (under DDP every weight must get its gradient)."""
     from .kernels import copyable_linears

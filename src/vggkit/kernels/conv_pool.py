@@ -24,7 +24,6 @@ convolution on the matrix units measured faster).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
