@@ -148,3 +148,21 @@ def copy_every_linear(monkeypatch) -> None:
     from vggkit.kernels import tuning
 
     monkeypatch.setattr(tuning, "MIN_COPY_WEIGHTS", dataclasses.replace(tuning.MIN_COPY_WEIGHTS, value=0))
+
+
+def random_rgb_weights(path: Path, classes: list[str], input_size: int, batch_norm: bool = False) -> Path:
+    """A seeded 2-block RGB network, far from its initialisation, saved with its preprocessing at input_size."""
+    from vggkit.checkpoint import save_checkpoint
+    from vggkit.model import VGG
+    from vggkit.preprocess import preprocess_meta
+
+    torch.manual_seed(1)
+    model = VGG("1x8,1x8", in_channels=3, num_classes=len(classes), input_size=input_size, fc_width=16,
+                batch_norm=batch_norm)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    meta = {"classes": classes, "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": input_size, "dataset": "drawn",
+            "is_sample": False, **preprocess_meta((input_size, input_size))}
+    save_checkpoint(path, model, meta)
+    return path

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vggkit.checkpoint import save_checkpoint
+from helpers import random_rgb_weights
+
 from vggkit.cli import main
 from vggkit.errors import VggkitError
 from vggkit.explain import Explainer, explain, overlay, write_pngs
@@ -49,15 +50,7 @@ def corner_run(tmp_path_factory):
 @pytest.fixture
 def weights(tmp_path):
     """Random weights of a 2-block network for 3 classes, stored at 12 x 12."""
-    torch.manual_seed(1)
-    model = VGG("1x8,1x8", in_channels=3, num_classes=len(CLASSES), input_size=12, fc_width=16, batch_norm=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    meta = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": 12, "dataset": "drawn",
-            "is_sample": False, **preprocess_meta((12, 12))}
-    save_checkpoint(tmp_path / "weights", model, meta)
-    return tmp_path / "weights"
+    return random_rgb_weights(tmp_path / "weights", CLASSES, 12, batch_norm=True)
 
 
 @pytest.fixture

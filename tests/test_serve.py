@@ -14,13 +14,11 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from vggkit.checkpoint import save_checkpoint
-from vggkit.model import VGG
+from helpers import random_rgb_weights
+
 from vggkit.predict import predict
-from vggkit.preprocess import preprocess_meta
 from vggkit.serve import make_server, url_of
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
@@ -32,16 +30,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(1)
-    model = VGG("1x8,1x8", in_channels=3, num_classes=len(CLASSES), input_size=16, fc_width=16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    meta = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": 16, "dataset": "drawn",
-            "is_sample": False, **preprocess_meta((16, 16))}
-    save_checkpoint(root / "weights", model, meta)
-    return root / "weights"
+    return random_rgb_weights(tmp_path_factory.mktemp("serve") / "weights", CLASSES, 16)
 
 
 @pytest.fixture(scope="module")
