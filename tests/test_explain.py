@@ -132,6 +132,23 @@ def test_photo_models_centre_crop_is_mapped_back(images):
     assert found.region == (4, 16, 12, 24) and found.heatmap[:16].max() == 0 and found.heatmap[24:].max() == 0
 
 
+def test_photo_models_jpegs_are_shown_at_their_own_size(tmp_path):
+    """The network reads a photo model's JPEG decoded reduced, as its prepared cache did; the heatmap lies over
+    the image at its own size."""
+    torch.manual_seed(0)
+    model = VGG("1x4", in_channels=3, num_classes=2, input_size=8, fc_width=8).eval()
+    meta = {"classes": ["x", "y"], "mean": [0.5] * 3, "std": [0.25] * 3, "input_size": 8, "model": model.config(),
+            **preprocess_meta((16, 16), crop=CENTER)}
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(photo)
+    explainer = Explainer(model, meta)
+    found = explainer.explain([photo])[0]
+    assert found.pixels.shape == (120, 200, 3) and found.heatmap.shape == (120, 200)
+    assert found.region == explainer.seen_region((120, 200))
+    with open(photo, "rb") as upload:
+        assert explainer.explain([upload])[0].pixels.shape == (120, 200, 3)
+
+
 def test_given_class_and_layer(weights, images):
     explainer = Explainer.from_run(weights, layer="block1")
     found = explainer.explain(images[:1], target="cat")[0]

@@ -138,6 +138,7 @@ class Explainer:
             cam = self._grad_cam.attribute(x, target=index, relu_attributions=True)
         probabilities = logits.detach().softmax(1)[0].cpu()
         top = probabilities.topk(min(top_k, len(self.classes)))
+        pixels = self._at_own_size(source, pixels)
         region = self.seen_region(tuple(pixels.shape[1:]))
         array = pixels.permute(1, 2, 0).numpy()
         return Explanation(
@@ -155,6 +156,15 @@ class Explainer:
             return torch.from_numpy(to_channels(source, self.channels).copy()).permute(2, 0, 1), "pixels"
         name = str(getattr(source, "name", "the image")) if hasattr(source, "read") else str(source)
         return load_image(source, self.channels, self.reduced), name
+
+    def _at_own_size(self, source, pixels: torch.Tensor) -> torch.Tensor:
+        """The image at its own size for the heatmap: a photo model's JPEGs were decoded reduced for the
+        network, as its prepared cache decoded them (the region the network saw scales with the image)."""
+        if self.reduced is None or isinstance(source, np.ndarray):
+            return pixels
+        if hasattr(source, "seek"):
+            source.seek(0)
+        return load_image(source, self.channels)
 
     def seen_region(self, shape: tuple[int, int]) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of an image of shape (H, W) that the network's input covers: the
